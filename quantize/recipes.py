@@ -1,0 +1,115 @@
+"""Schemes are llm-compressor recipe files in recipes/; this module finds, checks and completes them.
+
+A recipe carries one extra top-level block, `moeq:` (claim class, aliases, description), which
+llm-compressor ignores: only keys ending in `_stage` are stages to it.
+"""
+import copy
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from moeq.quantize.registry import UserError
+
+CLAIMS = ("fp8", "int")
+BASELINE = "bf16"
+
+
+def recipes_dir() -> Path:
+    return Path(os.environ.get("MOEQ_RECIPES", Path(__file__).resolve().parent.parent / "recipes"))
+
+
+@dataclass
+class Recipe:
+    name: str
+    path: Path
+    doc: dict
+
+    @property
+    def meta(self) -> dict:
+        return self.doc["moeq"]
+
+    @property
+    def claim(self) -> str:
+        return self.meta["claim"]
+
+    @property
+    def file_hash(self) -> str:
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
+
+    def modifiers(self):
+        for key, stage in self.doc.items():
+            if key.endswith("_stage"):
+                for group, mods in stage.items():
+                    if group.endswith("_modifiers"):
+                        yield from mods.items()
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Static scales, GPTQ, AWQ and SmoothQuant all learn from data; FP8 dynamic/block do not."""
+        return any(kind != "QuantizationModifier" or args.get("scheme") not in ("FP8_DYNAMIC", "FP8_BLOCK")
+                   for kind, args in self.modifiers())
+
+    def for_model(self, ignore: list[str]) -> str:
+        """The recipe text llm-compressor runs: the model's full-precision modules added to every ignore."""
+        doc = copy.deepcopy(self.doc)
+        doc.pop("moeq")
+        for key, stage in doc.items():
+            if key.endswith("_stage"):
+                for group, mods in stage.items():
+                    for kind, args in mods.items():
+                        if "ignore" in args or "targets" in args:
+                            args["ignore"] = list(dict.fromkeys([*args.get("ignore", []), *ignore]))
+        return yaml.safe_dump(doc, sort_keys=False)
+
+
+def _load(path: Path) -> Recipe:
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"recipe {path} is not valid YAML: {e}") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("moeq"), dict):
+        raise UserError(f"recipe {path} needs a `moeq:` block with `claim` (one of {', '.join(CLAIMS)})")
+    claim = doc["moeq"].get("claim")
+    if claim not in CLAIMS:
+        raise UserError(f"recipe {path}: claim {claim!r} is not one of {', '.join(CLAIMS)}")
+    if not any(k.endswith("_stage") and isinstance(v, dict) for k, v in doc.items()):
+        raise UserError(f"recipe {path} has no `<name>_stage:` block of modifiers")
+    return Recipe(path.stem, path, doc)
+
+
+def all_recipes() -> dict[str, Recipe]:
+    return {p.stem: _load(p) for p in sorted(recipes_dir().glob("*.yaml"))}
+
+
+def scheme_names() -> list[str]:
+    return [BASELINE, *all_recipes()]
+
+
+def load(scheme: str) -> Recipe:
+    """A recipe by name, alias, or path to a YAML file; raises UserError listing the valid choices."""
+    path = Path(scheme)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return _load(path)
+    found = all_recipes()
+    if scheme in found:
+        return found[scheme]
+    for recipe in found.values():
+        if scheme in recipe.meta.get("aliases", []):
+            return recipe
+    aliases = [f"{a} (={r.name})" for r in found.values() for a in r.meta.get("aliases", [])]
+    raise UserError(f"unknown SCHEME {scheme!r}; valid: {', '.join(found)}; aliases: {', '.join(aliases)}")
+
+
+def validate(text: str, source: str):
+    """Let llm-compressor itself parse the recipe, so a malformed one fails before any work is done."""
+    from llmcompressor.recipe import Recipe as LCRecipe
+    try:
+        parsed = LCRecipe.create_instance(text)
+    except Exception as e:
+        raise UserError(f"recipe {source} is not a valid llm-compressor recipe: {e}") from e
+    if not parsed.modifiers:
+        raise UserError(f"recipe {source} defines no modifiers")
+    return parsed

@@ -1,0 +1,103 @@
+"""`moeq quantize`: one model, one recipe, one compressed-tensors checkpoint (with manifest and coverage)."""
+import hashlib
+import json
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+from moeq.quantize import corpus, coverage, recipes, registry
+from moeq.quantize.atomic import is_complete, staged_dir
+from moeq.quantize.registry import UserError
+
+LIBRARIES = ("torch", "transformers", "llmcompressor", "compressed-tensors", "tokenizers")
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def calibration_samples(tokenizer, n: int, seq_len: int) -> list[list[int]]:
+    """`n` windows of `seq_len` tokens from the calibration split (files never used for training)."""
+    ids = []
+    for text in corpus.texts("calibration"):
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.append(tokenizer.eos_token_id)
+        if len(ids) >= n * seq_len:
+            break
+    if len(ids) < n * seq_len:
+        raise UserError(f"the calibration split has {len(ids):,} tokens; {n} samples of {seq_len} need "
+                        f"{n * seq_len:,}: lower CALIB_SAMPLES or CALIB_LEN")
+    return [ids[i * seq_len:(i + 1) * seq_len] for i in range(n)]
+
+
+def checkpoint_dir(root: Path, model: str, scheme: str) -> Path:
+    return Path(root) / model / scheme
+
+
+def _no_pinning_without_accelerator():
+    """AWQ pins its cached activations for faster host-to-device copies; without an accelerator
+    there is no such copy and pin_memory() fails, so pinning is skipped on CPU-only machines."""
+    import torch
+    from llmcompressor.pipelines.cache import IntermediatesCache
+    if not torch.accelerator.is_available():
+        IntermediatesCache.pin_memory = lambda self, *a, **k: None
+
+
+def quantize(model_name: str, scheme: str, out_root: Path, samples: int | None = None,
+             seq_len: int | None = None, force: bool = False, log=print) -> Path:
+    model = registry.resolve(model_name)
+    recipe = recipes.load(scheme)
+    recipe_text = recipe.for_model(model.ignore)
+    recipes.validate(recipe_text, str(recipe.path))
+    out = checkpoint_dir(out_root, model.name, recipe.name)
+    if is_complete(out) and not force:
+        log(f"[quantize] {out} exists and is complete; reusing it (FORCE=1 to redo)")
+        return out
+    calib = model.calibration
+    samples, seq_len = samples or calib["samples"], seq_len or calib["seq_len"]
+    src = registry.ensure_built(model, log=log)
+
+    import torch
+    from llmcompressor import oneshot
+    from llmcompressor.utils import load_context
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    _no_pinning_without_accelerator()
+
+    t0 = time.time()
+    with staged_dir(out) as tmp:
+        log(f"[quantize] {model.name} x {recipe.name}: loading {src}")
+        with load_context():  # linearizes fused experts into per-expert Linear modules llm-compressor can quantize
+            lm = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+        tok = AutoTokenizer.from_pretrained(src)
+        data = calibration_samples(tok, samples, seq_len)
+        log(f"[quantize] routing {samples} calibration samples x {seq_len} tokens to count expert coverage")
+        cover = coverage.count_routing(lm, data, model.ignore)
+        for name, experts in cover["starved"].items():
+            log(f"[quantize] WARNING: {name} routes under 5% of a fair share to experts {experts}")
+        kwargs = {}
+        if recipe.needs_calibration:
+            from datasets import Dataset
+            kwargs = dict(dataset=Dataset.from_dict({"input_ids": data, "attention_mask": [[1] * seq_len] * samples}),
+                          num_calibration_samples=samples, max_seq_length=seq_len)
+        log(f"[quantize] running llm-compressor oneshot ({'calibrated' if kwargs else 'no calibration data needed'})")
+        oneshot(model=lm, recipe=recipe_text, moe_calibrate_all_experts=True, **kwargs)
+        lm.save_pretrained(tmp, save_compressed=True)
+        tok.save_pretrained(tmp)
+        (tmp / "moeq_recipe.yaml").write_text(recipe_text)
+        (tmp / "coverage.json").write_text(json.dumps(cover, indent=1))
+        manifest = {
+            "model": model.name, "base": str(src), "scheme": recipe.name, "claim": recipe.claim,
+            "recipe": str(recipe.path), "recipe_sha256": recipe.file_hash,
+            "resolved_recipe_sha256": hashlib.sha256(recipe_text.encode()).hexdigest()[:16],
+            "calibration": {"split": "calibration", "fingerprint": corpus.fingerprint("calibration"),
+                            "samples": samples if kwargs else 0, "seq_len": seq_len if kwargs else 0,
+                            "all_experts": True},
+            "coverage": {"tokens": cover["tokens"], "min_share_of_fair": round(cover["min_share_of_fair"], 3),
+                         "starved_layers": len(cover["starved"])},
+            "libraries": {lib: version(lib) for lib in LIBRARIES},
+            "wall_seconds": round(time.time() - t0, 1),
+        }
+        manifest["size_bytes"] = dir_size(tmp)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    log(f"[quantize] wrote {out} ({manifest['size_bytes'] / 2**20:.1f} MiB, {manifest['wall_seconds']:.0f}s)")
+    return out

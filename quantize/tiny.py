@@ -1,0 +1,130 @@
+"""Build the embedded MoE models: a byte-level BPE tokenizer and a small MoE trained on the corpus.
+
+Deterministic (fixed seeds, fixed step count), offline, and saved as an ordinary Hugging Face
+checkpoint so that transformers, llm-compressor and vLLM load it unchanged. The build must show the
+model learnt something: held-out cross-entropy is printed beside a unigram baseline and the build
+fails if it does not reach `train.max_ce_ratio` of it.
+"""
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from moeq.quantize import corpus
+from moeq.quantize.atomic import staged_dir
+
+SPECIAL = ["<s>", "</s>", "<pad>"]
+
+
+def train_tokenizer(vocab_size: int, out: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus.texts("train"), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", model_max_length=2048)
+    fast.save_pretrained(out)
+    return fast
+
+
+def token_stream(tok, split: str, max_chars: int | None = None) -> torch.Tensor:
+    ids = []
+    for enc in tok.backend_tokenizer.encode_batch(corpus.texts(split, max_chars)):
+        ids.extend(enc.ids)
+        ids.append(tok.eos_token_id)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def unigram_ce(train_ids: torch.Tensor, heldout_ids: torch.Tensor, vocab: int) -> float:
+    counts = torch.bincount(train_ids, minlength=vocab).double() + 1.0  # add-one: no zero probability
+    logp = (counts / counts.sum()).log()
+    return float(-logp[heldout_ids].mean())
+
+
+@torch.no_grad()
+def heldout_ce(model, ids: torch.Tensor, seq_len: int, max_tokens: int) -> float:
+    model.eval()
+    n = min(len(ids) - 1, max_tokens) // seq_len * seq_len
+    x = ids[:n].view(-1, seq_len)
+    y = ids[1:n + 1].view(-1, seq_len)
+    total = 0.0
+    for i in range(0, len(x), 8):
+        logits = model(input_ids=x[i:i + 8]).logits.float()
+        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y[i:i + 8].flatten(), reduction="sum"))
+    return total / y.numel()
+
+
+def build_config(spec: dict):
+    from transformers import AutoConfig
+    cfg = dict(spec["config"])
+    return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+
+
+def build(name: str, spec: dict, out: Path, steps: int | None = None, log=print) -> dict:
+    """Train `spec` (a registry entry) and write the checkpoint to `out` atomically."""
+    from transformers import AutoModelForCausalLM
+
+    train = dict(spec["train"])
+    steps = train["steps"] if steps is None else steps
+    torch.manual_seed(train["seed"])
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    t0 = time.time()
+    with staged_dir(out) as tmp:
+        tok = train_tokenizer(spec["config"]["vocab_size"], tmp)
+        train_ids = token_stream(tok, "train")
+        held_ids = token_stream(tok, "heldout")
+        log(f"[build {name}] tokenizer: vocab {len(tok)}, {len(train_ids):,} train / {len(held_ids):,} held-out tokens "
+            f"({time.time() - t0:.0f}s)")
+
+        config = build_config(spec)
+        config.output_router_logits = True  # load-balancing loss keeps every expert in use
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        n_params = sum(p.numel() for p in model.parameters())
+        log(f"[build {name}] {config.model_type}: {n_params / 1e6:.2f}M parameters, {steps} steps "
+            f"of {train['batch']}x{train['seq_len']} tokens")
+
+        opt = torch.optim.AdamW(model.parameters(), lr=train["lr"], betas=(0.9, 0.95), weight_decay=0.1)
+        warmup = max(1, steps // 20)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        gen = torch.Generator().manual_seed(train["seed"])
+        seq, bsz = train["seq_len"], train["batch"]
+        model.train()
+        t_train = time.time()
+        for step in range(steps):
+            starts = torch.randint(0, len(train_ids) - seq - 1, (bsz,), generator=gen)
+            batch = torch.stack([train_ids[s:s + seq] for s in starts.tolist()])
+            out_ = model(input_ids=batch, labels=batch)  # shifted inside; includes the router balance loss
+            out_.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+            if step % 50 == 0 or step == steps - 1:
+                rate = (step + 1) * bsz * seq / (time.time() - t_train)
+                log(f"[build {name}] step {step + 1}/{steps} loss {out_.loss.item():.3f} ({rate:,.0f} tok/s)")
+
+        config.output_router_logits = False
+        model = model.to(torch.bfloat16)
+        model.config.dtype = "bfloat16"
+        ce = heldout_ce(model, held_ids, seq, train["eval_tokens"])
+        base = unigram_ce(train_ids, held_ids, len(tok))
+        ratio = ce / base
+        stats = {"model": name, "params": n_params, "steps": steps, "heldout_ce": round(ce, 4),
+                 "unigram_ce": round(base, 4), "ce_ratio": round(ratio, 4),
+                 "train_tokens_seen": steps * bsz * seq, "build_seconds": round(time.time() - t0, 1),
+                 "corpus": {s: corpus.fingerprint(s) for s in corpus.SPLITS}}
+        log(f"[build {name}] held-out cross-entropy {ce:.3f} nats/token vs unigram {base:.3f} "
+            f"-> {100 * ratio:.1f}% (must be <= {100 * train['max_ce_ratio']:.0f}%)")
+        if steps == train["steps"] and ratio > train["max_ce_ratio"]:
+            raise RuntimeError(f"{name} did not learn enough: held-out CE is {100 * ratio:.1f}% of unigram")
+        model.save_pretrained(tmp)
+        (tmp / "moeq_build.json").write_text(json.dumps(stats, indent=2))
+    return stats
