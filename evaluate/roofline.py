@@ -1,0 +1,65 @@
+"""Roofline floors for a perf cell: the least time the device could take, from its peak rates.
+
+Decode step at batch B: read the dense weights, the experts the B tokens touch (expected distinct
+experts per MoE layer: E * (1 - (1 - k/E)^B)) and the KV cache once, at peak memory bandwidth; or do
+2 * active params FLOPs per token at peak tensor rate, whichever takes longer. Prefill: the same for
+B * input_len tokens. Latency floor = prefill + (output_len - 1) decode steps at the mean context.
+Attention FLOPs are left out, so every figure here stays a floor (throughput: a ceiling).
+"""
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+DEVICES_FILE = Path(__file__).with_name("devices.yaml")
+CONFIG_KEYS = ("hidden_size", "num_layers", "num_experts", "top_k", "vocab_size", "num_kv_heads", "head_dim",
+               "params_active", "params_dense", "params_per_expert", "moe_layers", "weight_bits", "activation_bits")
+
+
+@lru_cache(maxsize=None)
+def devices() -> list[dict]:
+    return yaml.safe_load(DEVICES_FILE.read_text())["devices"]
+
+
+def match_device(name: str) -> dict | None:
+    return next((d for d in devices() if re.search(d["match"], name, re.IGNORECASE)), None)
+
+
+def experts_touched(num_experts: int, top_k: int, tokens: float) -> float:
+    """Expected distinct experts a layer's router picks for `tokens` tokens (uniform routing)."""
+    return num_experts * (1 - (1 - top_k / num_experts) ** tokens)
+
+
+def precision(config: dict, claim: str | None) -> str:
+    """Which tensor-core peak applies: 8-bit activations run fp8 or int8 matmuls, others bf16."""
+    if config["activation_bits"] >= 16:
+        return "bf16"
+    return "fp8" if claim == "fp8" else "int8"
+
+
+def floors(config: dict, device: dict, batch: int, input_len: int, output_len: int, claim: str | None,
+           kv_bytes_per_token: float | None = None) -> dict:
+    c = config
+    bytes_per_param = c["weight_bits"] / 8
+    # The input embedding is a row lookup, not a read of the table: leaving one vocab x hidden out keeps
+    # this a lower bound whether or not lm_head shares that table.
+    dense = c["params_dense"] - c["vocab_size"] * c["hidden_size"]
+
+    def weight_bytes(tokens):
+        return bytes_per_param * (dense + c["moe_layers"] * c["params_per_expert"]
+                                  * experts_touched(c["num_experts"], c["top_k"], tokens))
+
+    kv = kv_bytes_per_token or 2 * c["num_layers"] * c["num_kv_heads"] * c["head_dim"] * 2  # K and V, bf16
+    bandwidth = device["memory_bandwidth_GBps"] * 1e9
+    tflops = device["tflops"]
+    peak = (tflops.get(precision(c, claim)) or tflops["bf16"]) * 1e12
+    flops_per_token = 2 * c["params_active"]
+    prefill = max(weight_bytes(batch * input_len) / bandwidth, flops_per_token * batch * input_len / peak)
+    step_memory = (weight_bytes(batch) + batch * (input_len + output_len / 2) * kv) / bandwidth
+    step_compute = flops_per_token * batch / peak
+    step = max(step_memory, step_compute)
+    latency = prefill + (output_len - 1) * step
+    return {"ttft_floor": prefill, "itl_floor": step, "latency_floor": latency,
+            "throughput_ceiling": batch * (input_len + output_len) / latency,
+            "decode_bound": "memory" if step_memory >= step_compute else "compute"}

@@ -1,0 +1,151 @@
+"""Claims (claims.yaml), bootstrap intervals of the deltas vs BF16, and the verdict on each claim.
+
+A verdict compares the 95% interval [lo, hi] of the measured quantity with the claim's bound b, in
+percent: RULES below says exactly how. The position says whether the point estimate lies in, above or
+below the claim's stated range.
+"""
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from moeq.quantize.registry import UserError
+
+CLAIMS_FILE = Path(__file__).with_name("claims.yaml")
+QUANTITIES = ("throughput", "accuracy_loss", "memory")
+HOLDS, FAILS, INCONCLUSIVE, NOT_MEASURED = "holds", "fails", "inconclusive", "not measured"
+BASELINE = "bf16"
+GROUP = ["model", "provenance", "backend", "device"]
+LEVEL, N_BOOT, SEED = 0.95, 2000, 20240611
+RULES = {
+    HOLDS: "the whole interval is on the claim's side of the bound b: lo ≥ b for a minimum, hi ≤ b for a maximum",
+    FAILS: "the whole interval is on the other side: hi < b for a minimum, lo > b for a maximum",
+    INCONCLUSIVE: "the interval straddles b (lo < b ≤ hi for a minimum, lo ≤ b < hi for a maximum), or the "
+                  "value was measured but has no interval (a single timed repeat; accuracy without per-item scores)",
+    NOT_MEASURED: "no data; the backend could not run the scheme (status unsupported); no bf16 row with the same "
+                  "model, provenance, backend and device; accuracy on shape-only weights; or a scheme without a "
+                  "recipe, so without a claim class"}
+METHODS = (f"Intervals are {LEVEL:.0%} percentile-bootstrap intervals ({N_BOOT} resamples, seed {SEED}). "
+           "Throughput: the timed repeats of the scheme and of BF16 are resampled independently and the "
+           "ratio of their medians taken. Accuracy: the items both were scored on are resampled together "
+           "(paired) and the ratio of the mean scores taken. Memory is an exact byte count: no interval.")
+
+
+def load_claims(path: Path = CLAIMS_FILE) -> dict:
+    doc = yaml.safe_load(Path(path).read_text())
+    for c in doc["claims"]:
+        missing = {"id", "text", "class", "quantity", "bound", "range"} - set(c)
+        if missing or c["quantity"] not in QUANTITIES or len(set(c["bound"]) & {"min", "max"}) != 1:
+            raise UserError(f"{path}: claim {c.get('id')!r} needs id, text, class, quantity (one of "
+                            f"{', '.join(QUANTITIES)}), bound {{min: x}} or {{max: x}} and range [lo, hi]")
+    return doc
+
+
+def interval(replicates) -> tuple[float, float]:
+    lo, hi = np.percentile(replicates, [50 * (1 - LEVEL), 50 * (1 + LEVEL)])
+    return float(lo), float(hi)
+
+
+def ratio_of_medians(scheme: list[float], base: list[float]) -> tuple[float, float, float]:
+    """Percent change of the median, with its interval (NaN when either side has a single repeat)."""
+    s, b = np.asarray(scheme, float), np.asarray(base, float)
+    point = 100 * (np.median(s) / np.median(b) - 1)
+    if len(s) < 2 or len(b) < 2:
+        return point, np.nan, np.nan
+    rng = np.random.default_rng(SEED)
+    reps = np.median(rng.choice(s, (N_BOOT, len(s))), 1) / np.median(rng.choice(b, (N_BOOT, len(b))), 1)
+    return (point, *interval(100 * (reps - 1)))
+
+
+def paired_ratio_of_means(scheme, base) -> tuple[float, float, float]:
+    """Percent change of the mean score over the same items, resampling items (in chunks: tasks can
+    have 10k+ items and a 2000 x n index array at once would take too much memory)."""
+    s, b = np.asarray(scheme, float), np.asarray(base, float)
+    point = 100 * (s.mean() / b.mean() - 1) if b.mean() else np.nan
+    rng = np.random.default_rng(SEED)
+    reps = []
+    for start in range(0, N_BOOT, 250):
+        idx = rng.integers(0, len(s), (min(250, N_BOOT - start), len(s)))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            reps.append(s[idx].mean(1) / b[idx].mean(1))
+    reps = np.concatenate(reps)
+    reps = reps[np.isfinite(reps)]
+    return (point, *interval(100 * (reps - 1))) if len(reps) and np.isfinite(point) else (point, np.nan, np.nan)
+
+
+def judge(point: float, lo: float, hi: float, bound: dict) -> str:
+    if pd.isna(point):
+        return NOT_MEASURED
+    if pd.isna(lo) or pd.isna(hi):
+        return INCONCLUSIVE
+    if "min" in bound:
+        return HOLDS if lo >= bound["min"] else FAILS if hi < bound["min"] else INCONCLUSIVE
+    return HOLDS if hi <= bound["max"] else FAILS if lo > bound["max"] else INCONCLUSIVE
+
+
+def range_position(point: float, stated: list) -> str:
+    if pd.isna(point):
+        return ""
+    return "below range" if point < stated[0] else "above range" if point > stated[1] else "in range"
+
+
+def _select(df: pd.DataFrame, gkey: dict, scheme: str | None = None) -> pd.DataFrame:
+    mask = np.logical_and.reduce([df[k] == v for k, v in gkey.items()])
+    return df[mask & (df.scheme == scheme)] if scheme else df[mask]
+
+
+def _measured(perf, acc, mem, quantity, gkey, scheme) -> list[dict]:
+    """The claim's quantity for one scheme in one group: one dict per perf cell, task, or engine."""
+    if quantity == "throughput":
+        own = _select(perf, gkey, scheme).set_index("cell")
+        # every cell the group timed, so a cell this scheme lacks shows up as not measured
+        cells = _select(perf, gkey).sort_values(["batch", "cell"]).cell.unique()
+        return [{"cell": c, "value": own.delta_pct[c], "lo": own.delta_lo[c], "hi": own.delta_hi[c]}
+                if c in own.index else {"cell": c, "note": "not timed"} for c in cells]
+    if quantity == "accuracy_loss":
+        # a loss is the negated relative change, so its interval flips too
+        return [{"cell": r.task, "value": -r.delta_pct, "lo": -r.delta_hi, "hi": -r.delta_lo,
+                 "note": f"{r.metric}, {r.paired_items:.0f} paired items" if r.paired_items
+                 else f"{r.metric}: no per-item scores to pair, so no interval"}
+                for r in _select(acc, gkey, scheme).query("primary").itertuples()]
+    return [{"cell": "engine", "value": -r.weights_bytes_delta_pct, "lo": -r.weights_bytes_delta_pct,
+             "hi": -r.weights_bytes_delta_pct, "checkpoint_reduction": -r.checkpoint_bytes_delta_pct,
+             "note": "weights held by the engine, exact"} for r in _select(mem, gkey, scheme).itertuples()]
+
+
+def verdict_table(claims: dict, classes: dict, keys: pd.DataFrame, perf, acc, mem,
+                  unsupported: dict) -> pd.DataFrame:
+    """One row per claim x covered scheme x group (x perf cell or task). `keys`: the ledger's
+    (model, scheme, provenance, backend, device) rows; `classes`: scheme -> claim class;
+    `unsupported`: (model, provenance, backend, device, scheme) -> the backend's reason."""
+    rows = []
+    for g, in_group in keys.groupby(GROUP):
+        gkey, present = dict(zip(GROUP, g)), set(in_group.scheme)
+        for claim in claims["claims"]:
+            bound = claim["bound"]
+            side = f"≥ {bound['min']:+g}%" if "min" in bound else f"≤ {bound['max']:g}%"
+            for scheme in sorted(s for s, c in classes.items() if c == claim["class"]):
+                if scheme not in present:
+                    found = [{"note": "no results for this scheme"}]
+                elif (*g, scheme) in unsupported:
+                    found = [{"note": unsupported[(*g, scheme)]}]
+                elif BASELINE not in present:
+                    found = [{"note": "no bf16 row with the same model, provenance, backend and device"}]
+                elif claim["quantity"] == "accuracy_loss" and gkey["provenance"] == "shape-only":
+                    found = [{"note": "shape-only weights: accuracy not measured"}]
+                else:
+                    found = _measured(perf, acc, mem, claim["quantity"], gkey, scheme) or [{"note": "no data"}]
+                for f in found:
+                    value, lo, hi = (f.get(k, np.nan) for k in ("value", "lo", "hi"))
+                    rows.append({"claim": claim["id"], "text": claim["text"], "quantity": claim["quantity"],
+                                 **gkey, "scheme": scheme, "bound": side,
+                                 "stated_range": f"{claim['range'][0]:g} to {claim['range'][1]:g}%", **f,
+                                 "verdict": judge(value, lo, hi, bound),
+                                 "position": range_position(value, claim["range"])})
+        for scheme in sorted(present - set(classes) - {BASELINE}):
+            rows.append({**gkey, "scheme": scheme, "verdict": NOT_MEASURED,
+                         "note": "no recipe for this scheme, so no claim class"})
+    cols = ["claim", "text", "quantity", *GROUP, "scheme", "cell", "value", "lo", "hi", "bound",
+            "stated_range", "position", "verdict", "checkpoint_reduction", "note"]
+    return pd.DataFrame(rows, columns=cols)
