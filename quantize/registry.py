@@ -85,6 +85,7 @@ def resolve(name: str, need_weights: bool = True) -> Model:
         config = json.loads(cfg_file.read_text())
         base = _entry_for_model_type(config.get("model_type", ""))
         spec = {"config": config, "ignore": base.get("ignore", ["lm_head", "re:.*mlp[.]gate$"]),
+                "expert_names": base.get("expert_names", {}),
                 "calibration": base.get("calibration", {"samples": 256, "seq_len": 1024})}
         return Model(path.resolve().name, spec, path.resolve(), source="path")
     raise UserError(f"unknown MODEL {name!r}; valid: {', '.join(reg)}, or a path to a checkpoint folder")

@@ -43,6 +43,32 @@ def _no_pinning_without_accelerator():
         IntermediatesCache.pin_memory = lambda self, *a, **k: None
 
 
+def load_linearized(src: Path, model):
+    """Load with every expert as its own Linear modules, which llm-compressor quantizes one by one.
+
+    Where the checkpoint names expert projections differently (Mixtral: w1/w3/w2), those names are set
+    as the save mapping, so the quantized experts are written under the names vLLM's loader expects.
+    (llm-compressor's direct 2D load path for such names, patch_moe_mappings, makes transformers import
+    every model module, which fails without torchvision; linearizing after the load avoids that.)
+    """
+    import torch
+    from llmcompressor.modeling.moe.conversion_mappings import set_save_conversion_mapping
+    from llmcompressor.utils import load_context
+    from transformers import AutoModelForCausalLM
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    with load_context():
+        lm = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    names = model.spec.get("expert_names") or {}
+    if names:
+        keep = [c for c in get_checkpoint_conversion_mapping(lm.config.model_type) or [] if isinstance(c, WeightRenaming)]
+        renames = [WeightRenaming(source_patterns=rf"\.experts\.(\d+)\.{ckpt}\.", target_patterns=rf".experts.\1.{ours}.")
+                   for ckpt, ours in names.items()]
+        set_save_conversion_mapping(lm, keep + renames)
+    return lm
+
+
 def quantize(model_name: str, scheme: str, out_root: Path, samples: int | None = None,
              seq_len: int | None = None, force: bool = False, log=print) -> Path:
     model = registry.resolve(model_name)
@@ -57,17 +83,14 @@ def quantize(model_name: str, scheme: str, out_root: Path, samples: int | None =
     samples, seq_len = samples or calib["samples"], seq_len or calib["seq_len"]
     src = registry.ensure_built(model, log=log)
 
-    import torch
     from llmcompressor import oneshot
-    from llmcompressor.utils import load_context
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     _no_pinning_without_accelerator()
 
     t0 = time.time()
     with staged_dir(out) as tmp:
         log(f"[quantize] {model.name} x {recipe.name}: loading {src}")
-        with load_context():  # linearizes fused experts into per-expert Linear modules llm-compressor can quantize
-            lm = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+        lm = load_linearized(src, model)
         tok = AutoTokenizer.from_pretrained(src)
         data = calibration_samples(tok, samples, seq_len)
         log(f"[quantize] routing {samples} calibration samples x {seq_len} tokens to count expert coverage")
