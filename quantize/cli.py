@@ -48,6 +48,11 @@ def cmd_quantize(args):
         quantize(args.model, scheme, Path(args.out), args.samples, args.seq_len, args.force)
 
 
+def cmd_dequantize(args):
+    from moeq.quantize.dequantize import dequantize
+    dequantize(Path(args.checkpoint), Path(args.out))
+
+
 def add_quantize_commands(sub):
     p = sub.add_parser("list", help="list the registered models and schemes")
     p.set_defaults(func=cmd_list)
@@ -68,6 +73,11 @@ def add_quantize_commands(sub):
     p.add_argument("--force", action="store_true", default=bool(os.environ.get("FORCE")),
                    help="redo a checkpoint that already exists")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("dequantize", help="decompress a compressed-tensors checkpoint into a BF16 one")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    p.set_defaults(func=cmd_dequantize)
 
 
 def main(argv=None):
