@@ -49,7 +49,8 @@ build: setup
 	$(QUANT)/bin/moeq build $(MODEL)
 
 quantize: setup
-	$(QUANT)/bin/moeq quantize --model $(MODEL) --scheme $(SCHEME)
+	$(QUANT)/bin/moeq quantize --model $(MODEL) --scheme $(SCHEME) \
+	  $(if $(CALIB_SAMPLES),--samples $(CALIB_SAMPLES)) $(if $(CALIB_LEN),--seq-len $(CALIB_LEN))
 
 eval: setup
 	$(SERVE)/bin/moeq eval
@@ -63,6 +64,8 @@ list: setup
 demo: setup
 	$(QUANT)/bin/moeq build tiny
 	$(QUANT)/bin/moeq quantize --model tiny --scheme all
+	$(SERVE)/bin/moeq eval --model tiny
+	$(SERVE)/bin/moeq report
 
 test: setup
 	$(SERVE)/bin/python -m pytest tests

@@ -93,9 +93,15 @@ def resolve(name: str, need_weights: bool = True) -> Model:
 
 def ensure_built(model: Model, log=print) -> Path:
     """The checkpoint folder of `model`, building the embedded models on first use."""
+    import fcntl
     from moeq.quantize.atomic import is_complete
-    if model.source == "built" and not is_complete(model.path):
-        from moeq.quantize import tiny
-        log(f"[moeq] building {model.name} into {model.path} (once; cached)")
-        tiny.build(model.name, model.spec, model.path, log=log)
+    if model.source != "built" or is_complete(model.path):
+        return model.path
+    model.path.parent.mkdir(parents=True, exist_ok=True)
+    with open(model.path.parent / f".{model.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits for the first build instead of repeating it
+        if not is_complete(model.path):
+            from moeq.quantize import tiny
+            log(f"[moeq] building {model.name} into {model.path} (once; cached)")
+            tiny.build(model.name, model.spec, model.path, log=log)
     return model.path

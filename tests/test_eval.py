@@ -1,0 +1,120 @@
+"""Issue: `moeq eval` measures the baseline and checkpoints through vLLM and lm-eval into the ledger,
+resumes after a kill without re-measuring, records unsupported schemes, and rejects corrupt folders."""
+import math
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import QUANT_PYTHON, ROOT, serve_moeq
+
+# small cells and a few items per task: this checks the mechanics, `make eval` measures for real
+CELLS = ["--batch", "1,4", "--input-len", "32", "--output-len", "8", "--repeats", "3"]
+FEW_ITEMS = ["--limit", "24"]
+
+
+def eval_args(ledger, checkpoints, *extra):
+    return ["eval", "--model", "tiny", "--ledger", ledger, "--checkpoints", checkpoints, *CELLS, *extra]
+
+
+def rows(ledger, where="1"):
+    db = sqlite3.connect(ledger)
+    db.row_factory = sqlite3.Row
+    return [dict(r) for r in db.execute(f"SELECT * FROM results WHERE {where}")]
+
+
+@pytest.fixture(scope="module")
+def measured(checkpoints, tmp_path_factory):
+    ledger = tmp_path_factory.mktemp("ledger") / "ledger.sqlite"
+    proc = serve_moeq(*eval_args(ledger, checkpoints, "--scheme", "bf16,fp8,w4a16-gptq", *FEW_ITEMS), check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return ledger, proc.stdout
+
+
+def test_baseline_perf_is_complete_and_sane(measured):
+    ledger, _ = measured
+    perf = rows(ledger, "scheme = 'bf16' AND kind = 'perf'")
+    cells = {r["cell"] for r in perf}
+    assert cells == {"b1-i32-o8", "b4-i32-o8"}
+    for r in perf:
+        assert r["value"] is not None and math.isfinite(r["value"]) and r["value"] > 0, r
+        assert r["n"] == 3 and r["spread"] is not None
+        assert r["provenance"] == "real" and r["backend"] == "vllm-cpu" and r["env_id"] is not None
+    for cell in cells:
+        by = {r["metric"]: r["value"] for r in perf if r["cell"] == cell}
+        assert by["ttft"] < by["latency"]
+        batch, inp, out = (int(x[1:]) for x in cell.split("-"))
+        assert by["throughput"] == pytest.approx(batch * (inp + out) / by["latency"], rel=1e-6)  # median of k/latency is k/median(latency) for odd n
+    memory = {r["metric"]: r["value"] for r in rows(ledger, "scheme = 'bf16' AND kind = 'memory'")}
+    assert memory["weights_bytes"] > 1e6 and memory["kv_cache_tokens"] > 0 and memory["peak_memory_bytes"] > 0
+    assert memory["checkpoint_bytes"] > 1e6 and memory["load_seconds"] > 0
+
+
+def test_every_scheme_gets_accuracy_on_the_baselines_backend(measured):
+    ledger, _ = measured
+    acc = rows(ledger, "kind = 'accuracy'")
+    for scheme in ("bf16", "fp8", "w4a16-gptq"):
+        tasks = {r["cell"] for r in acc if r["scheme"] == scheme}
+        assert tasks == {"moeq_ppl", "moeq_mc4", "moeq_nextline"}, scheme
+        assert {r["backend"] for r in acc if r["scheme"] == scheme} == {"vllm-cpu"}
+    for r in acc:
+        assert r["value"] is not None and math.isfinite(r["value"]) and r["value"] >= 0
+    items = sqlite3.connect(ledger).execute(
+        "SELECT COUNT(*) FROM items WHERE scheme = 'fp8' AND task = 'moeq_mc4' AND metric = 'acc'").fetchone()[0]
+    assert items == 24
+
+
+def test_unsupported_scheme_is_recorded_with_vllms_reason(measured):
+    """FP8-dynamic MoE has no kernel in vLLM's CPU backend: a status row, no invented perf numbers."""
+    ledger, out = measured
+    status = rows(ledger, "scheme = 'fp8' AND kind = 'status'")
+    assert status and status[0]["status"] == "unsupported" and status[0]["note"].startswith("unsupported on vllm-cpu:")
+    assert not rows(ledger, "scheme = 'fp8' AND kind = 'perf'")
+    notes = {r["note"] for r in rows(ledger, "scheme = 'fp8' AND kind = 'accuracy'")}
+    assert all("decompressed" in n for n in notes)
+
+
+def test_rerun_measures_nothing_twice(measured, checkpoints):
+    ledger, _ = measured
+    before = {(r["scheme"], r["cell"], r["metric"]): r["created"] for r in rows(ledger)}
+    proc = serve_moeq(*eval_args(ledger, checkpoints, "--scheme", "bf16,fp8,w4a16-gptq", *FEW_ITEMS))
+    assert "starting the engine" not in proc.stdout
+    assert {(r["scheme"], r["cell"], r["metric"]): r["created"] for r in rows(ledger)} == before
+
+
+def test_killed_eval_resumes_without_remeasuring(checkpoints, tmp_path):
+    ledger = tmp_path / "ledger.sqlite"
+    args = eval_args(ledger, checkpoints, "--scheme", "bf16", "--tasks", "none", "--batch", "1,2,4,8")
+    cmd = [sys.executable, "-m", "moeq.quantize.cli", *map(str, args)]
+    env = {**os.environ, "MOEQ_QUANT_PYTHON": QUANT_PYTHON}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 900
+    while time.time() < deadline and not (ledger.exists() and rows(ledger, "kind = 'perf'")):
+        time.sleep(1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its engine process, mid-sweep
+    proc.wait()
+    done = {r["cell"]: r["created"] for r in rows(ledger, "kind = 'perf'")}
+    assert done and len(done) < 4, "the kill must land part-way"
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
+    after = {r["cell"]: r["created"] for r in rows(ledger, "kind = 'perf'")}
+    assert set(after) == {"b1-i32-o8", "b2-i32-o8", "b4-i32-o8", "b8-i32-o8"}
+    assert all(after[cell] == created for cell, created in done.items())
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "half-written"])
+def test_corrupt_checkpoint_gives_a_clear_error(checkpoints, tmp_path, damage):
+    root = tmp_path / "ckpts"
+    shutil.copytree(checkpoints / "tiny" / "fp8", root / "tiny" / "fp8")
+    folder = root / "tiny" / "fp8"
+    if damage == "truncated weights":
+        data = (folder / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(data[:100])
+    else:
+        (folder / ".moeq-complete").unlink()
+    proc = serve_moeq(*eval_args(tmp_path / "l.sqlite", root, "--scheme", "fp8"), check=False)
+    assert proc.returncode == 2 and "incomplete or corrupt" in proc.stderr
