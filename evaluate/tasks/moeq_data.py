@@ -3,8 +3,8 @@
 lm-eval calls `load(**metadata, **dataset_kwargs)`. `file` names a JSONL in the task-data folder; with
 `build: {kind: ..., seed: ..., ...}` the file is made on first use from the held-out corpus split only
 (files never seen in training or calibration), so a new task is one YAML, with no Python edit. The
-file name carries the corpus fingerprint and a hash of `build`: another interpreter or other build
-parameters give another file, never stale data. Deterministic: same corpus + same `build` = same bytes.
+file name carries the corpus fingerprint and a hash of `build` and of this code: another interpreter,
+other build parameters or changed builders give another file, never stale data. Deterministic: same corpus + same `build` = same bytes.
 """
 import bisect
 import hashlib
@@ -27,7 +27,8 @@ def data_path(file: str, build: dict | None) -> Path:
     path = Path(file).expanduser()
     if path.is_absolute() or not build:
         return path if path.is_absolute() else data_dir() / path
-    key = hashlib.sha256(json.dumps(build, sort_keys=True).encode()).hexdigest()[:8]
+    # this file's source is part of the key, so data built by an older version of the builders is not reused
+    key = hashlib.sha256(json.dumps(build, sort_keys=True).encode() + Path(__file__).read_bytes()).hexdigest()[:8]
     return data_dir() / corpus.fingerprint("heldout") / f"{path.stem}.{key}{path.suffix}"
 
 
