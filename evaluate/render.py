@@ -141,7 +141,8 @@ def accuracy_display(acc: pd.DataFrame) -> pd.DataFrame:
         "n": a.n.map(lambda n: fmt(n, ".0f")),
         "Δ vs bf16, relative [95% CI]": [fmt_pct(*r) for r in
                                          a[["delta_pct", "delta_lo", "delta_hi"]].itertuples(index=False)],
-        "Paired items": a.paired_items.map(lambda n: fmt(n, ".0f"))}).pipe(as_baseline)
+        "Paired items": a.paired_items.map(lambda n: fmt(n, ".0f")),
+        "Note": a.note.fillna("")}).pipe(as_baseline)
 
 
 def plots(folder, stem: str, schemes, perf, acc, mem) -> list[tuple[str, str]]:

@@ -100,7 +100,7 @@ def accuracy_table(results: pd.DataFrame, items: pd.DataFrame, metric_order: lis
     """Per task and metric: value, stderr, relative change vs bf16 with a paired interval over items.
     Shape-only rows are left out: random weights have no accuracy worth reporting."""
     a = results[(results.kind == "accuracy") & (results.provenance != "shape-only")]
-    df = a[KEY + ["cell", "metric", "value", "spread", "n", "env_id"]]
+    df = a[KEY + ["cell", "metric", "value", "spread", "n", "env_id", "note"]]
     df = df.rename(columns={"cell": "task", "spread": "stderr"})
     df = with_baseline(df.reset_index(drop=True), ["task", "metric"], ["value"])
     scores = {k: g.set_index("item").value for k, g in items.groupby(KEY + ["task", "metric"])}

@@ -106,8 +106,9 @@ def _measured(perf, acc, mem, quantity, gkey, scheme) -> list[dict]:
     if quantity == "accuracy_loss":
         # a loss is the negated relative change, so its interval flips too
         return [{"cell": r.task, "value": -r.delta_pct, "lo": -r.delta_hi, "hi": -r.delta_lo,
-                 "note": f"{r.metric}, {r.paired_items:.0f} paired items" if r.paired_items
-                 else f"{r.metric}: no per-item scores to pair, so no interval"}
+                 "note": (f"{r.metric}, {r.paired_items:.0f} paired items" if r.paired_items
+                          else f"{r.metric}: no per-item scores to pair, so no interval")
+                         + (f"; {r.note}" if isinstance(r.note, str) and r.note else "")}
                 for r in _select(acc, gkey, scheme).query("primary").itertuples()]
     return [{"cell": "engine", "value": -r.weights_bytes_delta_pct, "lo": -r.weights_bytes_delta_pct,
              "hi": -r.weights_bytes_delta_pct, "checkpoint_reduction": -r.checkpoint_bytes_delta_pct,
