@@ -133,3 +133,21 @@ def test_help_on_every_subcommand():
         proc = subprocess.run([sys.executable, "-m", "moeq.quantize.cli", *sub.split(), "--help"],
                               capture_output=True, text=True, cwd=ROOT)
         assert proc.returncode == 0 and "usage: moeq" in proc.stdout
+
+
+def test_second_architecture_qwen3_moe(tmp_path):
+    """The same builder and pipeline on Qwen3-MoE (router at mlp.gate, experts named gate/up/down_proj).
+    A few training steps suffice here: this checks the mechanics, not what the model learnt."""
+    model = tmp_path / "tiny-qwen3moe"
+    subprocess.run([QUANT_PYTHON, "-c", "import sys; from pathlib import Path; from moeq.quantize import registry, tiny; "
+                    "m = registry.resolve('tiny-qwen3moe'); tiny.build(m.name, m.spec, Path(sys.argv[1]), steps=20)",
+                    model], check=True, capture_output=True, cwd=ROOT)
+    assert read_json(model / "config.json")["model_type"] == "qwen3_moe"
+    moeq("quantize", "--model", model, "--scheme", "w4a16-gptq", "--out", tmp_path / "ckpt", *CALIB)
+    folder = tmp_path / "ckpt" / "tiny-qwen3moe" / "w4a16-gptq"
+    ignore = read_json(folder / "config.json")["quantization_config"]["ignore"]
+    names = tensors(folder)
+    for layer in range(LAYERS):
+        assert f"model.layers.{layer}.mlp.gate" in ignore and names[f"model.layers.{layer}.mlp.gate.weight"] == "BF16"
+        assert f"model.layers.{layer}.mlp.experts.{EXPERTS - 1}.down_proj.weight_packed" in names
+    assert verify(model, folder)["kl"] < KL_BOUND["w4a16-gptq"]
