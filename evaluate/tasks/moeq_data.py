@@ -4,7 +4,8 @@ lm-eval calls `load(**metadata, **dataset_kwargs)`. `file` names a JSONL in the 
 `build: {kind: ..., seed: ..., ...}` the file is made on first use from the held-out corpus split only
 (files never seen in training or calibration), so a new task is one YAML, with no Python edit. The
 file name carries the corpus fingerprint and a hash of `build` and of this code: another interpreter,
-other build parameters or changed builders give another file, never stale data. Deterministic: same corpus + same `build` = same bytes.
+other build parameters or changed builders give another file, never stale data. Deterministic (seeded):
+the same corpus and `build` give the same bytes.
 """
 import bisect
 import hashlib
@@ -39,7 +40,10 @@ def load(file: str, build: dict | None = None, **_metadata):
     if not path.exists():
         if not build:
             raise FileNotFoundError(f"{path}: no such task data file, and the task YAML gives no `build`")
-        write_jsonl(path, BUILDERS[build["kind"]](**{k: v for k, v in build.items() if k != "kind"}))
+        kind = build.get("kind")
+        if kind not in BUILDERS:
+            raise ValueError(f"{file}: unknown build kind {kind!r}; valid: {', '.join(BUILDERS)}")
+        write_jsonl(path, BUILDERS[kind](**{k: v for k, v in build.items() if k != "kind"}))
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 
@@ -48,10 +52,14 @@ def write_jsonl(path: Path, rows: list[dict]):
     # temp file + rename: concurrent runs or a crash never leave a half-written file under the real name
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is shared like any other
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is shared like any other
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def heldout_lines() -> list[tuple[str, list[str]]]:
