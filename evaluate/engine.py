@@ -45,7 +45,7 @@ def env_record(device: str) -> dict:
     except OSError:
         commit = None
     return {"libraries": libs, "device": device, "python": platform.python_version(),
-            "platform": platform.platform(), "git_commit": commit}
+            "platform": platform.platform(), "git_commit": commit, "ld_preload": os.environ.get("LD_PRELOAD")}
 
 
 def peak_memory(on_gpu: bool) -> tuple[int, str]:

