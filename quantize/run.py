@@ -46,20 +46,20 @@ def _no_pinning_without_accelerator():
 def load_linearized(src: Path, model):
     """Load with every expert as its own Linear modules, which llm-compressor quantizes one by one.
 
-    Where the checkpoint names expert projections differently (Mixtral: w1/w3/w2), those names are set
-    as the save mapping, so the quantized experts are written under the names vLLM's loader expects.
-    (llm-compressor's direct 2D load path for such names, patch_moe_mappings, makes transformers import
-    every model module, which fails without torchvision; linearizing after the load avoids that.)
+    Experts are linearized after a plain load (llmcompressor's linearize_moe): its direct 2D load path
+    (load_context) registers class patches that make transformers import every model module, which
+    fails without torchvision. Where the checkpoint names expert projections differently (Mixtral:
+    w1/w3/w2), those names become the save mapping, so the quantized experts are written under the
+    names vLLM's weight loader expects.
     """
     import torch
     from llmcompressor.modeling.moe.conversion_mappings import set_save_conversion_mapping
-    from llmcompressor.utils import load_context
+    from llmcompressor.modeling.moe.linearize import linearize_moe
     from transformers import AutoModelForCausalLM
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     from transformers.core_model_loading import WeightRenaming
 
-    with load_context():
-        lm = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    lm = linearize_moe(AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16))
     names = model.spec.get("expert_names") or {}
     if names:
         keep = [c for c in get_checkpoint_conversion_mapping(lm.config.model_type) or [] if isinstance(c, WeightRenaming)]
