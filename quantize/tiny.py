@@ -76,7 +76,7 @@ def build(name: str, spec: dict, out: Path, steps: int | None = None, log=print)
     train = dict(spec["train"])
     steps = train["steps"] if steps is None else steps
     torch.manual_seed(train["seed"])
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(int(os.environ.get("MOEQ_THREADS", 0)) or os.cpu_count() or 1)
     t0 = time.time()
     with staged_dir(out) as tmp:
         tok = train_tokenizer(spec["config"]["vocab_size"], tmp)
