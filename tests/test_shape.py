@@ -1,0 +1,58 @@
+"""Shape-only checkpoints (`python -m moeq.quantize.shape`): the real config plus the quantization_config
+llm-compressor writes for the recipe, the ignore list covering every layer's router and lm_head."""
+import subprocess
+
+import pytest
+
+from conftest import QUANT_PYTHON, ROOT, read_json
+from moeq.quantize import registry
+
+# scheme: (format, weight bits, weight strategy, activations: None or (type, bits, strategy, dynamic))
+EXPECTED = {
+    "fp8": ("float-quantized", 8, "channel", ("float", 8, "token", True)),
+    "fp8-static": ("float-quantized", 8, "tensor", ("float", 8, "tensor", False)),
+    "fp8-block": ("float-quantized", 8, "block", ("float", 8, "group", True)),
+    "w4a16-gptq": ("pack-quantized", 4, "group", None),
+    "w4a16-awq": ("pack-quantized", 4, "group", None),
+    "w8a8-int8": ("int-quantized", 8, "channel", ("int", 8, "token", True)),
+}
+
+
+def shape(model, scheme, tmp_path) -> dict:
+    out = tmp_path / model / scheme
+    proc = subprocess.run([QUANT_PYTHON, "-m", "moeq.quantize.shape", model, scheme, str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / ".moeq-complete").is_file() and not list(out.glob("*.safetensors"))
+    config = read_json(out / "config.json")
+    assert config["moeq_shape_only"] is True
+    real = registry.registry()[model]["config"]
+    assert {k: config[k] for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")} == \
+           {k: real[k] for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")}
+    return config
+
+
+def test_bf16_has_no_quantization_config(tmp_path):
+    assert "quantization_config" not in shape("olmoe", "bf16", tmp_path)
+
+
+@pytest.mark.parametrize("scheme", sorted(EXPECTED))
+def test_quantization_config_per_scheme(scheme, tmp_path):
+    qc = shape("olmoe", scheme, tmp_path)["quantization_config"]
+    fmt, wbits, wstrategy, act = EXPECTED[scheme]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == fmt
+    (group,) = qc["config_groups"].values()
+    assert group["format"] == fmt and group["targets"] == ["Linear"]
+    assert (group["weights"]["num_bits"], group["weights"]["strategy"]) == (wbits, wstrategy)
+    a = group["input_activations"]
+    assert (a and (a["type"], a["num_bits"], a["strategy"], a["dynamic"])) == act
+    # OLMoE: 16 layers, each with a router; nothing else stays in full precision
+    assert qc["ignore"] == [f"model.layers.{i}.mlp.gate" for i in range(16)] + ["lm_head"]
+
+
+def test_ignore_follows_layer_structure(tmp_path):
+    """Mixtral's routers keep vLLM's names; DeepSeek-V2-Lite's first layer is dense (no router)."""
+    mixtral = shape("mixtral", "fp8", tmp_path)["quantization_config"]
+    assert mixtral["ignore"] == [f"model.layers.{i}.block_sparse_moe.gate" for i in range(32)] + ["lm_head"]
+    deepseek = shape("deepseek-v2-lite", "w4a16-gptq", tmp_path)["quantization_config"]
+    assert deepseek["ignore"] == [f"model.layers.{i}.mlp.gate" for i in range(1, 27)] + ["lm_head"]
