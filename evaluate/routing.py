@@ -1,0 +1,133 @@
+"""MoE routing in shape-only runs: measure it, and optionally skew it.
+
+Dummy weights (uniform in ±1e-3) make every router a random projection of a near-random hidden state,
+so tokens spread almost evenly over the experts. Real routers are skewed, which changes how many
+experts a batch touches (weight bytes read per decode step) and how full each expert's GEMM is.
+
+* `MOEQ_ROUTING=zipf:S` (shape-only runs only): vLLM's routing simulator picks each token's top-k
+  experts by Gumbel-top-k over a Zipf(S) law (expert e has weight 1/(e+1)^S), in every MoE layer.
+  Rows are then tagged provenance `shape-only-zipfS`, so they never share a ratio with uniform ones.
+* `python -m moeq.evaluate.routing CHECKPOINT[:dummy][:zipfS][:lN] ...`: the expert load that vLLM
+  itself routes (enable_return_routed_experts), per layer, as JSON: max/mean load, coefficient of
+  variation, normalized entropy (1 = perfectly even).
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+
+ENV = "MOEQ_ROUTING"
+STRATEGY = "moeq_zipf"
+
+
+def parse(spec: str) -> float:
+    kind, _, s = spec.partition(":")
+    if kind != "zipf" or not s:
+        raise ValueError(f"{ENV}={spec!r}: expected zipf:S, e.g. zipf:1.0")
+    return float(s)
+
+
+def install(s: float):
+    """Register the Zipf strategy with vLLM's routing simulator and select it (before the engine starts)."""
+    import torch
+    from vllm.model_executor.layers.fused_moe.router.routing_simulator_router import (
+        RoutingSimulator, RoutingStrategy)
+
+    class Zipf(RoutingStrategy):
+        def route_tokens(self, hidden_states, router_logits, top_k, indices_type=None):
+            n, e = router_logits.shape[0], router_logits.shape[-1]
+            logp = -s * torch.log(torch.arange(1, e + 1, device=router_logits.device, dtype=torch.float32))
+            gumbel = -torch.log(-torch.log(torch.rand(n, e, device=router_logits.device).clamp_(1e-20, 1.0)))
+            ids = torch.topk(logp + gumbel, top_k, dim=-1).indices  # k distinct experts, Zipf-weighted
+            weights = torch.full((n, top_k), 1.0 / top_k, device=router_logits.device, dtype=torch.float32)
+            return weights, ids.to(indices_type or torch.int32)  # as vLLM's fused_topk
+
+    RoutingSimulator.register_strategy(STRATEGY, Zipf())
+    os.environ["VLLM_MOE_ROUTING_SIMULATION_STRATEGY"] = STRATEGY
+
+
+def apply(job: dict) -> dict:
+    """The job as the engine runs it: with MOEQ_ROUTING set, shape-only jobs get the skewed router."""
+    spec = os.environ.get(ENV)
+    if not spec or job["provenance"] != "shape-only":
+        return job
+    s = parse(spec)
+    install(s)
+    return dict(job, provenance=f"shape-only-zipf{s:.1f}")
+
+
+def load_stats(routed: np.ndarray, num_experts: int) -> dict:
+    """routed: [tokens, layers, top_k] expert ids -> per-layer load statistics and their medians."""
+    layers = []
+    for layer in range(routed.shape[1]):
+        load = np.bincount(routed[:, layer].ravel(), minlength=num_experts).astype(float)
+        p = load / load.sum()
+        nz = p[p > 0]
+        layers.append({"max_over_mean": float(load.max() / load.mean()), "cv": float(load.std() / load.mean()),
+                       "entropy": float(-(nz * np.log(nz)).sum() / np.log(num_experts)),
+                       "min_over_mean": float(load.min() / load.mean())})
+    summary = {k: float(np.median([l[k] for l in layers])) for k in layers[0]}
+    return {"tokens": int(routed.shape[0]), "layers": len(layers), "median": summary, "per_layer": layers}
+
+
+def probe(path: str, dummy: bool, zipf: float | None, layers: int | None, prompts: int, input_len: int,
+          seed: int = 0, **engine) -> dict:
+    """One engine (eager, routed-expert capture on) over random-token prompts; the load it routed."""
+    import gc
+    import torch
+    from transformers import AutoConfig
+    from vllm import LLM, SamplingParams, envs
+    from vllm.inputs import TokensPrompt
+    envs.disable_envs_cache()  # the router kind is read from the environment at each engine's start
+    os.environ.pop("VLLM_MOE_ROUTING_SIMULATION_STRATEGY", None)
+    if zipf is not None:
+        install(zipf)
+    cfg = AutoConfig.from_pretrained(path)
+    experts = next(getattr(cfg, k) for k in ("num_local_experts", "num_experts", "n_routed_experts") if getattr(cfg, k, None))
+    args = dict(enforce_eager=True, enable_return_routed_experts=True, enable_prefix_caching=False, seed=seed,
+                max_model_len=input_len + 8, dtype="bfloat16", **engine)
+    if dummy:
+        args.update(load_format="dummy", skip_tokenizer_init=True)
+    if layers:
+        args["hf_overrides"] = {"num_hidden_layers": layers}
+    llm = LLM(model=path, **args)
+    rng = np.random.default_rng(seed)
+    batch = [TokensPrompt(prompt_token_ids=rng.integers(16, cfg.vocab_size, input_len).tolist()) for _ in range(prompts)]
+    outs = llm.generate(batch, SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
+    routed = np.concatenate([o.outputs[0].routed_experts for o in outs], axis=0)
+    del llm, outs
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"checkpoint": path, "weights": "dummy" if dummy else "real",
+            "routing": f"zipf:{zipf:g}" if zipf is not None else "model's router", "num_experts": experts,
+            **load_stats(routed, experts)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="expert load that vLLM routes for random-token prompts")
+    ap.add_argument("probe", nargs="+", help="CHECKPOINT[:dummy][:zipfS][:lN], e.g. ckpt:dummy:zipf1.0:l8 "
+                                             "(lN: only the first N layers, for memory)")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--input-len", type=int, default=256)
+    ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--out", help="also write the JSON list here")
+    a = ap.parse_args(argv)
+    import yaml
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    engine = {k: yaml.safe_load(v) for k, _, v in (e.partition("=") for e in a.engine_arg)}
+    results = []
+    for spec in a.probe:
+        path, *flags = spec.split(":")
+        zipf = next((float(f[4:]) for f in flags if f.startswith("zipf")), None)
+        layers = next((int(f[1:]) for f in flags if f[:1] == "l" and f[1:].isdigit()), None)
+        r = probe(path, "dummy" in flags, zipf, layers, a.prompts, a.input_len, **engine)
+        results.append(r)
+        print(f"routing: {spec}: {json.dumps(r['median'])} ({r['tokens']} tokens, {r['layers']} layers)", flush=True)
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
