@@ -4,6 +4,7 @@ A cell is (batch, input_len, output_len). Per cell: one untimed warm-up of the s
 compile per token-count bucket), then `repeats` timed runs. Prompts are random token ids (seeded),
 generation ignores EOS, prefix caching is off in the engine, so every run does the same work.
 """
+import os
 import statistics
 import time
 
@@ -48,10 +49,13 @@ def summarize(name: str, unit: str, values: list[float]) -> dict:
 
 def run_cell(llm, batch: int, input_len: int, output_len: int, vocab: int, repeats: int, log=print) -> list[dict]:
     from vllm import SamplingParams
-    params = SamplingParams(max_tokens=output_len, min_tokens=output_len, ignore_eos=True, temperature=0.0,
-                            detokenize=False)
+    sampling = lambda n: SamplingParams(max_tokens=n, min_tokens=n, ignore_eos=True, temperature=0.0, detokenize=False)
+    params = sampling(output_len)
+    # MOEQ_WARMUP_TOKENS=N shortens only the warm-up's decode (same prefill chunks, same decode batch,
+    # so the same kernels compile); saves device time on big models. Default: the full cell.
+    warm = sampling(min(output_len, int(os.environ.get("MOEQ_WARMUP_TOKENS", output_len))))
     t0 = time.perf_counter()
-    llm.generate(prompts(batch, input_len, vocab, seed=12345), params, use_tqdm=False)  # warm-up, untimed
+    llm.generate(prompts(batch, input_len, vocab, seed=12345), warm, use_tqdm=False)  # warm-up, untimed
     warmup = time.perf_counter() - t0
     lat, ttft, itl_mean, itl_p50, itl_p99, tput, out_tps = [], [], [], [], [], [], []
     for rep in range(repeats):
