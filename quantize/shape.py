@@ -19,9 +19,10 @@ from moeq.quantize import recipes, registry
 from moeq.quantize.atomic import staged_dir
 
 LAYER = re.compile(r"^(.*\blayers\.)(\d+)(\..+)$")
-# narrow sizes for the small instance: names and quantization_config do not depend on them
+# narrow sizes (and fewer experts) for the small instance: names and quantization_config do not depend on them
 NARROW = {"hidden_size": 256, "intermediate_size": 256, "moe_intermediate_size": 256, "vocab_size": 512,
-          "num_attention_heads": 2, "num_key_value_heads": 2, "kv_lora_rank": 128}
+          "num_attention_heads": 2, "num_key_value_heads": 2, "kv_lora_rank": 128,
+          "num_local_experts": 8, "num_experts": 8, "n_routed_experts": 8, "num_experts_per_tok": 2}
 
 
 def hf_config(cfg: dict):
@@ -76,7 +77,7 @@ def small_quantization_config(model, recipe, cfg: dict, layers: int, log=print) 
     from transformers import AutoModelForCausalLM
     from moeq.quantize.run import _no_pinning_without_accelerator, load_linearized
 
-    small = dict(cfg, num_hidden_layers=layers, **{k: v for k, v in NARROW.items() if k in cfg})
+    small = dict(cfg, num_hidden_layers=layers, **{k: min(v, cfg[k]) for k, v in NARROW.items() if k in cfg})
     if "head_dim" in cfg:
         small["head_dim"] = 128
     torch.manual_seed(0)
