@@ -43,7 +43,8 @@ def test_baseline_perf_is_complete_and_sane(measured):
     assert cells == {"b1-i32-o8", "b4-i32-o8"}
     for r in perf:
         assert r["value"] is not None and math.isfinite(r["value"]) and r["value"] > 0, r
-        assert r["n"] == 3 and r["spread"] is not None
+        if r["metric"] != "warmup":  # the one untimed warm-up run per cell is kept for the harness cost
+            assert r["n"] == 3 and r["spread"] is not None
         assert r["provenance"] == "real" and r["backend"] == "vllm-cpu" and r["env_id"] is not None
     for cell in cells:
         by = {r["metric"]: r["value"] for r in perf if r["cell"] == cell}
