@@ -115,3 +115,7 @@ def test_score_with_vllm(tiny_model):
     bpb = next(m["value"] for m in ppl["metrics"] if m["metric"] == "bits_per_byte")
     assert bpb == pytest.approx(-ll / nbytes / math.log(2))  # a report can recompute it from the items
     assert set(next(iter(scores.values()))["metrics"][0]) >= {"metric", "value", "spread", "spread_kind", "n", "unit"}
+    # the promise that makes moeq_mc4 useful: the BF16 tiny model is well above chance (0.25); 500 items
+    # (stderr about 0.022) keep this quick, where all 2,000 score about 0.51
+    acc = next(m for m in accuracy.score(lm, ["moeq_mc4"], limit=500)["moeq_mc4"]["metrics"] if m["metric"] == "acc")
+    assert acc["value"] >= 0.4, acc
