@@ -88,22 +88,24 @@ def test_rerun_measures_nothing_twice(measured, checkpoints):
     assert {(r["scheme"], r["cell"], r["metric"]): r["created"] for r in rows(ledger)} == before
 
 
-def test_killed_eval_resumes_without_remeasuring(checkpoints, tmp_path):
-    ledger = tmp_path / "ledger.sqlite"
-    args = eval_args(ledger, checkpoints, "--scheme", "bf16", "--tasks", "none", "--batch", "1,2,4,8")
+def test_killed_eval_resumes_without_remeasuring(tiny_model, tmp_path):
+    ledger, checkpoints = tmp_path / "ledger.sqlite", tmp_path / "no-checkpoints"  # bf16 only
+    # longer cells than CELLS, so that the kill lands between the first and the last one
+    args = eval_args(ledger, checkpoints, "--scheme", "bf16", "--tasks", "none", "--batch", "1,2,4,8",
+                     "--input-len", "128", "--output-len", "96")
     cmd = [sys.executable, "-m", "moeq.quantize.cli", *map(str, args)]
     env = {**os.environ, "MOEQ_QUANT_PYTHON": QUANT_PYTHON}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 900
     while time.time() < deadline and not (ledger.exists() and rows(ledger, "kind = 'perf'")):
-        time.sleep(1)
+        time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its engine process, mid-sweep
     proc.wait()
     done = {r["cell"]: r["created"] for r in rows(ledger, "kind = 'perf'")}
     assert done and len(done) < 4, "the kill must land part-way"
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
     after = {r["cell"]: r["created"] for r in rows(ledger, "kind = 'perf'")}
-    assert set(after) == {"b1-i32-o8", "b2-i32-o8", "b4-i32-o8", "b8-i32-o8"}
+    assert set(after) == {f"b{b}-i128-o96" for b in (1, 2, 4, 8)}
     assert all(after[cell] == created for cell, created in done.items())
 
 
