@@ -53,15 +53,16 @@ def main():
     a = p.parse_args()
     import torch
     args = {"dtype": "bfloat16", "enable_prefix_caching": False, "disable_log_stats": False, "seed": 0,
-            "max_model_len": a.input_len + a.output_len, "max_num_seqs": a.batch}
+            "max_model_len": a.input_len + a.output_len + 64, "max_num_seqs": a.batch}  # room for a BOS
     if not torch.cuda.is_available():
         args["kv_cache_memory_bytes"] = 2 << 30
     ours = moeq_cell(a.model, a.batch, a.input_len, a.output_len, a.repeats, args)
-    theirs = vllm_bench(a.model, a.batch, a.input_len, a.output_len, args)
     cell = f"batch {a.batch}, {a.input_len} in / {a.output_len} out"
     print(f"harness cost ({cell}): engine load {ours['load_s']:.1f}s, warm-up {ours['warmup_s']:.2f}s, "
           f"timed runs {', '.join(f'{t:.2f}s' for t in ours['runs_s'])}")
-    print(f"moeq:              {ours['throughput']:10,.1f} tok/s total, {ours['output_throughput']:9,.1f} output tok/s")
+    print(f"moeq:              {ours['throughput']:10,.1f} tok/s total, {ours['output_throughput']:9,.1f} output tok/s",
+          flush=True)
+    theirs = vllm_bench(a.model, a.batch, a.input_len, a.output_len, args)
     print(f"vllm bench:        {theirs['tokens_per_second']:10,.1f} tok/s total "
           f"({theirs['wall_s']:.1f}s wall incl. its own engine start)")
     print(f"ratio moeq / vllm bench throughput: {ours['throughput'] / theirs['tokens_per_second']:.3f}")
