@@ -35,7 +35,9 @@ def sweep(plan: dict, ledger: Path, checkpoints: Path, models=None, schemes=None
         for target in targets:
             job = dict({"provenance": "real"}, **target, ledger=str(ledger), cells=cells,
                        repeats=plan.get("repeats", 3), tasks=[], limit=None, force=False, engine_args=args,
-                       checkpoint_bytes=sum(p.stat().st_size for p in Path(target["path"]).rglob("*") if p.is_file()))
+                       # a shape-only folder holds config files only: its size says nothing about the scheme
+                       checkpoint_bytes=None if weights == "dummy" else
+                       sum(p.stat().st_size for p in Path(target["path"]).rglob("*") if p.is_file()))
             log(f"[sweep] {model} / {target['scheme']}: {len(cells)} cells")
             try:
                 run_job(job)

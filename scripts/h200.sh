@@ -13,10 +13,13 @@ export MOEQ_WARMUP_TOKENS=16
 export MOEQ_CACHE=$W/cache CHECKPOINTS=$W/checkpoints LEDGER=$W/ledger.sqlite MOEQ_QUANT_PYTHON=$W/quant-python
 PLAN=reports/h200/plan.yaml
 ENGINE=$(python3 -c "import json,yaml; print(json.dumps(yaml.safe_load(open('$PLAN'))['engine_args']['compilation_config']))")
-trap 'cp -f $LEDGER $W/*.json "$OUT"/ 2>/dev/null; nvidia-smi --query-gpu=name,memory.used --format=csv,noheader' EXIT
-# keep moeq's own lines on the console (the reply shows its tail); full logs go to $OUT
-show() { tee -a "$OUT/$1.log" | grep --line-buffered -E '^\[(eval|sweep|quantize|shape)\]|run [0-9]/|routing:|Throughput|Error|error:|Traceback' ; }
-t() { echo "== $* ($(date +%T))"; }
+# $OUT takes at most 8 files: the ledger, one log, one tar of the JSON results
+trap 'cp -f $LEDGER "$OUT"/ 2>/dev/null; (cd $W && tar cf "$OUT/results.tar" *.json 2>/dev/null)' EXIT
+END=$((SECONDS + ${BUDGET:-540}))  # every step stops in time for the trap to run inside the call's limit
+# moeq's own lines on the console (the reply shows its tail); everything in $OUT/device.log
+show() { tee -a "$OUT/device.log" | grep --line-buffered -E '^\[(eval|sweep|quantize|shape)\]|run [0-9]/|routing:|Throughput|Error|error:|Traceback' ; }
+t() { echo "== $* ($(date +%T), ${SECONDS}s)"; }
+left() { echo $((END - SECONDS > 5 ? END - SECONDS : 5)); }
 
 step_chunk() { mkdir -p /tmp/chunks && cp .device/p*/* /tmp/chunks/ && ls /tmp/chunks | tr '\n' ' '; nvidia-smi -L; }
 
@@ -34,35 +37,36 @@ step_install() {
 
 step_sweep() {  # sweep=olmoe,qwen3moe[/bf16,fp8]
   local models=${1%%/*} schemes=; [[ $1 == */* ]] && schemes="--schemes ${1#*/}"
-  python3 -m moeq.evaluate.sweep $PLAN --models "$models" $schemes --ledger $LEDGER --checkpoints $CHECKPOINTS 2>&1 | show sweep
+  timeout $(left) python3 -m moeq.evaluate.sweep $PLAN --models "$models" $schemes --ledger $LEDGER --checkpoints $CHECKPOINTS 2>&1 | show sweep
 }
 
 step_zipf() {  # the same OLMoE BF16 engine with a Zipf(1) router instead of the dummy one
-  MOEQ_ROUTING=zipf:${1:-1.0} python3 -m moeq.evaluate.sweep $PLAN --models olmoe --schemes bf16 \
+  MOEQ_ROUTING=zipf:${1:-1.0} timeout $(left) python3 -m moeq.evaluate.sweep $PLAN --models olmoe --schemes bf16 \
     --ledger $LEDGER --checkpoints $CHECKPOINTS 2>&1 | show zipf
 }
 
 step_routing() {  # expert load vLLM routes: dummy routers (uniform?), a Zipf router, and real tiny weights
   local s=$CHECKPOINTS/.shape-only
-  python3 -m moeq.evaluate.routing $s/olmoe/bf16:dummy $s/olmoe/bf16:dummy:zipf1.0 $s/mixtral/bf16:dummy:l8 \
+  timeout $(left) python3 -m moeq.evaluate.routing $s/olmoe/bf16:dummy $s/olmoe/bf16:dummy:zipf1.0 $s/mixtral/bf16:dummy:l8 \
     $MOEQ_CACHE/models/tiny $MOEQ_CACHE/models/tiny:dummy --prompts 16 --input-len 512 --out $W/routing.json \
     --engine-arg gpu_memory_utilization=0.3 --engine-arg kv_cache_memory_bytes=4294967296 2>&1 | show routing
 }
 
 step_real() {  # the embedded model with real weights: quantized here on the GPU, then perf + accuracy
   local schemes=${1:-fp8,fp8-static,w4a16-gptq,w8a8-int8}
-  $MOEQ_QUANT_PYTHON -m moeq.quantize.cli quantize --model tiny --scheme $schemes --out $CHECKPOINTS 2>&1 | show real
-  python3 -m moeq.quantize.cli eval --model tiny --scheme bf16,$schemes --ledger $LEDGER --checkpoints $CHECKPOINTS \
+  timeout $(left) $MOEQ_QUANT_PYTHON -m moeq.quantize.cli quantize --model tiny --scheme $schemes --out $CHECKPOINTS 2>&1 | show real
+  timeout $(left) python3 -m moeq.quantize.cli eval --model tiny --scheme bf16,$schemes --ledger $LEDGER --checkpoints $CHECKPOINTS \
     --engine-arg "compilation_config=$ENGINE" 2>&1 | show real
-  cp -f $CHECKPOINTS/tiny/*/manifest.json "$OUT"/ 2>/dev/null; for s in ${schemes//,/ }; do cp -f $CHECKPOINTS/tiny/$s/manifest.json $W/manifest-$s.json; done
+  for s in ${schemes//,/ }; do cp -f $CHECKPOINTS/tiny/$s/manifest.json $W/manifest-$s.json; done
 }
 
 step_bench() {  # vLLM's own tool on cells moeq measured: bench=olmoe/bf16/128,olmoe/w4a16-gptq/16
   for cell in ${1//,/ }; do
     IFS=/ read -r model scheme batch <<< "$cell"
-    python3 -m vllm.entrypoints.cli.main bench throughput --model $CHECKPOINTS/.shape-only/$model/$scheme \
-      --tokenizer $MOEQ_CACHE/models/tiny --load-format dummy --dataset-name random --input-len 512 \
-      --output-len 128 --num-prompts $batch --num-warmups $batch --max-num-seqs 128 --max-model-len 2176 \
+    # vLLM's CLI entry point imports its server (uvicorn, not carried); the bench module itself does not
+    timeout $(left) python3 -c "import sys; from vllm.benchmarks.throughput import add_cli_args, main; from vllm.utils.argparse_utils import FlexibleArgumentParser as P; p = P(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))" --model $CHECKPOINTS/.shape-only/$model/$scheme \
+      --tokenizer $MOEQ_CACHE/models/tiny --load-format dummy --dataset-name random --random-input-len 512 --random-output-len 128 \
+      --num-prompts $batch --num-warmups $batch --max-num-seqs 128 --max-model-len 2176 \
       --dtype bfloat16 --no-enable-prefix-caching --gpu-memory-utilization 0.9 --disable-detokenize \
       --compilation-config "$ENGINE" --output-json $W/bench-$model-$scheme-b$batch.json 2>&1 | show bench
   done
