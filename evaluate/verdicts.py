@@ -129,7 +129,9 @@ def verdict_table(claims: dict, classes: dict, keys: pd.DataFrame, perf, acc, me
             for scheme in sorted(s for s, c in classes.items() if c == claim["class"]):
                 if scheme not in present:
                     found = [{"note": "no results for this scheme"}]
-                elif (*g, scheme) in unsupported:
+                elif (*g, scheme) in unsupported and not (
+                        # accuracy can still be scored on decompressed weights (each such row says so)
+                        claim["quantity"] == "accuracy_loss" and _measured(perf, acc, mem, "accuracy_loss", gkey, scheme)):
                     found = [{"note": unsupported[(*g, scheme)]}]
                 elif BASELINE not in present:
                     found = [{"note": "no bf16 row with the same model, provenance, backend and device"}]
