@@ -214,7 +214,7 @@ def blocks(name, ledger_path, tables, keys, unsupported, env, folder) -> list[tu
         schemes = scheme_order(k.scheme)
         stem = slug(*g)
         out.append(("h2", f"{gkey['model']}: {gkey['provenance']} weights, {gkey['backend']} on {gkey['device']}"))
-        if gkey["provenance"] == "shape-only":
+        if gkey["provenance"].startswith("shape-only"):
             out.append(("p", "Shape-only: the real architecture with random weights, so speed and memory are "
                              "measured but accuracy is not measured."))
         summary = summary_display(gkey, schemes, perf, acc, mem, unsupported)

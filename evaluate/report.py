@@ -99,7 +99,7 @@ def _roofline(r, configs: dict, kv: dict, classes: dict) -> dict:
 def accuracy_table(results: pd.DataFrame, items: pd.DataFrame, metric_order: list[str]) -> pd.DataFrame:
     """Per task and metric: value, stderr, relative change vs bf16 with a paired interval over items.
     Shape-only rows are left out: random weights have no accuracy worth reporting."""
-    a = results[(results.kind == "accuracy") & (results.provenance != "shape-only")]
+    a = results[(results.kind == "accuracy") & (~results.provenance.str.startswith("shape-only"))]
     df = a[KEY + ["cell", "metric", "value", "spread", "n", "env_id", "note"]]
     df = df.rename(columns={"cell": "task", "spread": "stderr"})
     df = with_baseline(df.reset_index(drop=True), ["task", "metric"], ["value"])
@@ -126,6 +126,10 @@ def build_report(ledger_path: Path, name: str = "default", out_root: Path = Path
     ledger_path = Path(ledger_path)
     if not name or Path(name).name != name or name.startswith("."):
         raise UserError(f"report name {name!r} must be a plain folder name")
+    final = Path(out_root) / name
+    if final.resolve() in ledger_path.resolve().parents:
+        raise UserError(f"the report folder {final} holds the ledger {ledger_path}, and a report replaces its "
+                        "folder whole: choose another --name or --out")
     results, items, env = read_ledger(ledger_path)
     from moeq.quantize.recipes import all_recipes
     classes = {n: r.claim for n, r in all_recipes().items()}
@@ -138,7 +142,6 @@ def build_report(ledger_path: Path, name: str = "default", out_root: Path = Path
     keys = results[KEY + ["env_id"]].drop_duplicates()  # which schemes each group has, and its env records
     verdict = verdicts.verdict_table(claims, classes, keys, perf, acc, mem, unsupported)
     tables = {"verdicts": verdict, "performance": perf, "accuracy": acc, "memory": mem}
-    final = Path(out_root) / name
     with staged_dir(final) as tmp:
         render.write_all(tmp, name, ledger_path, tables, keys, unsupported, env, log)
     counts = verdict.verdict.value_counts().to_dict()

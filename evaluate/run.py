@@ -157,7 +157,8 @@ def evaluate(models=None, schemes=None, tasks=None, batches=None, input_lens=(51
     for target in targets:
         job = dict({"provenance": "real"}, **target, ledger=str(ledger), cells=cells, repeats=repeats, tasks=tasks,
                    limit=limit, force=force, engine_args=args,
-                   checkpoint_bytes=sum(p.stat().st_size for p in Path(target["path"]).rglob("*") if p.is_file()))
+                   checkpoint_bytes=None if shape_only else  # a shape-only folder holds no weights
+                   sum(p.stat().st_size for p in Path(target["path"]).rglob("*") if p.is_file()))
         try:
             reason = run_job(job)
             if reason and tasks:

@@ -135,7 +135,7 @@ def verdict_table(claims: dict, classes: dict, keys: pd.DataFrame, perf, acc, me
                     found = [{"note": unsupported[(*g, scheme)]}]
                 elif BASELINE not in present:
                     found = [{"note": "no bf16 row with the same model, provenance, backend and device"}]
-                elif claim["quantity"] == "accuracy_loss" and gkey["provenance"] == "shape-only":
+                elif claim["quantity"] == "accuracy_loss" and gkey["provenance"].startswith("shape-only"):
                     found = [{"note": "shape-only weights: accuracy not measured"}]
                 else:
                     found = _measured(perf, acc, mem, claim["quantity"], gkey, scheme) or [{"note": "no data"}]

@@ -1,7 +1,7 @@
 """reports/h200/NOTES.md from the H200 ledger and the device's JSON results: device time, vLLM's own
 benchmark beside moeq's numbers, the routing caveat (measured), and every cell whose spread is over 3%.
 
-    python scripts/h200_notes.py reports/h200      (reads ledger.sqlite, results/*.json, calls.yaml)
+    python evaluate/h200_notes.py reports/h200      (reads ledger.sqlite, results/*.json, calls.yaml)
 """
 import json
 import sqlite3
@@ -133,7 +133,7 @@ def main(folder="reports/h200"):
     folder = Path(folder)
     db = sqlite3.connect(folder / "ledger.sqlite")
     parts = ["# H200 notes", "Beside the generated report ([report/README.md](report/README.md)); written by "
-             "`scripts/h200_notes.py` from `ledger.sqlite` and `results/`.",
+             "`evaluate/h200_notes.py` from `ledger.sqlite` and `results/`.",
              "## Cost", cost(folder), "## Cross-check with vLLM's own benchmark", crosscheck(db, folder),
              "## Routing caveat", routing(db, folder), "## Spreads", spreads(db)]
     (folder / "NOTES.md").write_text("\n\n".join(parts) + "\n")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device side of reports/h200 (how it was run; REPRODUCE.md says how to rerun it on any CUDA machine).
-#   bash scripts/h200.sh STEP[=ARG] ...   steps: chunk install sweep=MODELS[/SCHEMES] real routing zipf bench
+#   bash evaluate/h200.sh STEP[=ARG] ...   steps: chunk install sweep=MODELS[/SCHEMES] real routing zipf bench
 # The machine has no network and no vLLM: the wheels come in parts (.device/p*, see
 # /work/shared/device/README.md), vLLM's repacked as one .tar.xz without FA2 (Hopper runs FA3).
 # Everything finished is copied to $OUT at exit, also after a timeout: the ledger gets one transaction
