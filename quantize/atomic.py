@@ -24,7 +24,8 @@ def staged_dir(final: Path):
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     except OSError as e:
-        raise SystemExit(f"error: cannot write under {final.parent}: {e.strerror or e}") from e
+        from moeq.quantize.registry import UserError
+        raise UserError(f"cannot write under {final.parent}: {e.strerror or e}") from e
     try:
         yield tmp
         (tmp / COMPLETE_MARKER).touch()

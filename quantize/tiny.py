@@ -8,7 +8,6 @@ fails if it does not reach `train.max_ce_ratio` of it.
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 
