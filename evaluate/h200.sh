@@ -32,6 +32,8 @@ step_install() {
   printf '#!/bin/sh\nPYTHONPATH=/tmp/siteq:/tmp/site:%s exec python3 "$@"\n' $W/pkg > $MOEQ_QUANT_PYTHON && chmod +x $MOEQ_QUANT_PYTHON
   # carried paths vanish from the repository copy at the next call: keep them under /tmp
   rm -rf $MOEQ_CACHE $CHECKPOINTS && cp -r .h200/cache $MOEQ_CACHE && mkdir -p $CHECKPOINTS && cp -r checkpoints/.shape-only $CHECKPOINTS/
+  # a later session continues the committed ledger: cells it already holds are skipped, the rest added
+  cp reports/h200/ledger.sqlite $LEDGER && chmod u+w $LEDGER
   python3 -c "import vllm, lm_eval, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)" 2>&1 | tail -1
 }
 
@@ -40,8 +42,9 @@ step_sweep() {  # sweep=olmoe,qwen3moe[/bf16,fp8]
   timeout $(left) python3 -m moeq.evaluate.sweep $PLAN --models "$models" $schemes --ledger $LEDGER --checkpoints $CHECKPOINTS 2>&1 | show sweep
 }
 
-step_zipf() {  # the same OLMoE BF16 engine with a Zipf(1) router instead of the dummy one
-  MOEQ_ROUTING=zipf:${1:-1.0} timeout $(left) python3 -m moeq.evaluate.sweep $PLAN --models olmoe --schemes bf16 \
+step_zipf() {  # OLMoE engines with a Zipf router instead of the dummy one: zipf=1.0[/bf16,fp8]
+  local arg=${1:-1.0} schemes=bf16; [[ $arg == */* ]] && schemes=${arg#*/}
+  MOEQ_ROUTING=zipf:${arg%%/*} timeout $(left) python3 -m moeq.evaluate.sweep $PLAN --models olmoe --schemes $schemes \
     --ledger $LEDGER --checkpoints $CHECKPOINTS 2>&1 | show zipf
 }
 
