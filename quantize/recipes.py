@@ -64,6 +64,20 @@ class Recipe:
                             args["ignore"] = list(dict.fromkeys([*args.get("ignore", []), *ignore]))
         return yaml.safe_dump(doc, sort_keys=False)
 
+    def group_sizes(self) -> set[int]:
+        """The weight group sizes llm-compressor resolves this recipe's schemes to (W4A16: 128)."""
+        return {g.weights.group_size for m in validate(self.for_model([]), str(self.path)).modifiers
+                if hasattr(m, "resolve_quantization_config")
+                for g in m.resolve_quantization_config().config_groups.values() if g.weights and g.weights.group_size}
+
+
+def ragged(in_features: dict[str, int], group_sizes: set[int]) -> dict[str, int]:
+    """Layers whose input is not a whole number of quantization groups (DeepSeek-V2-Lite's dense MLP:
+    10,944 = 85.5 x 128). llm-compressor quantizes them, but vLLM refuses to load the checkpoint
+    ("input_size_per_partition=10944 ... not divisible by group_size=128", measured on the H200),
+    so moeq keeps them in full precision and says so."""
+    return {name: n for name, n in in_features.items() if any(n % g for g in group_sizes)}
+
 
 def _load(path: Path) -> Recipe:
     try:

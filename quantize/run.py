@@ -83,6 +83,7 @@ def quantize(model_name: str, scheme: str, out_root: Path, samples: int | None =
     samples, seq_len = samples or calib["samples"], seq_len or calib["seq_len"]
     src = registry.ensure_built(model, log=log)
 
+    import torch
     from llmcompressor import oneshot
     from transformers import AutoTokenizer
     _no_pinning_without_accelerator()
@@ -91,6 +92,12 @@ def quantize(model_name: str, scheme: str, out_root: Path, samples: int | None =
     with staged_dir(out) as tmp:
         log(f"[quantize] {model.name} x {recipe.name}: loading {src}")
         lm = load_linearized(src, model)
+        groups = recipe.group_sizes()
+        kept = recipes.ragged({n: m.in_features for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear)}, groups)
+        if kept:
+            log(f"[quantize] keeping {len(kept)} layers in BF16: inputs not a whole number of {sorted(groups)}-groups "
+                f"({', '.join(f'{n} {w}' for n, w in kept.items())})")
+            recipe_text = recipe.for_model([*model.ignore, *kept])
         tok = AutoTokenizer.from_pretrained(src)
         data = calibration_samples(tok, samples, seq_len)
         log(f"[quantize] routing {samples} calibration samples x {seq_len} tokens to count expert coverage")
@@ -115,6 +122,7 @@ def quantize(model_name: str, scheme: str, out_root: Path, samples: int | None =
             "calibration": {"split": "calibration", "fingerprint": corpus.fingerprint("calibration"),
                             "samples": samples if kwargs else 0, "seq_len": seq_len if kwargs else 0,
                             "all_experts": True},
+            "full_precision_ragged_groups": kept,
             "coverage": {"tokens": cover["tokens"], "min_share_of_fair": round(cover["min_share_of_fair"], 3),
                          "starved_layers": len(cover["starved"])},
             "libraries": {lib: version(lib) for lib in LIBRARIES},

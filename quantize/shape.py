@@ -35,12 +35,28 @@ def hf_config(cfg: dict):
     return config
 
 
-def layer_signatures(config) -> list[frozenset]:
-    """Per decoder layer, its parameter names relative to the layer (meta device: no memory)."""
+def meta_model(config):
     import torch
     from transformers import AutoModelForCausalLM
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config)
+
+
+def ragged_layers(config, recipe) -> dict[str, int]:
+    """recipes.ragged on the real widths (meta device). Experts are fused 3D tensors before linearization
+    (which needs real memory): their inputs are checked here, and a ragged one is refused, not guessed."""
+    import torch
+    groups, model = recipe.group_sizes(), meta_model(config)
+    for name, p in model.named_parameters():
+        if p.dim() == 3 and recipes.ragged({name: p.shape[-1]}, groups):
+            raise registry.UserError(f"{name}: expert input width {p.shape[-1]} is not a whole number of {sorted(groups)}-groups; "
+                            "vLLM cannot load such a checkpoint")
+    return recipes.ragged({n: m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}, groups)
+
+
+def layer_signatures(config) -> list[frozenset]:
+    """Per decoder layer, its parameter names relative to the layer (meta device: no memory)."""
+    model = meta_model(config)
     sigs: dict[int, set] = {}
     for name, _ in model.named_parameters():
         if m := LAYER.match(name):
@@ -120,15 +136,17 @@ def shape_checkpoint(model: str, scheme: str, out: Path, log=print) -> Path:
     cfg = dict(spec.spec["config"])
     config = hf_config(cfg)
     recipe = None if scheme == recipes.BASELINE else recipes.load(scheme)
-    qc = None
+    qc, kept = None, {}
     if recipe is not None:
         recipes.validate(recipe.for_model(spec.ignore), str(recipe.path))
+        kept = ragged_layers(config, recipe)  # full-width names: the narrow instance has no ragged layer
         full = layer_signatures(config)
         # the smallest depth that holds every kind of layer the real model has (at least two)
         depth = max(2, max(full.index(s) for s in set(full)) + 1)
         small = layer_signatures(hf_config(dict(cfg, num_hidden_layers=depth)))
         qc = small_quantization_config(spec, recipe, cfg, depth, log)
-        qc["ignore"] = expand_ignore(qc["ignore"], small, full)
+        expanded = expand_ignore(qc["ignore"], small, full)
+        qc["ignore"] = expanded + [n for n in kept if n not in expanded]
     with staged_dir(out) as tmp:
         config.save_pretrained(tmp)
         data = json.loads((tmp / "config.json").read_text())
@@ -137,10 +155,10 @@ def shape_checkpoint(model: str, scheme: str, out: Path, log=print) -> Path:
         data["moeq_shape_only"] = True
         (tmp / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         if recipe is not None:
-            (tmp / "moeq_recipe.yaml").write_text(recipe.for_model(spec.ignore))
+            (tmp / "moeq_recipe.yaml").write_text(recipe.for_model([*spec.ignore, *kept]))
         (tmp / "manifest.json").write_text(json.dumps({
             "model": spec.name, "scheme": scheme, "shape_only": True, "hub_id": spec.spec.get("hub_id"),
-            "recipe_sha256": recipe.file_hash if recipe else None}, indent=2))
+            "recipe_sha256": recipe.file_hash if recipe else None, "full_precision_ragged_groups": kept}, indent=2))
     log(f"[shape] wrote {out} ({spec.name} x {scheme}, shape only)")
     return out
 
