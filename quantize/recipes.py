@@ -74,9 +74,14 @@ class Recipe:
 def ragged(in_features: dict[str, int], group_sizes: set[int]) -> dict[str, int]:
     """Layers whose input is not a whole number of quantization groups (DeepSeek-V2-Lite's dense MLP:
     10,944 = 85.5 x 128). llm-compressor quantizes them, but vLLM refuses to load the checkpoint
-    ("input_size_per_partition=10944 ... not divisible by group_size=128", measured on the H200),
-    so moeq keeps them in full precision and says so."""
-    return {name: n for name, n in in_features.items() if any(n % g for g in group_sizes)}
+    ("input_size_per_partition=10944 ... not divisible by group_size=128", measured on the H200), so
+    they stay in full precision. An expert cannot: vLLM's fused MoE runs every expert in one format."""
+    kept = {name: n for name, n in in_features.items() if any(n % g for g in group_sizes)}
+    if experts := [n for n in kept if ".experts." in n]:
+        raise UserError(f"{experts[0]}: expert input width {kept[experts[0]]} is not a whole number of "
+                        f"{sorted(group_sizes)}-groups, and experts cannot stay in full precision one by one; "
+                        "use a recipe with a group size that divides it")
+    return kept
 
 
 def _load(path: Path) -> Recipe:

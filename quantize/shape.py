@@ -43,15 +43,12 @@ def meta_model(config):
 
 
 def ragged_layers(config, recipe) -> dict[str, int]:
-    """recipes.ragged on the real widths (meta device). Experts are fused 3D tensors before linearization
-    (which needs real memory): their inputs are checked here, and a ragged one is refused, not guessed."""
+    """recipes.ragged on the real widths (meta device); experts are still fused 3D tensors [E, out, in]."""
     import torch
-    groups, model = recipe.group_sizes(), meta_model(config)
-    for name, p in model.named_parameters():
-        if p.dim() == 3 and recipes.ragged({name: p.shape[-1]}, groups):
-            raise registry.UserError(f"{name}: expert input width {p.shape[-1]} is not a whole number of {sorted(groups)}-groups; "
-                            "vLLM cannot load such a checkpoint")
-    return recipes.ragged({n: m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}, groups)
+    model = meta_model(config)
+    widths = {n: m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    widths.update({n: p.shape[-1] for n, p in model.named_parameters() if p.dim() == 3})
+    return recipes.ragged(widths, recipe.group_sizes())
 
 
 def layer_signatures(config) -> list[frozenset]:

@@ -150,3 +150,38 @@ def test_second_architecture_qwen3_moe(tmp_path):
         assert f"model.layers.{layer}.mlp.gate" in ignore and names[f"model.layers.{layer}.mlp.gate.weight"] == "BF16"
         assert f"model.layers.{layer}.mlp.experts.{EXPERTS - 1}.down_proj.weight_packed" in names
     assert verify(model, folder)["kl"] < KL_BOUND["w4a16-gptq"]
+
+
+def qwen3_variant(tmp_path, name: str, **config) -> Path:
+    """tiny-qwen3moe with config overrides, trained a few steps (mechanics only)."""
+    model = tmp_path / name
+    subprocess.run([QUANT_PYTHON, "-c", "import json, sys; from pathlib import Path; from moeq.quantize import registry, tiny; "
+                    "m = registry.resolve('tiny-qwen3moe'); spec = dict(m.spec, config={**m.spec['config'], **json.loads(sys.argv[2])}); "
+                    "tiny.build(sys.argv[3], spec, Path(sys.argv[1]), steps=5)", model, json.dumps(config), name],
+                   check=True, capture_output=True, cwd=ROOT)
+    return model
+
+
+def test_layer_with_ragged_groups_stays_bf16(tmp_path):
+    """A dense MLP 200 wide is not a whole number of 128-groups: vLLM would refuse the W4A16 checkpoint
+    (as it did DeepSeek-V2-Lite's 10,944-wide one on the H200), so that one layer stays BF16."""
+    model = qwen3_variant(tmp_path, "ragged-dense", mlp_only_layers=[0], intermediate_size=200)
+    proc = moeq("quantize", "--model", model, "--scheme", "w4a16-gptq", "--out", tmp_path / "ckpt", *CALIB)
+    assert "keeping 1 layers in BF16" in proc.stdout and "model.layers.0.mlp.down_proj 200" in proc.stdout
+    folder = tmp_path / "ckpt" / "ragged-dense" / "w4a16-gptq"
+    assert "model.layers.0.mlp.down_proj" in read_json(folder / "config.json")["quantization_config"]["ignore"]
+    assert read_json(folder / "manifest.json")["full_precision_ragged_groups"] == {"model.layers.0.mlp.down_proj": 200}
+    names = tensors(folder)
+    assert names["model.layers.0.mlp.down_proj.weight"] == "BF16"
+    assert "model.layers.0.mlp.up_proj.weight_packed" in names  # 128 inputs: quantized as usual
+    # FP8 has no groups: the same layer is quantized
+    moeq("quantize", "--model", model, "--scheme", "fp8", "--out", tmp_path / "ckpt")
+    assert tensors(tmp_path / "ckpt" / "ragged-dense" / "fp8")["model.layers.0.mlp.down_proj.weight"] == "F8_E4M3"
+
+
+def test_ragged_experts_are_refused(tmp_path):
+    """Experts cannot stay BF16 one by one (vLLM runs all experts of a layer in one format)."""
+    model = qwen3_variant(tmp_path, "ragged-experts", moe_intermediate_size=200)
+    proc = moeq("quantize", "--model", model, "--scheme", "w4a16-gptq", "--out", tmp_path / "ckpt", *CALIB, check=False)
+    assert proc.returncode == 2 and "expert input width 200" in proc.stderr and "group size" in proc.stderr
+    assert not (tmp_path / "ckpt" / "ragged-experts" / "w4a16-gptq").exists()

@@ -54,5 +54,11 @@ def test_ignore_follows_layer_structure(tmp_path):
     """Mixtral's routers keep vLLM's names; DeepSeek-V2-Lite's first layer is dense (no router)."""
     mixtral = shape("mixtral", "fp8", tmp_path)["quantization_config"]
     assert mixtral["ignore"] == [f"model.layers.{i}.block_sparse_moe.gate" for i in range(32)] + ["lm_head"]
-    deepseek = shape("deepseek-v2-lite", "w4a16-gptq", tmp_path)["quantization_config"]
+    deepseek = shape("deepseek-v2-lite", "fp8", tmp_path)["quantization_config"]
     assert deepseek["ignore"] == [f"model.layers.{i}.mlp.gate" for i in range(1, 27)] + ["lm_head"]
+    # W4A16: the dense MLP's 10,944 inputs are not a whole number of 128-groups, which vLLM refuses to load
+    deepseek = shape("deepseek-v2-lite", "w4a16-gptq", tmp_path)["quantization_config"]
+    assert deepseek["ignore"] == [f"model.layers.{i}.mlp.gate" for i in range(1, 27)] + ["lm_head",
+                                                                                       "model.layers.0.mlp.down_proj"]
+    manifest = read_json(tmp_path / "deepseek-v2-lite" / "w4a16-gptq" / "manifest.json")
+    assert manifest["full_precision_ragged_groups"] == {"model.layers.0.mlp.down_proj": 10944}
