@@ -28,7 +28,7 @@ def perf(db, metric="throughput", **where):
 def cost(folder: Path) -> str:
     sessions = yaml.safe_load((folder / "calls.yaml").read_text())["sessions"]
     total, sweep = (sum(s[k] for s in sessions) / 60 for k in ("device_seconds", "sweep_seconds"))
-    out = [f"Device time, all {len(sessions)} sessions: **{total:.1f} min** of one H200 (lease time, machine starts "
+    out = [f"Device time, {len(sessions)} sessions: **{total:.1f} min** of one H200 (lease time, machine starts "
            f"and uploads included); the shape-only sweep itself (engines and cells): **{sweep:.1f} min**."]
     for s in sessions:
         rows = [[c["what"], c["wall_s"], c["held_s"], c.get("note", "")] for c in s["calls"]]
