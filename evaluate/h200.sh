@@ -3,6 +3,8 @@
 #   bash evaluate/h200.sh STEP[=ARG] ...   steps: chunk install sweep=MODELS[/SCHEMES] real routing zipf bench
 # The machine has no network and no vLLM: the wheels come in parts (.device/p*, see
 # /work/shared/device/README.md), vLLM's repacked as one .tar.xz without FA2 (Hopper runs FA3).
+# A part plus the tracked tree must stay under a call's 64 MiB: halve a part with `split -n 2 -d` into
+# partNNa/partNNb (own folders); chunk copies every part, install concatenates them in name order.
 # Everything finished is copied to $OUT at exit, also after a timeout: the ledger gets one transaction
 # per cell, so a cut-off step loses only its cell in flight, and a rerun skips what the ledger has.
 set -u
