@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 SPREAD_LIMIT = 0.03
+ZIPF = "shape-only-zipf1.0"
 
 
 def table(header: list[str], rows: list[list]) -> str:
@@ -78,14 +79,14 @@ def routing(db, folder: Path) -> str:
                    "of 512 tokens, per layer, median over layers (`python -m moeq.evaluate.routing`):\n\n"
                    + table(["checkpoint", "weights", "router", "experts", "layers", "tokens", "max/mean",
                             "CV", "min/mean", "entropy"], rows))
-    zipf = db.execute("SELECT DISTINCT scheme FROM results WHERE model='olmoe' AND provenance = 'shape-only-zipf1.0'")
-    zrows = []
-    for (scheme,) in zipf.fetchall():
-        uni, skew = ({r[3]: r[4] for r in perf(db, metric=m, model="olmoe", scheme=scheme, provenance=p)}
-                     for m, p in (("throughput", "shape-only"), ("throughput", "shape-only-zipf1.0")))
-        itl = {p: {r[3]: 1000 * r[4] for r in perf(db, metric="itl_p50", model="olmoe", scheme=scheme, provenance=p)}
-               for p in ("shape-only", "shape-only-zipf1.0")}
-        zrows += [[cell, scheme, uni[cell], z, z / uni[cell] - 1, itl["shape-only-zipf1.0"][cell] - itl["shape-only"][cell]]
+    schemes = db.execute("SELECT DISTINCT scheme FROM results WHERE model='olmoe' AND provenance = ?", (ZIPF,))
+    value = lambda metric, scheme, prov: {r[3]: r[4] for r in perf(db, metric=metric, model="olmoe", scheme=scheme,
+                                                                   provenance=prov)}
+    zrows = []  # cell, scheme, throughput with the dummy router, with Zipf, their ratio - 1, ITL p50 change (ms)
+    for (scheme,) in schemes.fetchall():
+        uni, skew = value("throughput", scheme, "shape-only"), value("throughput", scheme, ZIPF)
+        itl_uni, itl_skew = value("itl_p50", scheme, "shape-only"), value("itl_p50", scheme, ZIPF)
+        zrows += [[cell, scheme, uni[cell], z, z / uni[cell] - 1, 1000 * (itl_skew[cell] - itl_uni[cell])]
                   for cell, z in sorted(skew.items()) if cell in uni]
     rows = [(c, u, z, d) for c, s, u, z, d, _ in zrows if s == "bf16"]
     if zrows:
@@ -93,8 +94,8 @@ def routing(db, folder: Path) -> str:
                    "(tok/s, median of 3) and the change of the median decode step (ITL p50):\n\n"
                    + table(["cell", "scheme", "dummy router", "Zipf(1)", "Δ throughput", "Δ ITL ms"],
                            [[c, s, u, z, f"{100 * d:+.1f}%", f"{i:+.2f}"] for c, s, u, z, d, i in zrows]))
-        base = {(c, "zipf" if k else "uni"): v for c, s, u, z, _, _ in zrows if s == "bf16" for k, v in ((0, u), (1, z))}
-        speed = [[c, s, u / base[c, "uni"], z / base[c, "zipf"]] for c, s, u, z, _, _ in zrows if s != "bf16"]
+        bf16 = {c: (u, z) for c, u, z, _ in rows}
+        speed = [[c, s, u / bf16[c][0], z / bf16[c][1]] for c, s, u, z, _, _ in zrows if s != "bf16"]
         out.append("The same cells as throughput relative to BF16 under each router: what a quantization claim "
                    "measured with dummy routers would have said, and what it says with skewed routing:\n\n"
                    + table(["cell", "scheme", "÷ BF16, dummy router", "÷ BF16, Zipf(1)"],
@@ -141,7 +142,7 @@ RAGGED = """The first sweep of DeepSeek-V2-Lite had no W4A16 row: vLLM refused t
 `Weight input_size_per_partition=10944 for layer 'model.layers.0.mlp.down_proj' is not divisible by
 group_size=128` (session 2, call 4). Its first layer is a dense MLP 10,944 wide, 85.5 groups of 128;
 llm-compressor quantizes it without complaint, so a real-weights user would meet the same refusal
-after a full GPTQ run. moeq now keeps such layers in BF16 (`recipes.ragged`, warned about and listed
+after a full GPTQ run. moeq now keeps such layers in BF16 (`recipes.ragged_layers`, warned about and listed
 in the manifest), here one matrix of 22.4M of the model's 15.7B parameters, and the W4A16 row was
 measured with it (session 2, call 8)."""
 

@@ -71,15 +71,20 @@ class Recipe:
                 for g in m.resolve_quantization_config().config_groups.values() if g.weights and g.weights.group_size}
 
 
-def ragged(in_features: dict[str, int], group_sizes: set[int]) -> dict[str, int]:
-    """Layers whose input is not a whole number of quantization groups (DeepSeek-V2-Lite's dense MLP:
-    10,944 = 85.5 x 128). llm-compressor quantizes them, but vLLM refuses to load the checkpoint
-    ("input_size_per_partition=10944 ... not divisible by group_size=128", measured on the H200), so
-    they stay in full precision. An expert cannot: vLLM's fused MoE runs every expert in one format."""
-    kept = {name: n for name, n in in_features.items() if any(n % g for g in group_sizes)}
+def ragged_layers(model, recipe: Recipe) -> dict[str, int]:
+    """Layers whose input is not a whole number of the recipe's quantization groups (DeepSeek-V2-Lite's
+    dense MLP: 10,944 = 85.5 x 128). llm-compressor quantizes them, but vLLM refuses to load the checkpoint
+    ("input_size_per_partition=10944 ... not divisible by group_size=128", measured on the H200), so they
+    stay in full precision. An expert cannot: vLLM's fused MoE runs every expert in one format. `model` may
+    be linearized (experts as Linear) or not (fused 3D expert tensors [E, out, in], e.g. on the meta device)."""
+    import torch
+    widths = {n: m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    widths.update({n: p.shape[-1] for n, p in model.named_parameters() if p.dim() == 3})
+    groups = recipe.group_sizes()
+    kept = {name: n for name, n in widths.items() if any(n % g for g in groups)}
     if experts := [n for n in kept if ".experts." in n]:
         raise UserError(f"{experts[0]}: expert input width {kept[experts[0]]} is not a whole number of "
-                        f"{sorted(group_sizes)}-groups, and experts cannot stay in full precision one by one; "
+                        f"{sorted(groups)}-groups, and experts cannot stay in full precision one by one; "
                         "use a recipe with a group size that divides it")
     return kept
 

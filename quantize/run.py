@@ -83,7 +83,6 @@ def quantize(model_name: str, scheme: str, out_root: Path, samples: int | None =
     samples, seq_len = samples or calib["samples"], seq_len or calib["seq_len"]
     src = registry.ensure_built(model, log=log)
 
-    import torch
     from llmcompressor import oneshot
     from transformers import AutoTokenizer
     _no_pinning_without_accelerator()
@@ -92,10 +91,9 @@ def quantize(model_name: str, scheme: str, out_root: Path, samples: int | None =
     with staged_dir(out) as tmp:
         log(f"[quantize] {model.name} x {recipe.name}: loading {src}")
         lm = load_linearized(src, model)
-        groups = recipe.group_sizes()
-        kept = recipes.ragged({n: m.in_features for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear)}, groups)
+        kept = recipes.ragged_layers(lm, recipe)
         if kept:
-            log(f"[quantize] keeping {len(kept)} layers in BF16: inputs not a whole number of {sorted(groups)}-groups "
+            log(f"[quantize] keeping {len(kept)} layers in BF16: inputs not a whole number of quantization groups "
                 f"({', '.join(f'{n} {w}' for n, w in kept.items())})")
             recipe_text = recipe.for_model([*model.ignore, *kept])
         tok = AutoTokenizer.from_pretrained(src)

@@ -42,15 +42,6 @@ def meta_model(config):
         return AutoModelForCausalLM.from_config(config)
 
 
-def ragged_layers(config, recipe) -> dict[str, int]:
-    """recipes.ragged on the real widths (meta device); experts are still fused 3D tensors [E, out, in]."""
-    import torch
-    model = meta_model(config)
-    widths = {n: m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    widths.update({n: p.shape[-1] for n, p in model.named_parameters() if p.dim() == 3})
-    return recipes.ragged(widths, recipe.group_sizes())
-
-
 def layer_signatures(config) -> list[frozenset]:
     """Per decoder layer, its parameter names relative to the layer (meta device: no memory)."""
     model = meta_model(config)
@@ -136,7 +127,7 @@ def shape_checkpoint(model: str, scheme: str, out: Path, log=print) -> Path:
     qc, kept = None, {}
     if recipe is not None:
         recipes.validate(recipe.for_model(spec.ignore), str(recipe.path))
-        kept = ragged_layers(config, recipe)  # full-width names: the narrow instance has no ragged layer
+        kept = recipes.ragged_layers(meta_model(config), recipe)  # real widths: the narrow instance has none
         full = layer_signatures(config)
         # the smallest depth that holds every kind of layer the real model has (at least two)
         depth = max(2, max(full.index(s) for s in set(full)) + 1)
