@@ -51,6 +51,16 @@ def _items(task: str, samples: list[dict]) -> list[tuple]:
     return sorted((t, m, d, v) for (t, m, d), v in items.items())
 
 
+def check_tasks(tasks: list[str]):
+    """Every task name must be known to lm-eval (its registry plus moeq's tasks/), before any engine starts."""
+    from lm_eval.tasks import TaskManager
+    known = set(TaskManager(include_path=str(TASKS_DIR)).all_tasks)
+    if bad := [t for t in tasks if t not in known]:
+        from moeq.quantize.registry import UserError
+        raise UserError(f"unknown task {bad[0]!r}; moeq's tasks: {', '.join(DEFAULT_TASKS)} (group: moeq), or any "
+                        "task `lm-eval ls tasks` lists (TASKS=none: no accuracy)")
+
+
 def score(lm, tasks: list[str], limit: int | None = None, log=print) -> dict[str, dict]:
     """Run lm-eval on `lm`; per task {"metrics": [{metric, value, spread, spread_kind, n, unit, ...}],
     "items": [(task, metric, doc_id, value), ...]}. Groups (e.g. `moeq`) expand into their tasks."""

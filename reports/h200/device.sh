@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Device side of reports/h200: how the H200 runs were made (REPRODUCE.md says how to rerun them on any
+# CUDA machine with `make`). The machine has no network and no vLLM: vLLM 0.26.0 and its dependencies
+# come as wheel parts (.device/pN, made by shared/device/bundle.py), one call each; the shape-only
+# folders (config files only) are made on a CPU machine and carried as checkpoints/.shape-only.
+#   bash reports/h200/device.sh STEP[=ARG] ...
+#   steps: chunk | install | sweep=MODELS[/SCHEMES] | variant=MODEL/SCHEME/KEY=VALUE | bench=MODEL/SCHEME/BATCH,...
+# Everything finished is copied to $OUT at exit, also after a timeout: the ledger gets one transaction
+# per cell, so a cut-off step loses only its cell in flight, and the next call resumes from the ledger.
+set -u
+W=/tmp/h200; OUT=${OUT:-$W/out}; mkdir -p "$W" "$OUT"
+export PYTHONPATH=/tmp/site:$W/pkg VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export MOEQ_CACHE=$W/cache MOEQ_RECIPES=$W/recipes
+PLAN=reports/h200/plan.yaml LEDGER=$W/ledger.sqlite CKPT=$W/checkpoints
+trap 'cp -f $LEDGER "$OUT"/ 2>/dev/null; (cd $W && tar cf "$OUT/results.tar" *.json 2>/dev/null)' EXIT
+END=$((SECONDS + ${BUDGET:-560}))  # every step stops in time for the trap to run inside the call's limit
+left() { echo $((END - SECONDS > 5 ? END - SECONDS : 5)); }
+# moeq's own lines and vLLM's kernel choice on the console; everything in $OUT/device.log
+show() { tee -a "$OUT/device.log" | grep --line-buffered -E '^\[(eval|sweep)\]|run [0-9]/|MoE backend|MoE config|Throughput|Error|error:|Traceback' ; }
+
+step_chunk() { mkdir -p /tmp/chunks && cp .device/p*/part* /tmp/chunks/ && ls /tmp/chunks | tr '\n' ' '; }
+
+step_install() {
+  step_chunk
+  cat /tmp/chunks/part* | tar x -C /tmp && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/whl/*.whl || return 1
+  # a frozen copy of moeq: later calls run the code this call brought, whatever the tree holds then
+  rm -rf $W/pkg && mkdir -p $W/pkg/moeq && cp -r quantize $W/pkg/moeq/quantize && cp -r evaluate $W/pkg/moeq/evaluate \
+    && cp -r recipes $W/recipes
+  # carried paths are gone from the next call's copy of the repository: keep them under /tmp
+  mkdir -p $CKPT && cp -r checkpoints/.shape-only $CKPT/ && cp -r .h200/tokenizer $W/tokenizer
+  # the committed ledger goes on: cells it already holds (same settings, same checkpoint) are skipped
+  cp reports/h200/ledger.sqlite $LEDGER && chmod u+w $LEDGER
+  python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)" 2>&1 | tail -1
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+}
+
+step_sweep() {  # sweep=qwen3moe,mixtral[/bf16,fp8]
+  local models=${1%%/*} schemes=; [[ $1 == */* ]] && schemes="--schemes ${1#*/}"
+  timeout $(left) python3 -m moeq.evaluate.sweep $PLAN --models "$models" $schemes --ledger $LEDGER --checkpoints $CKPT 2>&1 | show
+}
+
+step_restart() {  # restart=qwen3moe/bf16,fp8: a second engine start whose repeats join each cell's interval
+  timeout $(left) python3 -m moeq.evaluate.sweep $PLAN --models "${1%%/*}" --schemes "${1#*/}" --restarts 2 \
+    --ledger $LEDGER --checkpoints $CKPT 2>&1 | show
+}
+
+step_variant() {  # variant=qwen3moe/fp8/moe_backend=triton: one scheme with one engine argument changed
+  IFS=/ read -r model scheme arg <<< "$1"
+  timeout $(left) python3 -m moeq.quantize.cli eval --weights dummy --model $model --scheme $scheme --tasks none \
+    --batch 1,16,64,128 --warmup-tokens 16 --engine-arg "$arg" --ledger $LEDGER --checkpoints $CKPT 2>&1 | show
+}
+
+step_bench() {  # vLLM's own tool at its defaults on cells moeq measured: bench=qwen3moe/fp8/64,...
+  for cell in ${1//,/ }; do
+    IFS=/ read -r model scheme batch <<< "$cell"
+    local folder=$scheme quant=; [[ $scheme == fp8-online ]] && folder=bf16 quant="--quantization fp8"
+    # vLLM's CLI entry point imports its server (uvicorn, not carried); the bench module itself does not
+    VLLM_MOE_ROUTING_SIMULATION_STRATEGY=uniform_random timeout $(left) python3 -c "import sys; from vllm.benchmarks.throughput import add_cli_args, main; from vllm.utils.argparse_utils import FlexibleArgumentParser as P; p = P(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))" \
+      --model $CKPT/.shape-only/$model/$folder $quant --tokenizer $W/tokenizer --load-format dummy --dataset-name random \
+      --random-input-len 512 --random-output-len 128 --num-prompts $batch --max-model-len 2176 \
+      --output-json $W/bench-$model-$scheme-b$batch.json 2>&1 | show
+  done
+}
+
+for step in "$@"; do
+  name=${step%%=*}; arg=; [[ $step == *=* ]] && arg=${step#*=}
+  echo "== $step ($(date +%T), ${SECONDS}s)"; step_$name $arg
+done
+echo "== done ($(date +%T), ${SECONDS}s)"
