@@ -145,7 +145,7 @@ def job_for(target: Target, ledger: Path, settings: engine_settings.EngineSettin
     source = identity.source_identity(target.path)["digest"]
     if recipe and recipe.online:
         ckpt = f"{source}+vllm:{recipe.online}"
-    elif recipe:
+    elif recipe and not shape_only:  # a shape-only folder is its config.json, quantization_config included
         ckpt = identity.checkpoint_identity(target.path)
     else:
         ckpt = source
