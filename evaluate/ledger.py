@@ -74,6 +74,9 @@ def migrate(path: Path, legacy_record: dict | None = None) -> bool:
             old = [c[1] for c in db.execute("PRAGMA table_info(old_items)")]
             db.execute(f"INSERT INTO items ({', '.join(old)}, settings) SELECT {', '.join(old)}, ? FROM old_items",
                        (LEGACY,))
+            # schema 1's ITL percentiles were over per-request mean ITLs, not over inter-token gaps
+            for q in ("p50", "p99"):
+                db.execute("UPDATE results SET metric = ? WHERE metric = ?", (f"itl_request_{q}", f"itl_{q}"))
             db.execute("DROP TABLE old_results")
             db.execute("DROP TABLE old_items")
             db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)",

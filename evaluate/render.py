@@ -21,7 +21,7 @@ from moeq.evaluate import roofline, verdicts  # noqa: E402
 from moeq.evaluate.verdicts import BASELINE, GROUP  # noqa: E402
 
 QUANTITY = {"throughput": "throughput change", "accuracy_loss": "accuracy loss (relative)",
-            "memory": "weights-memory reduction"}
+            "memory": "weights-memory reduction", "weights_gb": "weights held (GB)"}
 MISSING = "—"
 
 
@@ -80,10 +80,11 @@ def baseline_first(df: pd.DataFrame, then: list[str], first: bool = False) -> pd
 def verdict_display(v: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({
         "Claim": v.text.fillna(""), "Scheme": v.scheme,
-        "Where": v.model + " · " + v.provenance + " · " + v.backend + " · " + v.device,
+        "Where": v.model + " · " + v.provenance + " · " + v.backend + " · " + v.device + " · settings " + v.settings,
         "Cell / task": v.cell.fillna(""), "Quantity": v.quantity.map(QUANTITY).fillna(""),
         # memory is an exact count: its degenerate interval is not shown
-        "Measured [95% CI]": [fmt_pct(x, np.nan, np.nan) if q == "memory" else fmt_pct(x, lo, hi)
+        "Measured [95% CI]": [fmt(x, ".1f", suffix=" GB") if q == "weights_gb" else fmt_pct(x, np.nan, np.nan)
+                              if q == "memory" else fmt_pct(x, lo, hi)
                               for q, x, lo, hi in zip(v.quantity, v.value, v.lo, v.hi)],
         "Bound": v.bound.fillna(""), "Stated": v.stated_range.fillna(""), "Position": v.position.fillna(""),
         "Verdict": v.verdict,
@@ -119,18 +120,23 @@ def summary_display(gkey, schemes, perf, acc, mem, unsupported) -> pd.DataFrame:
 
 def perf_display(perf: pd.DataFrame) -> pd.DataFrame:
     p = baseline_first(perf, ["batch", "cell"])
+    ms = lambda col, spec=",.2f": p[col].map(lambda x: fmt(x, spec, 1e3))
     return pd.DataFrame({
         "Scheme": p.scheme, "Cell": p.cell, "n": p.n.map(lambda n: fmt(n, ".0f")),
+        "Engines": p.engine_starts.map(lambda n: fmt(n, ".0f")).replace(MISSING, "1"),
         "Throughput tok/s (spread)": [fmt_rate(t) + (f" ({s:.1%})" if pd.notna(s) else "")
                                       for t, s in zip(p.throughput, p.spread)],
         "Δ vs bf16 [95% CI]": [fmt_pct(*r) for r in p[["delta_pct", "delta_lo", "delta_hi"]].itertuples(index=False)],
-        "TTFT ms": p.ttft.map(lambda x: fmt(x, ",.1f", 1e3)), "ITL ms": p.itl_mean.map(lambda x: fmt(x, ",.2f", 1e3)),
-        "ITL p99 ms": p.itl_p99.map(lambda x: fmt(x, ",.2f", 1e3)),
+        "TTFT p50 / p99 ms": [f"{a} / {b}" for a, b in zip(ms("ttft_p50", ",.1f"), ms("ttft_p99", ",.1f"))],
+        "ITL p50 / p99 ms": [f"{a} / {b}" if a != MISSING else f"mean {c}, p99 of request means {d}"
+                             for a, b, c, d in zip(ms("itl_p50"), ms("itl_p99"), ms("itl_mean"), ms("itl_request_p99"))],
+        "MoE kernel (Triton config)": [f"{k} ({c})" if isinstance(k, str) else MISSING
+                                       for k, c in zip(p.moe_kernel, p.moe_config)],
         "Ceiling tok/s": [fmt_rate(c) if pd.notna(c) else r for c, r in zip(p.throughput_ceiling, p.roofline)],
-        "% of ceiling": p.pct_of_ceiling.map(lambda x: fmt(x, ".1f", suffix="%")),
-        "TTFT / floor": p.ttft_x_floor.map(lambda x: fmt(x, ",.1f", suffix="×")),
+        "% of ceiling (balanced)": [fmt(a, ".1f", suffix="%") + (f" ({b:.1f}%)" if pd.notna(b) and b != a else "")
+                                    for a, b in zip(p.pct_of_ceiling, p.pct_of_balanced)],
         "ITL / floor": p.itl_x_floor.map(lambda x: fmt(x, ",.1f", suffix="×")),
-        "Decode bound": p.decode_bound.fillna(MISSING)}).pipe(as_baseline)
+        "Decode bound": p.decode_bound.fillna(MISSING), "Flag": p.flag.fillna("")}).pipe(as_baseline)
 
 
 def accuracy_display(acc: pd.DataFrame) -> pd.DataFrame:
@@ -196,7 +202,18 @@ def plots(folder, stem: str, schemes, perf, acc, mem) -> list[tuple[str, str]]:
     return made
 
 
-def blocks(name, ledger_path, tables, keys, unsupported, env, folder) -> list[tuple]:
+def settings_text(record: dict) -> str:
+    """What a reader must know about an engine's settings: what vLLM would not have picked."""
+    if "llm" not in record:
+        return record.get("legacy", "engine settings unknown")
+    extra = record.get("non_default") or {}
+    label = f"{record['label']}: " if record.get("label") else ""
+    return label + ("vLLM defaults" if not extra else "non-default: " + ", ".join(
+        f"{k}={json.dumps(v)}" for k, v in extra.items() if k not in ("disable_log_stats", "kv_cache_memory_bytes"))
+        + (" (vLLM's other settings: defaults)" if extra else ""))
+
+
+def blocks(name, ledger_path, tables, keys, unsupported, env, settings, folder) -> list[tuple]:
     v, perf, acc, mem = (tables[k] for k in ("verdicts", "performance", "accuracy", "memory"))
     out = [("h1", f"moeq report: {name}"),
            ("p", f"From `{ledger_path}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Every table is also in "
@@ -208,12 +225,14 @@ def blocks(name, ledger_path, tables, keys, unsupported, env, folder) -> list[tu
             + " Peak rates come from devices.yaml; devices it lacks (every CPU) show no roofline.")]
     out += [("h2", "Provenance"), ("p", "Where each number comes from: one section below per group; `env` "
                                         "is the ledger's environment record (library versions, device, commit)."),
-            ("table", provenance_display(keys, env), "provenance")]
+            ("table", provenance_display(keys, env, settings), "provenance")]
     for g, k in keys.groupby(GROUP):
         gkey = dict(zip(GROUP, g))
         schemes = scheme_order(k.scheme)
         stem = slug(*g)
-        out.append(("h2", f"{gkey['model']}: {gkey['provenance']} weights, {gkey['backend']} on {gkey['device']}"))
+        out.append(("h2", f"{gkey['model']}: {gkey['provenance']} weights, {gkey['backend']} on {gkey['device']}, "
+                          f"settings {gkey['settings']}"))
+        out.append(("p", "Engine settings: " + settings_text(settings.get(gkey["settings"], {})) + "."))
         if gkey["provenance"].startswith("shape-only"):
             out.append(("p", "Shape-only: the real architecture with random weights, so speed and memory are "
                              "measured but accuracy is not measured."))
@@ -230,20 +249,26 @@ def blocks(name, ledger_path, tables, keys, unsupported, env, folder) -> list[tu
 
 METHODS_MD = (
     "Comparisons: a scheme is compared only with the bf16 row of the same model, provenance (real weights or "
-    "shape-only), backend and device. Performance: each cell (batch B, input length I, output length O) runs once "
-    "untimed, then n timed repeats; tables show the median of the repeats, and spread = (max − min) / median. "
-    "Throughput = B·(I+O) / latency; TTFT and ITL are per-request means. Accuracy: lm-eval scores ± their "
+    "shape-only), backend, device and engine settings (the settings id; the scheme's own vLLM `quantization` "
+    "argument aside). Performance: each cell (batch B, input length I, output length O) runs once "
+    "untimed, then n timed repeats (over 2+ engine starts where `Engines` says so, so that the interval holds "
+    "engine-restart variance; else within one engine only); tables show the median of the repeats, and spread = "
+    "(max − min) / median. Throughput = B·(I+O) / latency. TTFT p50/p99 over the requests of a run; ITL p50/p99 "
+    "over every inter-token gap of every request (vLLM's own per-token statistic), each the median over runs; "
+    "rows measured before 2026-11-30 kept only per-request mean ITLs (shown as such). The MoE kernel and "
+    "whether its Triton config was tuned for the device are what vLLM logged at engine start. Accuracy: lm-eval scores ± their "
     "stderr; Δ is relative (scheme / bf16 − 1), and an accuracy loss is −Δ; the claims use, per task, the first "
     "of exact_match, acc_norm, acc with per-item scores. Memory: the weights the engine holds (parameters and "
     "buffers, so quantization scales count), relative to bf16; checkpoint size on disk as a second column. "
     + verdicts.METHODS)
 
 
-def provenance_display(keys, env) -> pd.DataFrame:
+def provenance_display(keys, env, settings) -> pd.DataFrame:
     rows = []
     for g, k in keys.groupby(GROUP):
         records = env[env.id.isin(k.env_id.dropna().astype(int))]
-        rows.append(dict(zip(["Model", "Provenance", "Backend", "Device"], g)) | {
+        rows.append(dict(zip(["Model", "Provenance", "Backend", "Device", "Settings"], g)) | {
+            "Engine settings": settings_text(settings.get(g[-1], {})),
             "Schemes": ", ".join(scheme_order(k.scheme)),
             "env": "; ".join(f"{i}: {_short(r)}" for i, r in zip(records.id, records.record)) or MISSING})
     return pd.DataFrame(rows)
@@ -273,7 +298,7 @@ CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:110em;color:
 table{border-collapse:collapse;font-size:.85em;margin:1em 0}
 th,td{border:1px solid #ccc;padding:.3em .5em;text-align:left}
 th{background:#f0f0f0}td.holds{background:#d4f4d4}td.fails{background:#f8d0d0}td.inconclusive{background:#fbf0c0}
-td.not-measured{background:#e8e8e8;color:#555}figure{margin:1em 0}code{background:#f4f4f4;padding:0 .2em}"""
+td.not-measured{background:#e8e8e8;color:#555}td.flagged{background:#e6d8f5}figure{margin:1em 0}code{background:#f4f4f4;padding:0 .2em}"""
 
 
 def to_html(blocks, folder) -> str:
@@ -285,7 +310,7 @@ def to_html(blocks, folder) -> str:
             parts.append("<p>" + re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(rest[0])) + "</p>")
         elif kind == "table":
             table = rest[0].to_html(index=False, table_id=rest[1], border=0, na_rep=MISSING)
-            parts.append(re.sub(r"<td>(holds|fails|inconclusive|not measured)</td>",
+            parts.append(re.sub(r"<td>(holds|fails|inconclusive|not measured|flagged)</td>",
                                 lambda m: f'<td class="{m[1].replace(" ", "-")}">{m[1]}</td>', table))
         elif kind == "img":
             data = base64.b64encode((folder / rest[0]).read_bytes()).decode()
@@ -296,11 +321,11 @@ def to_html(blocks, folder) -> str:
             f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
 
 
-def write_all(folder, name, ledger_path, tables, keys, unsupported, env, log=print):
+def write_all(folder, name, ledger_path, tables, keys, unsupported, env, settings, log=print):
     for table_name, df in tables.items():
         df.to_csv(folder / f"{table_name}.csv", index=False)
         df.to_json(folder / f"{table_name}.json", orient="records", indent=2)
-    page = blocks(name, ledger_path, tables, keys, unsupported, env, folder)
+    page = blocks(name, ledger_path, tables, keys, unsupported, env, settings, folder)
     summaries = [(b[1], b[2]) for b in page if b[0] == "table" and b[2].endswith("-summary")]
     summary = pd.concat([df.assign(group=stem.removesuffix("-summary")) for df, stem in summaries])
     summary.to_csv(folder / "summary.csv", index=False)

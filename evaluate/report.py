@@ -1,7 +1,8 @@
 """`moeq report`: comparison tables, claim verdicts, roofline and plots from the results ledger.
 
-A scheme is compared only with the bf16 row of the same model, provenance, backend and device
-(verdicts.GROUP), so numbers from other hardware, or from shape-only weights, never share a ratio.
+A scheme is compared only with the bf16 row of the same model, provenance, backend, device and engine
+settings (verdicts.GROUP), so numbers from other hardware, shape-only weights or other engine settings
+never share a ratio.
 """
 import json
 import sqlite3
@@ -11,30 +12,40 @@ import numpy as np
 import pandas as pd
 
 from moeq.evaluate import render, roofline, verdicts
+from moeq.evaluate.ledger import KEY as LEDGER_KEY, LEGACY, LEGACY_RECORD
 from moeq.evaluate.verdicts import BASELINE, GROUP
 from moeq.quantize.atomic import staged_dir
 from moeq.quantize.registry import UserError
 
-KEY = ["model", "scheme", "provenance", "backend", "device"]
-PERF_METRICS = ["throughput", "output_throughput", "latency", "ttft", "itl_mean", "itl_p50", "itl_p99", "warmup"]
+KEY = list(LEDGER_KEY)
+PERF_METRICS = ["throughput", "output_throughput", "latency", "ttft", "ttft_p50", "ttft_p99", "itl_mean", "itl_p50",
+                "itl_p99", "itl_request_p99", "warmup", "engine_starts"]
 MEMORY_METRICS = ["weights_bytes", "checkpoint_bytes", "peak_memory_bytes", "kv_cache_tokens",
                   "kv_bytes_per_token", "load_seconds"]
-ROOF_COLS = ["roofline", "throughput_ceiling", "pct_of_ceiling", "latency_floor", "ttft_floor", "ttft_x_floor",
-             "itl_floor", "itl_x_floor", "decode_bound"]
+ROOF_COLS = ["roofline", "routing", "throughput_ceiling", "pct_of_ceiling", "balanced_ceiling", "pct_of_balanced",
+             "latency_floor", "ttft_floor", "ttft_x_floor", "itl_floor", "itl_x_floor", "decode_bound"]
 
 
-def read_ledger(path: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """results, items and env, read-only (opening it through Ledger would create a missing file)."""
+def read_ledger(path: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
+    """results, items, env and engine settings, read-only (opening it through Ledger would create a
+    missing file, and migrate an old one). A schema-1 ledger reads as one legacy settings group."""
     if not path.is_file():
         raise UserError(f"no ledger at {path}: run `make eval` first")
     try:
         with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True) as db:
             results, items, env = (pd.read_sql_query(f"SELECT * FROM {t}", db) for t in ("results", "items", "env"))
+            has_settings = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'settings'").fetchone()
+            settings = dict(db.execute("SELECT id, record FROM settings").fetchall()) if has_settings else {}
     except (sqlite3.DatabaseError, pd.errors.DatabaseError) as e:
         raise UserError(f"{path} is not a moeq results ledger ({e}): run `make eval` first") from e
     if results.empty:
         raise UserError(f"the ledger {path} holds no results: run `make eval` first")
-    return results, items, env
+    for df in (results, items):
+        if "settings" not in df:
+            df["settings"] = LEGACY
+    settings = {k: json.loads(v) for k, v in settings.items()}
+    settings.setdefault(LEGACY, LEGACY_RECORD)
+    return results, items, env, settings
 
 
 def with_baseline(df: pd.DataFrame, on: list[str], cols: list[str]) -> pd.DataFrame:
@@ -66,7 +77,16 @@ def _repeats(text, value) -> list[float]:
     return json.loads(text) if isinstance(text, str) else [value]
 
 
-def perf_table(results: pd.DataFrame, mem: pd.DataFrame, classes: dict) -> pd.DataFrame:
+def kernel_table(results: pd.DataFrame) -> pd.DataFrame:
+    """Per engine: the MoE kernel vLLM logged, and whether its Triton config was tuned for the device."""
+    k = results[(results.kind == "engine") & results.metric.isin(["moe_kernel", "moe_config"])]
+    if k.empty:
+        return pd.DataFrame(columns=KEY + ["moe_kernel", "moe_config"])
+    return k.pivot_table(index=KEY, columns="metric", values="note", aggfunc="first").reset_index().reindex(
+        columns=KEY + ["moe_kernel", "moe_config"])
+
+
+def perf_table(results: pd.DataFrame, mem: pd.DataFrame, settings: dict) -> pd.DataFrame:
     p = results[results.kind == "perf"]
     tput = p[p.metric == "throughput"][KEY + ["cell", "spread", "n", "repeats", "env_id"]]
     df = wide(p, KEY + ["cell"], PERF_METRICS).merge(tput, on=KEY + ["cell"], how="left")
@@ -76,24 +96,60 @@ def perf_table(results: pd.DataFrame, mem: pd.DataFrame, classes: dict) -> pd.Da
     deltas = [verdicts.ratio_of_medians(_repeats(r.repeats, r.throughput), _repeats(r.repeats_bf16, r.throughput_bf16))
               if pd.notna(r.throughput) and pd.notna(r.throughput_bf16) else (np.nan,) * 3 for r in df.itertuples()]
     df[["delta_pct", "delta_lo", "delta_hi"]] = np.array(deltas, float).reshape(-1, 3)
-    configs = {tuple(r[k] for k in KEY): json.loads(r["note"])
-               for _, r in results[(results.kind == "model") & results.note.notna()].iterrows()}
+    configs = model_configs(results)
     kv = mem.set_index(KEY).kv_bytes_per_token.to_dict()
-    roof = [_roofline(r, configs, kv, classes) for r in df.itertuples()]
-    return pd.concat([df, pd.DataFrame(roof, index=df.index, columns=ROOF_COLS)], axis=1)
+    roof = [_roofline(r, configs, kv, settings) for r in df.itertuples()]
+    df = pd.concat([df, pd.DataFrame(roof, index=df.index, columns=ROOF_COLS)], axis=1)
+    df = df.merge(kernel_table(results), on=KEY, how="left")
+    df = with_baseline(df, ["cell"], ["throughput_ceiling"])
+    df["flag"] = [physics_flag(r) for r in df.itertuples()]
+    # a comparison is no better than its baseline: a flagged bf16 cell flags every scheme's delta in it
+    base = df[df.scheme == BASELINE].set_index(GROUP + ["cell"]).flag.dropna()
+    df["flag"] = [f if isinstance(f, str) or r.scheme == BASELINE or key not in base.index else f"baseline: {base[key]}"
+                  for f, r, key in zip(df.flag, df.itertuples(), map(tuple, df[GROUP + ["cell"]].to_numpy()))]
+    return df
 
 
-def _roofline(r, configs: dict, kv: dict, classes: dict) -> dict:
+def model_configs(results: pd.DataFrame) -> dict:
+    return {tuple(r[k] for k in KEY): json.loads(r["note"])
+            for _, r in results[(results.kind == "model") & results.note.notna()].iterrows()}
+
+
+def routing_of(settings: dict, key: tuple) -> str:
+    rec = settings.get(key[KEY.index("settings")], {})
+    return rec.get("routing", "model") if "llm" in rec else "unknown"
+
+
+def _roofline(r, configs: dict, kv: dict, settings: dict) -> dict:
     key = tuple(getattr(r, k) for k in KEY)
     device, config = roofline.match_device(r.device), configs.get(key, {})
     if device is None:
         return {"roofline": "no roofline: no peak rates for this device in devices.yaml"}
     if any(config.get(k) is None for k in roofline.CONFIG_KEYS) or pd.isna(r.batch):
         return {"roofline": "no roofline: model config or cell shape missing from the ledger"}
-    f = roofline.floors(config, device, int(r.batch), int(r.input_len), int(r.output_len), classes.get(r.scheme),
-                        kv.get(key) if pd.notna(kv.get(key, np.nan)) else None)
-    return f | {"roofline": device["name"], "pct_of_ceiling": 100 * r.throughput / f["throughput_ceiling"],
+    routing = routing_of(settings, key)
+    shape = (config, device, int(r.batch), int(r.input_len), int(r.output_len),
+             kv.get(key) if pd.notna(kv.get(key, np.nan)) else None)
+    f = roofline.floors(*shape, routing=routing)
+    balanced = roofline.floors(*shape)["throughput_ceiling"]
+    return f | {"roofline": device["name"], "routing": routing, "pct_of_ceiling": 100 * r.throughput / f["throughput_ceiling"],
+                "balanced_ceiling": balanced, "pct_of_balanced": 100 * r.throughput / balanced,
                 "ttft_x_floor": r.ttft / f["ttft_floor"], "itl_x_floor": r.itl_mean / f["itl_floor"]}
+
+
+def physics_flag(r) -> str | None:
+    """Why a cell cannot be taken at face value, if it cannot (evaluate/roofline.py)."""
+    if pd.notna(r.pct_of_ceiling) and r.pct_of_ceiling > 100:
+        return (f"faster than physics: {r.pct_of_ceiling:.0f}% of the {r.roofline} ceiling under {r.routing} "
+                "routing; the measurement is wrong")
+    if pd.notna(r.pct_of_balanced) and r.pct_of_balanced > 100:
+        return (f"{r.pct_of_balanced:.0f}% of the balanced-routing ceiling: the routers ({r.routing}) send tokens to "
+                "fewer experts than balanced routing would, so this measures routing, not the model")
+    bound = r.throughput_ceiling / r.throughput_ceiling_bf16 if pd.notna(r.throughput_ceiling_bf16) else np.nan
+    if r.scheme != BASELINE and pd.notna(bound) and pd.notna(r.delta_lo) and 1 + r.delta_lo / 100 > bound:
+        return (f"speedup above what bytes and FLOPs allow ({bound:.2f}x): the baseline runs below its roofline, "
+                "so this measures kernel tuning, not quantization")
+    return None
 
 
 def accuracy_table(results: pd.DataFrame, items: pd.DataFrame, metric_order: list[str]) -> pd.DataFrame:
@@ -106,8 +162,8 @@ def accuracy_table(results: pd.DataFrame, items: pd.DataFrame, metric_order: lis
     scores = {k: g.set_index("item").value for k, g in items.groupby(KEY + ["task", "metric"])}
     est = []
     for r in df.itertuples():
-        mine = scores.get((r.model, r.scheme, r.provenance, r.backend, r.device, r.task, r.metric))
-        base = scores.get((r.model, BASELINE, r.provenance, r.backend, r.device, r.task, r.metric))
+        mine = scores.get((*(getattr(r, k) for k in KEY), r.task, r.metric))
+        base = scores.get((*(BASELINE if k == "scheme" else getattr(r, k) for k in KEY), r.task, r.metric))
         if mine is not None and base is not None:
             both = pd.concat([mine, base], axis=1, join="inner")
             est.append((*verdicts.paired_ratio_of_means(both.iloc[:, 0], both.iloc[:, 1]), len(both)))
@@ -121,6 +177,20 @@ def accuracy_table(results: pd.DataFrame, items: pd.DataFrame, metric_order: lis
     return df
 
 
+def scheme_formats(results: pd.DataFrame) -> dict:
+    """scheme -> weight/activation type and bits: as the engine recorded it, else from the repository's
+    recipe of that name (rows measured before formats were recorded), else unknown (None)."""
+    from moeq.quantize import recipes
+    recorded = {key[KEY.index("scheme")]: c["format"] for key, c in model_configs(results).items() if c.get("format")}
+    out = {}
+    for scheme in results.scheme.unique():
+        try:
+            out[scheme] = recorded.get(scheme) or recipes.scheme_format(scheme)
+        except UserError:
+            out[scheme] = None
+    return out
+
+
 def build_report(ledger_path: Path, name: str = "default", out_root: Path = Path("reports"), log=print) -> Path:
     """Write reports/<name>/ (README.md, index.html, CSV/JSON tables, PNG plots); return that folder."""
     ledger_path = Path(ledger_path)
@@ -130,20 +200,19 @@ def build_report(ledger_path: Path, name: str = "default", out_root: Path = Path
     if final.resolve() in ledger_path.resolve().parents:
         raise UserError(f"the report folder {final} holds the ledger {ledger_path}, and a report replaces its "
                         "folder whole: choose another --name or --out")
-    results, items, env = read_ledger(ledger_path)
-    from moeq.quantize.recipes import all_recipes
-    classes = {n: r.claim for n, r in all_recipes().items()}
+    results, items, env, settings = read_ledger(ledger_path)
+    formats = scheme_formats(results)
     claims = verdicts.load_claims()
     mem = memory_table(results)
-    perf = perf_table(results, mem, classes)
+    perf = perf_table(results, mem, settings)
     acc = accuracy_table(results, items, claims["accuracy_metrics"])
     status = results[(results.kind == "status") & (results.status == "unsupported")]
-    unsupported = {(r.model, r.provenance, r.backend, r.device, r.scheme): r.note for r in status.itertuples()}
+    unsupported = {(*(getattr(r, k) for k in GROUP), r.scheme): r.note for r in status.itertuples()}
     keys = results[KEY + ["env_id"]].drop_duplicates()  # which schemes each group has, and its env records
-    verdict = verdicts.verdict_table(claims, classes, keys, perf, acc, mem, unsupported)
+    verdict = verdicts.verdict_table(claims, formats, keys, perf, acc, mem, unsupported)
     tables = {"verdicts": verdict, "performance": perf, "accuracy": acc, "memory": mem}
     with staged_dir(final) as tmp:
-        render.write_all(tmp, name, ledger_path, tables, keys, unsupported, env, log)
+        render.write_all(tmp, name, ledger_path, tables, keys, unsupported, env, settings, log)
     counts = verdict.verdict.value_counts().to_dict()
     log(f"report {final}: " + ", ".join(f"{n} {v}" for v, n in counts.items()))
     return final

@@ -13,10 +13,11 @@ import yaml
 from moeq.quantize.registry import UserError
 
 CLAIMS_FILE = Path(__file__).with_name("claims.yaml")
-QUANTITIES = ("throughput", "accuracy_loss", "memory")
-HOLDS, FAILS, INCONCLUSIVE, NOT_MEASURED = "holds", "fails", "inconclusive", "not measured"
+QUANTITIES = ("throughput", "accuracy_loss", "memory", "weights_gb")
+FORMAT_KEYS = ("weight_type", "weight_bits", "activation_type", "activation_bits")
+HOLDS, FAILS, INCONCLUSIVE, NOT_MEASURED, FLAGGED = "holds", "fails", "inconclusive", "not measured", "flagged"
 BASELINE = "bf16"
-GROUP = ["model", "provenance", "backend", "device"]
+GROUP = ["model", "provenance", "backend", "device", "settings"]
 LEVEL, N_BOOT, SEED = 0.95, 2000, 20240611
 RULES = {
     HOLDS: "the whole interval is on the claim's side of the bound b: lo ≥ b for a minimum, hi ≤ b for a maximum",
@@ -24,8 +25,11 @@ RULES = {
     INCONCLUSIVE: "the interval straddles b (lo < b ≤ hi for a minimum, lo ≤ b < hi for a maximum), or the "
                   "value was measured but has no interval (a single timed repeat; accuracy without per-item scores)",
     NOT_MEASURED: "no data; the backend could not run the scheme (status unsupported); no bf16 row with the same "
-                  "model, provenance, backend and device; accuracy on shape-only weights; or a scheme without a "
-                  "recipe, so without a claim class"}
+                  "model, provenance, backend, device and engine settings; accuracy on shape-only weights; or a "
+                  "scheme whose format is unknown (no recipe)",
+    FLAGGED: "the cell fails a physics check (faster than the device's bytes and FLOPs allow, or a speedup larger "
+             "than the bytes and FLOPs of the two formats allow): a finding to explain, not evidence for or "
+             "against the claim"}
 METHODS = (f"Intervals are {LEVEL:.0%} percentile-bootstrap intervals ({N_BOOT} resamples, seed {SEED}). "
            "Throughput: the timed repeats of the scheme and of BF16 are resampled independently and the "
            "ratio of their medians taken. Accuracy: the items both were scored on are resampled together "
@@ -35,11 +39,20 @@ METHODS = (f"Intervals are {LEVEL:.0%} percentile-bootstrap intervals ({N_BOOT} 
 def load_claims(path: Path = CLAIMS_FILE) -> dict:
     doc = yaml.safe_load(Path(path).read_text())
     for c in doc["claims"]:
-        missing = {"id", "text", "class", "quantity", "bound", "range"} - set(c)
-        if missing or c["quantity"] not in QUANTITIES or len(set(c["bound"]) & {"min", "max"}) != 1:
-            raise UserError(f"{path}: claim {c.get('id')!r} needs id, text, class, quantity (one of "
-                            f"{', '.join(QUANTITIES)}), bound {{min: x}} or {{max: x}} and range [lo, hi]")
+        missing = {"id", "text", "covers", "quantity", "bound", "range"} - set(c)
+        if (missing or c["quantity"] not in QUANTITIES or len(set(c["bound"]) & {"min", "max"}) != 1
+                or not isinstance(c["covers"], dict) or set(c["covers"]) - set(FORMAT_KEYS)):
+            raise UserError(f"{path}: claim {c.get('id')!r} needs id, text, covers (keys among "
+                            f"{', '.join(FORMAT_KEYS)}), quantity (one of {', '.join(QUANTITIES)}), "
+                            "bound {min: x} or {max: x} and range [lo, hi]")
     return doc
+
+
+def covers(claim: dict, fmt: dict | None, model: str) -> bool:
+    """Whether a scheme of this format (and this model) is one the claim speaks of."""
+    if not fmt or (claim.get("models") and model not in claim["models"]):
+        return False
+    return all(fmt.get(k) in values for k, values in claim["covers"].items())
 
 
 def interval(replicates) -> tuple[float, float]:
@@ -101,7 +114,8 @@ def _measured(perf, acc, mem, quantity, gkey, scheme) -> list[dict]:
         own = _select(perf, gkey, scheme).set_index("cell")
         # every cell the group timed, so a cell this scheme lacks shows up as not measured
         cells = _select(perf, gkey).sort_values(["batch", "cell"]).cell.unique()
-        return [{"cell": c, "value": own.delta_pct[c], "lo": own.delta_lo[c], "hi": own.delta_hi[c]}
+        return [({"cell": c, "value": own.delta_pct[c], "lo": own.delta_lo[c], "hi": own.delta_hi[c]}
+                 | ({"flag": own.flag[c], "note": own.flag[c]} if isinstance(own.flag[c], str) else {}))
                 if c in own.index else {"cell": c, "note": "not timed"} for c in cells]
     if quantity == "accuracy_loss":
         # a loss is the negated relative change, so its interval flips too
@@ -110,31 +124,39 @@ def _measured(perf, acc, mem, quantity, gkey, scheme) -> list[dict]:
                           else f"{r.metric}: no per-item scores to pair, so no interval")
                          + (f"; {r.note}" if isinstance(r.note, str) and r.note else "")}
                 for r in _select(acc, gkey, scheme).query("primary").itertuples()]
+    if quantity == "weights_gb":
+        return [{"cell": "engine", "value": r.weights_bytes / 1e9, "lo": r.weights_bytes / 1e9,
+                 "hi": r.weights_bytes / 1e9, "note": "weights held by the engine, exact (GB = 10^9 bytes)"}
+                for r in _select(mem, gkey, scheme).itertuples()]
     return [{"cell": "engine", "value": -r.weights_bytes_delta_pct, "lo": -r.weights_bytes_delta_pct,
              "hi": -r.weights_bytes_delta_pct, "checkpoint_reduction": -r.checkpoint_bytes_delta_pct,
              "note": "weights held by the engine, exact"} for r in _select(mem, gkey, scheme).itertuples()]
 
 
-def verdict_table(claims: dict, classes: dict, keys: pd.DataFrame, perf, acc, mem,
+def verdict_table(claims: dict, formats: dict, keys: pd.DataFrame, perf, acc, mem,
                   unsupported: dict) -> pd.DataFrame:
     """One row per claim x covered scheme x group (x perf cell or task). `keys`: the ledger's
-    (model, scheme, provenance, backend, device) rows; `classes`: scheme -> claim class;
-    `unsupported`: (model, provenance, backend, device, scheme) -> the backend's reason."""
+    (model, scheme, provenance, backend, device, settings) rows; `formats`: scheme -> its format (weight
+    and activation type and bits); `unsupported`: (*group, scheme) -> the backend's reason."""
     rows = []
     for g, in_group in keys.groupby(GROUP):
         gkey, present = dict(zip(GROUP, g)), set(in_group.scheme)
         for claim in claims["claims"]:
-            bound = claim["bound"]
-            side = f"≥ {bound['min']:+g}%" if "min" in bound else f"≤ {bound['max']:g}%"
-            for scheme in sorted(s for s, c in classes.items() if c == claim["class"]):
+            bound, absolute = claim["bound"], claim["quantity"] == "weights_gb"
+            unit = " GB" if absolute else "%"
+            side = f"≥ {bound['min']:+g}{unit}" if "min" in bound else f"≤ {bound['max']:g}{unit}"
+            covered = sorted(s for s, f in formats.items() if covers(claim, f, gkey["model"]))
+            if absolute:  # an absolute claim speaks of the schemes present, BF16 included
+                covered = [s for s in covered if s in present]
+            for scheme in covered:
                 if scheme not in present:
                     found = [{"note": "no results for this scheme"}]
                 elif (*g, scheme) in unsupported and not (
                         # accuracy can still be scored on decompressed weights (each such row says so)
                         claim["quantity"] == "accuracy_loss" and _measured(perf, acc, mem, "accuracy_loss", gkey, scheme)):
                     found = [{"note": unsupported[(*g, scheme)]}]
-                elif BASELINE not in present:
-                    found = [{"note": "no bf16 row with the same model, provenance, backend and device"}]
+                elif BASELINE not in present and not absolute:
+                    found = [{"note": "no bf16 row with the same model, provenance, backend, device and engine settings"}]
                 elif claim["quantity"] == "accuracy_loss" and gkey["provenance"].startswith("shape-only"):
                     found = [{"note": "shape-only weights: accuracy not measured"}]
                 else:
@@ -143,12 +165,12 @@ def verdict_table(claims: dict, classes: dict, keys: pd.DataFrame, perf, acc, me
                     value, lo, hi = (f.get(k, np.nan) for k in ("value", "lo", "hi"))
                     rows.append({"claim": claim["id"], "text": claim["text"], "quantity": claim["quantity"],
                                  **gkey, "scheme": scheme, "bound": side,
-                                 "stated_range": f"{claim['range'][0]:g} to {claim['range'][1]:g}%", **f,
-                                 "verdict": judge(value, lo, hi, bound),
+                                 "stated_range": f"{claim['range'][0]:g} to {claim['range'][1]:g}{unit}", **f,
+                                 "verdict": FLAGGED if f.get("flag") else judge(value, lo, hi, bound),
                                  "position": range_position(value, claim["range"])})
-        for scheme in sorted(present - set(classes) - {BASELINE}):
+        for scheme in sorted(present - {s for s, f in formats.items() if f} - {BASELINE}):
             rows.append({**gkey, "scheme": scheme, "verdict": NOT_MEASURED,
-                         "note": "no recipe for this scheme, so no claim class"})
+                         "note": "no recipe for this scheme, so its format and claims are unknown"})
     cols = ["claim", "text", "quantity", *GROUP, "scheme", "cell", "value", "lo", "hi", "bound",
-            "stated_range", "position", "verdict", "checkpoint_reduction", "note"]
+            "stated_range", "position", "verdict", "checkpoint_reduction", "flag", "note"]
     return pd.DataFrame(rows, columns=cols)

@@ -14,8 +14,9 @@ from moeq.evaluate.report import build_report
 from moeq.quantize.registry import UserError
 
 MiB = 2**20
-H200 = {"model": "tiny", "provenance": "real", "backend": "vllm-cuda", "device": "NVIDIA H200"}
-CPU = {"model": "tiny", "provenance": "shape-only", "backend": "vllm-cpu", "device": "cpu: Test CPU"}
+H200 = {"model": "tiny", "provenance": "real", "backend": "vllm-cuda", "device": "NVIDIA H200", "settings": "s1"}
+CPU = {"model": "tiny", "provenance": "shape-only", "backend": "vllm-cpu", "device": "cpu: Test CPU", "settings": "s1"}
+OTHER = H200 | {"settings": "s2"}  # the same model and device with other engine settings
 CONFIG = {"model_type": "mixtral", "hidden_size": 2048, "num_layers": 16, "num_experts": 64, "top_k": 8,
           "vocab_size": 50304, "num_kv_heads": 4, "head_dim": 128, "params_dense": 1.0e9,
           "params_per_expert": 3 * 2048 * 1024, "moe_layers": 16}
@@ -54,6 +55,9 @@ def ledger_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("ledger") / "ledger.sqlite"
     led = Ledger(path)
     env = led.env_id({"vllm": "0.0-test", "lm_eval": "0.4.13", "git": "abc123"})
+    led.add_settings("s1", {"llm": {}, "routing": "uniform_random", "warmup_tokens": None, "non_default": {}})
+    led.add_settings("s2", {"llm": {"enforce_eager": True}, "routing": "uniform_random", "warmup_tokens": None,
+                            "non_default": {"enforce_eager": True}})
     tput = {"bf16": {1: [100, 101, 99], 8: [800, 805, 795]},
             "fp8": {1: [125, 126, 124], 8: [880, 1000, 1040]},        # b1 holds; b8's interval straddles +20%
             "w4a16-gptq": {1: [105, 106, 104], 8: [1000, 1001, 999]}}  # b1 fails +15%; b8 holds, above range
@@ -72,9 +76,13 @@ def ledger_path(tmp_path_factory):
     write_accuracy(led, H200, "bf16", 0, env)
     write_accuracy(led, H200, "fp8", 2, env)          # 0.13% loss: holds
     write_accuracy(led, H200, "w4a16-gptq", 29, env)  # 1.9% loss, interval straddles 2%: inconclusive
-    led.write(H200 | {"scheme": "w8a8-int8"}, "status", "engine", [
-        {"metric": "supported", "status": "unsupported", "note": "unsupported on vllm-cpu: no int8 MoE kernel"}])
+    for scheme in ("w8a16", "w8a8-int8"):
+        led.write(H200 | {"scheme": scheme}, "status", "engine", [
+            {"metric": "supported", "status": "unsupported", "note": "unsupported on vllm-cpu: no int8 MoE kernel"}])
     write_perf(led, H200, "mystery", 1, [100, 100, 100], env)  # no recipe: no claim class
+    write_perf(led, OTHER, "fp8", 1, [200, 201, 199], env)
+    write_perf(led, H200, "bf16", 64, [5000, 5001, 4999], env)
+    write_perf(led, H200, "fp8", 64, [1e7, 1e7, 1e7], env)  # faster than an H200 can be: flagged, not judged  # other settings: never compared with s1's bf16
     # shape-only on a CPU: compared with its own bf16 (2000 MiB), never with the real one (1000 MiB)
     write_perf(led, CPU, "bf16", 1, [10, 10.1, 9.9], env)
     write_perf(led, CPU, "fp8", 1, [10.5, 10.6, 10.4], env)  # +5%: fails
@@ -91,9 +99,13 @@ def report(ledger_path, tmp_path_factory):
 
 def test_verdicts_exact(report):
     v = pd.read_csv(report / "verdicts.csv", keep_default_na=False)
+    other = v[(v.settings == "s2") & (v.claim == "fp8-throughput")]
+    assert set(other.verdict) == {"not measured"} and other.note.str.contains("engine settings").all()
+    v = v[v.settings == "s1"]
     got = {(r.provenance, r.claim, r.scheme, r.cell): r.verdict for r in v.itertuples()}
     measured = {("real", "fp8-throughput", "fp8", "b1-i128-o128"): "holds",
                 ("real", "fp8-throughput", "fp8", "b8-i128-o128"): "inconclusive",
+                ("real", "fp8-throughput", "fp8", "b64-i128-o128"): "flagged",
                 ("real", "fp8-accuracy", "fp8", "arc_easy"): "holds",
                 ("real", "fp8-memory", "fp8", "engine"): "holds",
                 ("real", "int-throughput", "w4a16-gptq", "b1-i128-o128"): "fails",
@@ -105,10 +117,12 @@ def test_verdicts_exact(report):
     assert {k: g for k, g in got.items() if g != "not measured"} == measured
     assert len(v) == len(got)  # one row per claim x scheme x group x cell
     notes = {(r.provenance, r.claim, r.scheme): r.note for r in v.itertuples() if r.verdict == "not measured"}
-    assert "no int8 MoE kernel" in notes[("real", "int-memory", "w8a8-int8")]
-    assert notes[("real", "fp8-memory", "fp8-block")] == "no results for this scheme"
+    assert "no int8 MoE kernel" in notes[("real", "int-memory", "w8a16")]
+    # claims select by what is quantized: INT8 activations are not "weight-only"
+    assert not len(v[(v.scheme == "w8a8-int8") & v.claim.str.startswith("int-")])
+    assert "fp8-block" not in set(v.scheme)  # a scheme nothing measured gets no verdict rows
     assert notes[("shape-only", "fp8-accuracy", "fp8")] == "shape-only weights: accuracy not measured"
-    assert "no claim class" in notes[("real", "", "mystery")]
+    assert "format and claims are unknown" in notes[("real", "", "mystery")]
     position = {(r.provenance, r.claim, r.scheme, r.cell): r.position for r in v.itertuples()}
     assert position[("real", "fp8-throughput", "fp8", "b1-i128-o128")] == "in range"
     assert position[("real", "int-throughput", "w4a16-gptq", "b8-i128-o128")] == "above range"
@@ -131,15 +145,17 @@ def test_outputs_and_roofline(report):
     for table in ("verdicts", "performance", "accuracy", "memory", "summary"):
         assert {f"{table}.csv", f"{table}.json"} <= names
     assert {"README.md", "index.html"} <= names
-    assert len([n for n in names if n.endswith(".png")]) == 5  # 3 for the real group, 2 without accuracy
+    assert len([n for n in names if n.endswith(".png")]) == 6  # 3 for the real group, 2 without accuracy, 1 for s2
     readme = (report / "README.md").read_text()
     for phrase in ("median of the repeats", "(max − min) / median", "bootstrap", "95%", "accuracy is not measured",
                    "+25.0% [", "1,000.00 MiB", "NVIDIA H200"):
         assert phrase in readme
     perf = pd.read_csv(report / "performance.csv")
-    gpu = perf[(perf.backend == "vllm-cuda") & (perf.scheme != "mystery")]  # mystery: no model config
+    gpu = perf[(perf.backend == "vllm-cuda") & (perf.scheme != "mystery") & (perf.settings == "s1")]  # others: no model config
     cpu = perf[perf.backend == "vllm-cpu"]
-    assert (gpu.throughput_ceiling > gpu.throughput).all() and gpu.pct_of_ceiling.between(0, 100).all()
+    fast = gpu.flag.notna()
+    assert (gpu[~fast].throughput_ceiling > gpu[~fast].throughput).all() and gpu[~fast].pct_of_ceiling.between(0, 100).all()
+    assert list(gpu[fast].cell) == ["b64-i128-o128"] and gpu[fast].flag.str.startswith("faster than physics").all()
     assert cpu.roofline.str.startswith("no roofline").all() and cpu.throughput_ceiling.isna().all()
     assert "data:image/png;base64," in (report / "index.html").read_text()
     assert not any(n.startswith(("http", "src=\"http")) for n in (report / "index.html").read_text().split())
@@ -148,6 +164,7 @@ def test_outputs_and_roofline(report):
 def test_roofline_helpers():
     assert roofline.experts_touched(64, 8, 1) == pytest.approx(8)
     assert roofline.experts_touched(64, 8, 512) == pytest.approx(64)
+    assert roofline.experts_touched(64, 8, 512, routing="model") == 8  # unknown routing: only the certain minimum
     assert roofline.match_device("NVIDIA H100 80GB HBM3")["name"] == "NVIDIA H100 SXM"
     assert roofline.match_device("NVIDIA H100 PCIe")["name"] == "NVIDIA H100 PCIe"
     assert roofline.match_device("NVIDIA A100-SXM4-80GB")["name"] == "NVIDIA A100 80GB SXM"
