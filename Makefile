@@ -5,8 +5,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 QUANT  := $(VENV)/quant
 SERVE  := $(VENV)/serve
-MODEL  ?= tiny
-SCHEME ?= all
+# Every variable reaches moeq as a flag; unset ones keep moeq's own defaults.
+MODEL  ?=
+SCHEME ?=
 GPU    ?=
 TORCH_CPU       := torch==2.13.0+cpu
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
@@ -45,20 +46,27 @@ $(SERVE)/.ready: pyproject.toml
 	$(if $(GPU),,$(SERVE)/bin/python -m moeq.evaluate.vllm_alias)
 	touch $@
 
-build: setup
-	$(QUANT)/bin/moeq build $(MODEL)
+build: $(QUANT)/.ready
+	$(QUANT)/bin/moeq build $(or $(MODEL),tiny)
 
-quantize: setup
-	$(QUANT)/bin/moeq quantize --model $(MODEL) --scheme $(SCHEME) \
+flag = $(if $($(1)),--$(2) $($(1)))
+EVAL_FLAGS = $(call flag,MODEL,model) $(call flag,SCHEME,scheme) $(call flag,TASKS,tasks) $(call flag,BATCH,batch) \
+  $(call flag,INPUT_LEN,input-len) $(call flag,OUTPUT_LEN,output-len) $(call flag,REPEATS,repeats) \
+  $(call flag,RESTARTS,restarts) $(call flag,LIMIT,limit) $(call flag,LEDGER,ledger) $(call flag,WEIGHTS,weights) \
+  $(call flag,ROUTING,routing) $(call flag,WARMUP_TOKENS,warmup-tokens) $(call flag,CHECKPOINTS,checkpoints) \
+  $(if $(filter 1 true yes,$(FORCE)),--force) $(foreach a,$(ENGINE_ARGS),--engine-arg $(a))
+
+quantize: $(QUANT)/.ready
+	$(QUANT)/bin/moeq quantize --model $(or $(MODEL),tiny) --scheme $(or $(SCHEME),all) $(if $(filter 1 true yes,$(FORCE)),--force) \
 	  $(if $(CALIB_SAMPLES),--samples $(CALIB_SAMPLES)) $(if $(CALIB_LEN),--seq-len $(CALIB_LEN))
 
 eval: setup
-	$(SERVE)/bin/moeq eval
+	$(SERVE)/bin/moeq eval $(EVAL_FLAGS)
 
-report: setup
-	$(SERVE)/bin/moeq report
+report: $(SERVE)/.ready
+	$(SERVE)/bin/moeq report $(call flag,LEDGER,ledger) $(call flag,NAME,name)
 
-list: setup
+list: $(QUANT)/.ready
 	$(QUANT)/bin/moeq list
 
 demo: setup
@@ -67,8 +75,10 @@ demo: setup
 	$(SERVE)/bin/moeq eval --model tiny
 	$(SERVE)/bin/moeq report
 
+# two tiers: pure functions first (seconds), then the integration tests (engines, the trained model)
 test: setup
-	$(SERVE)/bin/python -m pytest tests
+	$(SERVE)/bin/python -m pytest tests/unit
+	$(SERVE)/bin/python -m pytest tests --ignore=tests/unit
 
 clean-checkpoints:
 	rm -rf checkpoints

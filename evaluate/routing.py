@@ -4,9 +4,9 @@ Dummy weights (uniform in ±1e-3) make every router a random projection of a nea
 so tokens spread almost evenly over the experts. Real routers are skewed, which changes how many
 experts a batch touches (weight bytes read per decode step) and how full each expert's GEMM is.
 
-* `MOEQ_ROUTING=zipf:S` (shape-only runs only): vLLM's routing simulator picks each token's top-k
-  experts by Gumbel-top-k over a Zipf(S) law (expert e has weight 1/(e+1)^S), in every MoE layer.
-  Rows are then tagged provenance `shape-only-zipfS`, so they never share a ratio with uniform ones.
+* `--routing zipf:S` (shape-only runs, evaluate/settings.py): vLLM's routing simulator picks each
+  token's top-k experts by Gumbel-top-k over a Zipf(S) law (expert e has weight 1/(e+1)^S), in every
+  MoE layer; the routing is part of the rows' engine settings, so they never share a ratio with others.
 * `python -m moeq.evaluate.routing CHECKPOINT[:dummy][:zipfS][:lN] ...`: the expert load that vLLM
   itself routes (enable_return_routed_experts), per layer, as JSON: max/mean load, coefficient of
   variation, normalized entropy (1 = perfectly even).
@@ -17,15 +17,7 @@ import os
 
 import numpy as np
 
-ENV = "MOEQ_ROUTING"
 STRATEGY = "moeq_zipf"
-
-
-def parse(spec: str) -> float:
-    kind, _, s = spec.partition(":")
-    if kind != "zipf" or not s:
-        raise ValueError(f"{ENV}={spec!r}: expected zipf:S, e.g. zipf:1.0")
-    return float(s)
 
 
 def install(s: float):
@@ -45,16 +37,6 @@ def install(s: float):
 
     RoutingSimulator.register_strategy(STRATEGY, Zipf())
     os.environ["VLLM_MOE_ROUTING_SIMULATION_STRATEGY"] = STRATEGY
-
-
-def apply(job: dict) -> dict:
-    """The job as the engine runs it: with MOEQ_ROUTING set, shape-only jobs get the skewed router."""
-    spec = os.environ.get(ENV)
-    if not spec or job["provenance"] != "shape-only":
-        return job
-    s = parse(spec)
-    install(s)
-    return dict(job, provenance=f"shape-only-zipf{s:.1f}")
 
 
 def load_stats(routed: np.ndarray, num_experts: int) -> dict:

@@ -44,10 +44,13 @@ def count_routing(model, samples: list[list[int]], ignore: list[str], batch: int
     finally:
         for h in handles:
             h.remove()
-    n_tokens = sum(len(s) for s in samples)
-    fair = n_tokens * top_k / len(next(iter(counts.values())))
-    starved = {name: [e for e, c in enumerate(c.tolist()) if c < 0.05 * fair] for name, c in counts.items()}
-    return {"tokens": n_tokens, "top_k": top_k, "fair_share": fair,
-            "routed": {name: c.tolist() for name, c in counts.items()},
+    return summarize({name: c.tolist() for name, c in counts.items()}, sum(len(s) for s in samples), top_k)
+
+
+def summarize(routed: dict[str, list[int]], n_tokens: int, top_k: int, starved_below: float = 0.05) -> dict:
+    """Per layer, the experts that got under `starved_below` of a fair share (tokens x top_k / experts)."""
+    fair = n_tokens * top_k / len(next(iter(routed.values())))
+    starved = {name: [e for e, c in enumerate(counts) if c < starved_below * fair] for name, counts in routed.items()}
+    return {"tokens": n_tokens, "top_k": top_k, "fair_share": fair, "routed": routed,
             "starved": {name: e for name, e in starved.items() if e},
-            "min_share_of_fair": min(min(c.tolist()) for c in counts.values()) / fair}
+            "min_share_of_fair": min(min(c) for c in routed.values()) / fair}

@@ -1,0 +1,240 @@
+"""Fast tier: pure functions, no engine, no trained model (seconds). `make test` runs these first."""
+import json
+import sqlite3
+
+import numpy as np
+import pytest
+
+from moeq.evaluate import cli, engine, ledger as ledger_mod, roofline, routing, settings, verdicts
+from moeq.evaluate.ledger import Ledger
+from moeq.evaluate.run import misloads
+from moeq.quantize import coverage, recipes
+from moeq.quantize.registry import UserError
+
+CELLS = [(1, 512, 128), (16, 2048, 128)]
+
+
+def test_engine_settings_built_once_with_defaults():
+    s = settings.build(gpu=True, cells=CELLS, shape_only=True, warmup_tokens=16)
+    assert s.llm == {"max_model_len": 2176 + 64, "disable_log_stats": False}  # nothing else: vLLM's defaults
+    assert s.routing == "uniform_random" and s.environment() == {settings.ROUTING_ENV: "uniform_random"}
+    assert s.non_default() == {"disable_log_stats": False, "routing": "uniform_random", "warmup_tokens": 16}
+    real = settings.build(gpu=True, cells=CELLS, shape_only=False)
+    assert real.routing == "model" and real.environment() == {}
+    # the scheme's own quantization and the context length do not change the comparison group...
+    online = settings.EngineSettings(llm=dict(s.llm, quantization="fp8", max_model_len=99), routing=s.routing,
+                                     warmup_tokens=16)
+    assert online.profile == s.profile
+    # ...every other setting does
+    assert settings.build(gpu=True, cells=CELLS, shape_only=True, warmup_tokens=16,
+                          user_args={"moe_backend": "triton"}).profile != s.profile
+    assert settings.from_record(s.record()) == s
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"user_args": {"enforce_eagr": True}}, "unknown engine argument 'enforce_eagr'"),
+    ({"user_args": {"moe_backend": "fastest"}}, "unknown moe_backend 'fastest'; valid: auto, triton"),
+    ({"routing": "uniform"}, "unknown routing 'uniform'; valid: model"),
+    ({"routing": "zipf:-1"}, "zipf:S with S > 0"),
+    ({"warmup_tokens": 0}, "at least 1")])
+def test_bad_engine_settings_are_user_errors(kwargs, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        settings.build(gpu=True, cells=CELLS, shape_only=True, **kwargs)
+
+
+def test_real_weights_keep_their_routing():
+    with pytest.raises(UserError, match="shape-only"):
+        settings.build(gpu=True, cells=CELLS, shape_only=False, routing="uniform_random")
+
+
+def test_cli_numbers_are_range_checked():
+    assert cli.int_list("1,16, 64", "--batch") == [1, 16, 64]
+    for bad, message in (("0", "at least 1"), ("-1", "at least 1"), ("1,x", "whole numbers"), ("4.5", "whole numbers")):
+        with pytest.raises(UserError, match=message):
+            cli.int_list(bad, "--batch")
+    with pytest.raises(UserError, match="one whole number"):
+        cli.int_at_least("1,2", "--repeats", 1)
+
+
+def test_env_flags_parse_strictly(monkeypatch):
+    for value, expected in (("0", False), ("false", False), ("1", True), ("yes", True), ("", False)):
+        monkeypatch.setenv("MOEQ_FORCE", value)
+        assert cli.env_flag("FORCE") is expected
+    monkeypatch.setenv("MOEQ_FORCE", "maybe")
+    with pytest.raises(UserError, match="MOEQ_FORCE='maybe'"):
+        cli.env_flag("FORCE")
+
+
+def test_verdict_boundaries():
+    minimum, maximum = {"min": 20}, {"max": 1}
+    assert verdicts.judge(25, 20, 30, minimum) == verdicts.HOLDS  # lo on the bound holds
+    assert verdicts.judge(19, 18, 19.99, minimum) == verdicts.FAILS
+    assert verdicts.judge(21, 19.99, 22, minimum) == verdicts.INCONCLUSIVE
+    assert verdicts.judge(0.5, 0, 1, maximum) == verdicts.HOLDS  # hi on the bound holds
+    assert verdicts.judge(1.5, 1.01, 2, maximum) == verdicts.FAILS
+    assert verdicts.judge(1, np.nan, np.nan, maximum) == verdicts.INCONCLUSIVE
+    assert verdicts.judge(np.nan, np.nan, np.nan, maximum) == verdicts.NOT_MEASURED
+
+
+def test_claims_select_schemes_by_format():
+    claims = {c["id"]: c for c in verdicts.load_claims()["claims"]}
+    formats = {n: recipes.scheme_format(n) for n in recipes.scheme_names()}
+    covered = lambda cid, model="qwen3moe": sorted(s for s, f in formats.items() if verdicts.covers(claims[cid], f, model))
+    assert covered("fp8-throughput") == ["fp8", "fp8-block", "fp8-online", "fp8-static"]
+    assert covered("int-throughput") == ["w4a16-awq", "w4a16-gptq", "w8a16"]  # W8A8-INT8 is not weight-only
+    assert covered("mixtral-fp16-48gb", "mixtral") == ["bf16"] and covered("mixtral-fp16-48gb") == []
+    assert covered("mixtral-int8-24gb", "mixtral") == ["w8a16", "w8a8-int8"]
+
+
+def test_roofline_floor_by_hand():
+    config = {"hidden_size": 4096, "num_layers": 32, "num_experts": 8, "top_k": 2, "vocab_size": 32000,
+              "num_kv_heads": 8, "head_dim": 128, "params_active": 12.9e9, "params_dense": 1.6e9,
+              "params_per_expert": 3 * 4096 * 14336, "moe_layers": 32, "weight_bits": 16, "activation_bits": 16}
+    device = {"memory_bandwidth_GBps": 4800, "tflops": {"bf16": 989}}
+    f = roofline.floors(config, device, batch=1, input_len=512, output_len=128)
+    kv = 2 * 32 * 8 * 128 * 2
+    step_bytes = 2 * (1.6e9 - 32000 * 4096 + 32 * 3 * 4096 * 14336 * 2) + (512 + 64) * kv  # two experts touched
+    assert f["itl_floor"] == pytest.approx(step_bytes / 4.8e12) and f["decode_bound"] == "memory"
+    # balanced routing at batch 64 touches all 8 experts; the model's own routers may touch only 2
+    assert roofline.floors(config, device, 64, 512, 128)["itl_floor"] > \
+        roofline.floors(config, device, 64, 512, 128, routing="model")["itl_floor"]
+
+
+def test_kv_layout_mla_and_gqa():
+    from types import SimpleNamespace as C
+    assert engine.kv_bytes_per_token(C(num_hidden_layers=27, kv_lora_rank=512, qk_rope_head_dim=64)) == 27 * 576 * 2
+    gqa = C(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128, hidden_size=4096)
+    assert engine.kv_bytes_per_token(gqa) == 2 * 32 * 8 * 128 * 2
+    assert engine.kv_bytes_per_token(gqa, "fp8") == 2 * 32 * 8 * 128
+
+
+def test_routing_stats():
+    even = np.array([[[e % 8, (e + 1) % 8]] for e in range(800)])  # [tokens, layers, top_k]
+    assert routing.load_stats(even, 8)["median"]["entropy"] == pytest.approx(1.0)
+    skewed = np.zeros((800, 1, 2), int)
+    skewed[:, 0, 1] = 1
+    s = routing.load_stats(skewed, 8)["median"]
+    assert s["max_over_mean"] == pytest.approx(4.0) and s["min_over_mean"] == 0 and s["entropy"] < 0.4
+    assert settings.parse_zipf("zipf:1.5") == 1.5
+
+
+def test_starved_experts():
+    out = coverage.summarize({"l0": [100, 100, 100, 100], "l1": [390, 4, 3, 3]}, n_tokens=200, top_k=2)
+    assert out["fair_share"] == 100 and out["starved"] == {"l1": [1, 2, 3]} and out["min_share_of_fair"] == 0.03
+
+
+def test_kernel_log_summary():
+    log = engine.KernelLog()
+    for line in ("Using VLLM_CUTLASS Fp8 MoE backend out of potential backends: ['VLLM_CUTLASS', 'TRITON'].",
+                 "Using default MoE config. Performance might be sub-optimal! Config file not found at x.json"):
+        log.emit(type("R", (), {"getMessage": lambda self, m=line: m})())
+    got = {m["metric"]: m["note"] for m in log.summary()}
+    assert got["moe_kernel"] == "VLLM_CUTLASS" and got["moe_config"].startswith("default")
+
+
+def test_only_a_kernel_refusal_is_unsupported():
+    assert engine.KERNEL_REFUSALS.search("ValueError: Unsupported FP8 MoE backend: NONE")
+    assert engine.KERNEL_REFUSALS.search("RuntimeError: _C::static_scaled_fp8_quant() expected at most 0 argument(s)")
+    for other in ("ValidationError: max_num_seqs must be positive", "No module named 'lm_eval'",
+                  "CUDA out of memory. Tried to allocate 2.00 GiB", "TypeError: unexpected keyword 'enforce_eagr'"):
+        assert not engine.KERNEL_REFUSALS.search(other), other
+
+
+def _v1_ledger(path):
+    """A ledger as schema 1 wrote it (no settings, no identity columns, no version)."""
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE env (id INTEGER PRIMARY KEY, digest TEXT UNIQUE NOT NULL, record TEXT NOT NULL);
+        CREATE TABLE results (model TEXT NOT NULL, scheme TEXT NOT NULL, provenance TEXT NOT NULL, backend TEXT NOT NULL,
+          device TEXT NOT NULL, kind TEXT NOT NULL, cell TEXT NOT NULL, metric TEXT NOT NULL, value REAL, spread REAL,
+          spread_kind TEXT, n INTEGER, unit TEXT, repeats TEXT, status TEXT NOT NULL DEFAULT 'ok', note TEXT,
+          recipe_sha TEXT, env_id INTEGER, created TEXT NOT NULL,
+          PRIMARY KEY (model, scheme, provenance, backend, device, cell, metric));
+        CREATE TABLE items (model TEXT NOT NULL, scheme TEXT NOT NULL, provenance TEXT NOT NULL, backend TEXT NOT NULL,
+          device TEXT NOT NULL, task TEXT NOT NULL, metric TEXT NOT NULL, item INTEGER NOT NULL, value REAL NOT NULL,
+          PRIMARY KEY (model, scheme, provenance, backend, device, task, metric, item));
+        INSERT INTO results (model, scheme, provenance, backend, device, kind, cell, metric, value, created)
+          VALUES ('m', 'bf16', 'real', 'vllm-cuda', 'H200', 'perf', 'b1-i8-o8', 'itl_p99', 0.01, 'then');""")
+    db.commit()
+    db.close()
+
+
+def test_old_ledger_is_migrated_on_a_copy(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    _v1_ledger(path)
+    led = Ledger(path)
+    assert ledger_mod.schema_version(led.db) == ledger_mod.VERSION
+    row = led.rows()[0]
+    assert row["settings"] == ledger_mod.LEGACY and row["metric"] == "itl_request_p99" and row["value"] == 0.01
+    assert [p.name for p in tmp_path.iterdir()] == ["ledger.sqlite"]  # no copy left behind
+
+
+def test_failed_migration_leaves_the_ledger_untouched(tmp_path, monkeypatch):
+    path = tmp_path / "ledger.sqlite"
+    _v1_ledger(path)
+    before = path.read_bytes()
+    monkeypatch.setattr(ledger_mod, "SCHEMA", "CREATE TABLE broken (")  # fails half-way through
+    with pytest.raises(sqlite3.Error):
+        ledger_mod.migrate(path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["ledger.sqlite"]
+
+
+def test_garbage_ledger_is_a_user_error(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    path.write_bytes(b"not a database at all" * 100)
+    with pytest.raises(UserError, match="not a usable moeq ledger"):
+        Ledger(path)
+    assert path.read_bytes() == b"not a database at all" * 100
+
+
+def test_one_writer_per_ledger(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    with ledger_mod.lock(path):
+        with pytest.raises(UserError, match=r"being written by pid \d+"):
+            with ledger_mod.lock(path):
+                pass
+    with ledger_mod.lock(path):  # released when the holder is done
+        pass
+
+
+KEY = {"model": "m", "provenance": "real", "backend": "b", "device": "d", "settings": "s"}
+
+
+def test_identity_and_limit_decide_what_is_measured(tmp_path):
+    led = Ledger(tmp_path / "l.sqlite")
+    led.write(KEY | {"scheme": "fp8"}, "perf", "c", [{"metric": "throughput", "value": 1}], checkpoint="A")
+    led.write(KEY | {"scheme": "fp8"}, "accuracy", "task", [{"metric": "acc", "value": 1}], checkpoint="A", limit=5)
+    key = KEY | {"scheme": "fp8"}
+    assert led.has(key, "c", "A") and not led.has(key, "c", "B")  # a re-quantized checkpoint is re-measured
+    assert led.has(key, "task", "A", limit=5) and not led.has(key, "task", "A", limit=None)  # partial != full
+
+
+def test_misload_guard_and_its_negative_control(tmp_path):
+    led = Ledger(tmp_path / "l.sqlite")
+    for scheme, bpb in (("bf16", 1.6), ("fp8", 1.61), ("w4a16-gptq", 3.0)):
+        led.write(KEY | {"scheme": scheme}, "accuracy", "moeq_ppl", [{"metric": "bits_per_byte", "value": bpb}])
+    bad = misloads(led, ["m"], log=lambda *_: None)
+    assert len(bad) == 1 and "w4a16-gptq" in bad[0]  # fp8, 0.6% worse, is not flagged
+
+
+def test_run_cell_timings_survive_a_json_round_trip():
+    job = engine.Job(model="m", scheme="s", path="/p", ledger="/l", settings={"llm": {}, "routing": "model"})
+    assert engine.Job(**json.loads(engine.job_json(job))) == job
+
+
+def test_plain_eval_skips_hidden_folders_and_finds_models_quantized_from_a_path(tmp_path):
+    """`moeq eval` without MODEL once died on checkpoints/.shape-only and on a model quantized from a path."""
+    from moeq.evaluate.run import _base_of, model_folders
+    source = tmp_path / "src" / "mymoe"
+    source.mkdir(parents=True)
+    (source / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
+    root = tmp_path / "checkpoints"
+    for folder in (".shape-only/mixtral/bf16", ".dequantized/x", "mymoe/fp8"):
+        (root / folder).mkdir(parents=True)
+    (root / "mymoe" / "fp8" / "manifest.json").write_text(json.dumps({"base": str(source)}))
+    assert model_folders(root) == ["mymoe"]
+    model = _base_of(root, "mymoe")
+    assert model.path == source.resolve() and model.source == "path"
+    (root / "orphan" / "fp8").mkdir(parents=True)
+    with pytest.raises(UserError, match="no checkpoint there names its source model"):
+        _base_of(root, "orphan")
