@@ -160,7 +160,8 @@ class KernelLog(logging.Handler):
         tuned = [l for l in self.lines if "for MoE layer" in l]
         default = [l for l in self.lines if "default MoE config" in l]
         config = ("default (no tuned Triton config for this shape and device)" if default
-                  else "tuned: " + tuned[0].split("from ")[-1].split(" for MoE")[0] if tuned else "not logged")
+                  else "tuned: " + Path(tuned[0].split("from ")[-1].split(" for MoE")[0]).name if tuned
+                  else "none logged (not a Triton kernel)" if backends and "TRITON" not in kernel.upper() else "not logged")
         return [{"metric": "moe_kernel", "value": None, "note": kernel},
                 {"metric": "moe_config", "value": None, "note": config},
                 {"metric": "vllm_log", "value": None, "note": "\n".join(self.lines)}]

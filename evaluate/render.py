@@ -202,6 +202,14 @@ def plots(folder, stem: str, schemes, perf, acc, mem) -> list[tuple[str, str]]:
     return made
 
 
+def findings_display(f: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({
+        "Model": f.model, "Where": f.provenance + " · " + f.device + " · settings " + f.settings, "Cell": f.cell,
+        "A": f.scheme_a, "B": f.scheme_b, "A tok/s": f.throughput_a.map(fmt_rate), "B tok/s": f.throughput_b.map(fmt_rate),
+        "A / B": f.ratio.map(lambda x: f"{x:.2f}×"), "A's kernel": f.kernel_a, "B's kernel": f.kernel_b,
+        "Variants": f.variants})
+
+
 def settings_text(record: dict) -> str:
     """What a reader must know about an engine's settings: what vLLM would not have picked."""
     if "llm" not in record:
@@ -214,15 +222,22 @@ def settings_text(record: dict) -> str:
 
 
 def blocks(name, ledger_path, tables, keys, unsupported, env, settings, folder) -> list[tuple]:
-    v, perf, acc, mem = (tables[k] for k in ("verdicts", "performance", "accuracy", "memory"))
+    v, perf, acc, mem, found = (tables[k] for k in ("verdicts", "performance", "accuracy", "memory", "findings"))
     out = [("h1", f"moeq report: {name}"),
            ("p", f"From `{ledger_path}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Every table is also in "
                  "this folder as CSV and JSON (numbers unrounded)."),
-           ("h2", "Claims"), ("table", verdict_display(v), "verdicts"),
-           ("h2", "Methods"), ("p", METHODS_MD),
-           ("table", pd.DataFrame(verdicts.RULES.items(), columns=["Verdict", "When"]), "verdict-rules"),
-           ("p", "Roofline. " + roofline.__doc__.split("\n", 1)[1].strip()
-            + " Peak rates come from devices.yaml; devices it lacks (every CPU) show no roofline.")]
+           ("h2", "Claims"), ("table", verdict_display(v), "verdicts")]
+    if len(found):
+        out += [("h2", "Findings: one precision, two speeds"),
+                ("p", "Cells where two schemes of the same precision (weight and activation type and bits) differ "
+                      "in throughput by more than 10%, with the MoE kernel vLLM chose for each and whether its Triton "
+                      "config was tuned for the device; `variants` are the same cells measured with another "
+                      "`moe_backend`, which separates the kernel from the format."),
+                ("table", findings_display(found), "findings")]
+    out += [("h2", "Methods"), ("p", METHODS_MD),
+            ("table", pd.DataFrame(verdicts.RULES.items(), columns=["Verdict", "When"]), "verdict-rules"),
+            ("p", "Roofline. " + roofline.__doc__.split("\n", 1)[1].strip()
+             + " Peak rates come from devices.yaml; devices it lacks (every CPU) show no roofline.")]
     out += [("h2", "Provenance"), ("p", "Where each number comes from: one section below per group; `env` "
                                         "is the ledger's environment record (library versions, device, commit)."),
             ("table", provenance_display(keys, env, settings), "provenance")]

@@ -177,6 +177,43 @@ def accuracy_table(results: pd.DataFrame, items: pd.DataFrame, metric_order: lis
     return df
 
 
+SAME_PRECISION_GAP = 10  # percent: two schemes of one precision further apart than this need a cause
+
+
+def precision_findings(perf: pd.DataFrame, formats: dict, settings: dict) -> pd.DataFrame:
+    """Cells where two schemes of the same precision (weight and activation type and bits) differ by more
+    than SAME_PRECISION_GAP, each beside the kernels vLLM chose and any measured kernel variant (the
+    same model, device and cell with other settings that differ only in moe_backend)."""
+    p = perf.dropna(subset=["throughput"])
+    precision = lambda s: json.dumps(formats.get(s), sort_keys=True) if formats.get(s) else None
+    rows = []
+    for key, cellrows in p.groupby(GROUP + ["cell"]):
+        gkey = dict(zip(GROUP + ["cell"], key))
+        by = cellrows.set_index("scheme")
+        for a in by.index:
+            for b in by.index:
+                if a >= b or precision(a) is None or precision(a) != precision(b) or BASELINE in (a, b):
+                    continue
+                ratio = by.throughput[a] / by.throughput[b]
+                if abs(100 * (ratio - 1)) <= SAME_PRECISION_GAP:
+                    continue
+                variants = p[(p.model == gkey["model"]) & (p.device == gkey["device"]) & (p.cell == gkey["cell"])
+                             & (p.provenance == gkey["provenance"]) & (p.settings != gkey["settings"])
+                             & p.scheme.isin([a, b])]
+                found = (_variant(v, settings) for v in variants.itertuples())
+                rows.append({**gkey, "scheme_a": a, "scheme_b": b, "throughput_a": by.throughput[a],
+                             "throughput_b": by.throughput[b], "ratio": ratio,
+                             "kernel_a": f"{by.moe_kernel.get(a)} ({by.moe_config.get(a)})",
+                             "kernel_b": f"{by.moe_kernel.get(b)} ({by.moe_config.get(b)})",
+                             "variants": "; ".join(v for v in found if v)})
+    return pd.DataFrame(rows)
+
+
+def _variant(v, settings: dict) -> str | None:
+    backend = settings.get(v.settings, {}).get("non_default", {}).get("moe_backend")
+    return backend and f"{v.scheme} with moe_backend={backend}: {v.throughput:,.0f} tok/s ({v.moe_kernel}, {v.moe_config})"
+
+
 def scheme_formats(results: pd.DataFrame) -> dict:
     """scheme -> weight/activation type and bits: as the engine recorded it, else from the repository's
     recipe of that name (rows measured before formats were recorded), else unknown (None)."""
@@ -210,7 +247,8 @@ def build_report(ledger_path: Path, name: str = "default", out_root: Path = Path
     unsupported = {(*(getattr(r, k) for k in GROUP), r.scheme): r.note for r in status.itertuples()}
     keys = results[KEY + ["env_id"]].drop_duplicates()  # which schemes each group has, and its env records
     verdict = verdicts.verdict_table(claims, formats, keys, perf, acc, mem, unsupported)
-    tables = {"verdicts": verdict, "performance": perf, "accuracy": acc, "memory": mem}
+    tables = {"verdicts": verdict, "performance": perf, "accuracy": acc, "memory": mem,
+              "findings": precision_findings(perf, formats, settings)}
     with staged_dir(final) as tmp:
         render.write_all(tmp, name, ledger_path, tables, keys, unsupported, env, settings, log)
     counts = verdict.verdict.value_counts().to_dict()

@@ -82,7 +82,8 @@ def ledger_path(tmp_path_factory):
     write_perf(led, H200, "mystery", 1, [100, 100, 100], env)  # no recipe: no claim class
     write_perf(led, OTHER, "fp8", 1, [200, 201, 199], env)
     write_perf(led, H200, "bf16", 64, [5000, 5001, 4999], env)
-    write_perf(led, H200, "fp8", 64, [1e7, 1e7, 1e7], env)  # faster than an H200 can be: flagged, not judged  # other settings: never compared with s1's bf16
+    write_perf(led, H200, "fp8", 64, [1e7, 1e7, 1e7], env)  # faster than an H200 can be: flagged, not judged
+    write_perf(led, H200, "fp8-online", 1, [150, 151, 149], env)  # one precision, 20% apart from fp8: a finding  # other settings: never compared with s1's bf16
     # shape-only on a CPU: compared with its own bf16 (2000 MiB), never with the real one (1000 MiB)
     write_perf(led, CPU, "bf16", 1, [10, 10.1, 9.9], env)
     write_perf(led, CPU, "fp8", 1, [10.5, 10.6, 10.4], env)  # +5%: fails
@@ -106,6 +107,7 @@ def test_verdicts_exact(report):
     measured = {("real", "fp8-throughput", "fp8", "b1-i128-o128"): "holds",
                 ("real", "fp8-throughput", "fp8", "b8-i128-o128"): "inconclusive",
                 ("real", "fp8-throughput", "fp8", "b64-i128-o128"): "flagged",
+                ("real", "fp8-throughput", "fp8-online", "b1-i128-o128"): "holds",
                 ("real", "fp8-accuracy", "fp8", "arc_easy"): "holds",
                 ("real", "fp8-memory", "fp8", "engine"): "holds",
                 ("real", "int-throughput", "w4a16-gptq", "b1-i128-o128"): "fails",
@@ -159,6 +161,12 @@ def test_outputs_and_roofline(report):
     assert cpu.roofline.str.startswith("no roofline").all() and cpu.throughput_ceiling.isna().all()
     assert "data:image/png;base64," in (report / "index.html").read_text()
     assert not any(n.startswith(("http", "src=\"http")) for n in (report / "index.html").read_text().split())
+
+
+def test_same_precision_gap_is_a_finding(report):
+    f = pd.read_csv(report / "findings.csv")
+    assert list(zip(f.scheme_a, f.scheme_b, f.cell)) == [("fp8", "fp8-online", "b1-i128-o128")]
+    assert f.ratio.iloc[0] == pytest.approx(125 / 150) and "one precision, two speeds" in (report / "README.md").read_text()
 
 
 def test_roofline_helpers():
