@@ -64,7 +64,7 @@ eval: setup
 	$(SERVE)/bin/moeq eval $(EVAL_FLAGS)
 
 report: $(SERVE)/.ready
-	$(SERVE)/bin/moeq report $(call flag,LEDGER,ledger) $(call flag,NAME,name)
+	$(SERVE)/bin/moeq report $(call flag,LEDGER,ledger) $(call flag,NAME,name) $(call flag,REPORTS,out)
 
 list: $(QUANT)/.ready
 	$(QUANT)/bin/moeq list
