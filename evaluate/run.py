@@ -8,6 +8,7 @@ failure is an error: the run exits non-zero and writes no verdict.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -224,6 +225,9 @@ def evaluate(models=None, schemes=None, tasks=None, batches=None, input_lens=(51
         f"settings {settings.profile} (non-default: {json.dumps(settings.non_default()) or 'none'})")
     failures = []
     with lock(Path(ledger)):
+        for stale in Path(ledger).parent.glob(".job-*"):  # holding the lock, any job folder is a dead run's
+            log(f"[eval] removing {stale} left by an interrupted run")
+            shutil.rmtree(stale, ignore_errors=True)
         for target in targets:
             perf_job = job_for(target, ledger, settings, cells, repeats, tasks, limit, force)
             try:

@@ -102,10 +102,15 @@ def test_killed_eval_resumes_without_remeasuring(tiny_model, tmp_path):
     deadline = time.time() + 900
     while time.time() < deadline and not (ledger.exists() and rows(ledger, "kind = 'perf'")):
         time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its engine process, mid-sweep
+    os.kill(proc.pid, signal.SIGKILL)  # the driver alone, mid-sweep: its engine must not go on measuring
     proc.wait()
+    time.sleep(2)
     done = {r["cell"]: r["created"] for r in rows(ledger, "kind = 'perf'")}
     assert done and len(done) < 4, "the kill must land part-way"
+    time.sleep(5)
+    assert {r["cell"]: r["created"] for r in rows(ledger, "kind = 'perf'")} == done, "an orphaned engine kept writing"
+    engines = subprocess.run(["pgrep", "-s", str(proc.pid), "-f", "moeq.evaluate.engine"], capture_output=True, text=True)
+    assert not engines.stdout.strip(), "the engine process outlived its driver"
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
     after = {r["cell"]: r["created"] for r in rows(ledger, "kind = 'perf'")}
     assert set(after) == {f"b{b}-i128-o96" for b in (1, 2, 4, 8)}
