@@ -1,7 +1,10 @@
 """Benchmark (not a test): what moeq's measuring harness costs, and how its throughput for one cell
 compares with vLLM's own `vllm bench throughput` on the same settings, as a ratio from one run.
 
-    .venv/serve/bin/python -m moeq.evaluate.bench_harness [--model PATH] [--batch 8] [--input-len 512]
+    .venv/serve/bin/python benchmarks/harness_vs_vllm_bench.py [--model PATH] [--batch 8] [--input-len 512]
+
+Both run with the engine settings `moeq eval` builds (evaluate/settings.py), so the ratio compares the
+harnesses, not their settings.
 """
 import argparse
 import json
@@ -31,8 +34,7 @@ def vllm_bench(model: str, batch: int, inp: int, out: int, engine_args: dict) ->
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [str(Path(sys.executable).with_name("vllm")), "bench", "throughput", "--model", model,
                "--dataset-name", "random", "--random-input-len", str(inp), "--random-output-len", str(out),
-               "--num-prompts", str(batch), "--max-num-seqs", str(batch), "--dtype", "bfloat16",
-               "--no-enable-prefix-caching", "--seed", "0", "--max-model-len", str(engine_args["max_model_len"]),
+               "--num-prompts", str(batch), "--max-model-len", str(engine_args["max_model_len"]),
                "--output-json", f"{tmp}/out.json"]
         if "kv_cache_memory_bytes" in engine_args:
             cmd += ["--kv-cache-memory-bytes", str(engine_args["kv_cache_memory_bytes"])]
@@ -52,10 +54,9 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
     import torch
-    args = {"dtype": "bfloat16", "enable_prefix_caching": False, "disable_log_stats": False, "seed": 0,
-            "max_model_len": a.input_len + a.output_len + 64, "max_num_seqs": a.batch}  # room for a BOS
-    if not torch.cuda.is_available():
-        args["kv_cache_memory_bytes"] = 2 << 30
+    from moeq.evaluate import settings
+    args = settings.build(gpu=torch.cuda.is_available(), cells=[(a.batch, a.input_len, a.output_len)],
+                          shape_only=False).llm
     ours = moeq_cell(a.model, a.batch, a.input_len, a.output_len, a.repeats, args)
     cell = f"batch {a.batch}, {a.input_len} in / {a.output_len} out"
     print(f"harness cost ({cell}): engine load {ours['load_s']:.1f}s, warm-up {ours['warmup_s']:.2f}s, "
