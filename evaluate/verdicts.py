@@ -145,13 +145,10 @@ def verdict_table(claims: dict, formats: dict, keys: pd.DataFrame, perf, acc, me
             bound, absolute = claim["bound"], claim["quantity"] == "weights_gb"
             unit = " GB" if absolute else "%"
             side = f"≥ {bound['min']:+g}{unit}" if "min" in bound else f"≤ {bound['max']:g}{unit}"
-            covered = sorted(s for s, f in formats.items() if covers(claim, f, gkey["model"]))
-            if absolute:  # an absolute claim speaks of the schemes present, BF16 included
-                covered = [s for s in covered if s in present]
+            # the schemes this group measured (BF16 too, for an absolute claim)
+            covered = sorted(s for s, f in formats.items() if covers(claim, f, gkey["model"]) and s in present)
             for scheme in covered:
-                if scheme not in present:
-                    found = [{"note": "no results for this scheme"}]
-                elif (*g, scheme) in unsupported and not (
+                if (*g, scheme) in unsupported and not (
                         # accuracy can still be scored on decompressed weights (each such row says so)
                         claim["quantity"] == "accuracy_loss" and _measured(perf, acc, mem, "accuracy_loss", gkey, scheme)):
                     found = [{"note": unsupported[(*g, scheme)]}]
