@@ -3,6 +3,7 @@
 Heavy libraries are imported by each subcommand, so `--help` is instant and each
 subcommand runs in the environment that has its libraries (quantize env / serve env, see README)."""
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -10,8 +11,37 @@ from pathlib import Path
 from moeq.quantize.registry import UserError
 
 
-def _env_default(name, default):
-    return os.environ.get(name) or default
+TRUE, FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def _env_default(name, default=None):
+    """MOEQ_<name> first, then the bare name that `make` passes (MODEL=, FORCE=)."""
+    return os.environ.get(f"MOEQ_{name}") or os.environ.get(name) or default
+
+
+def env_flag(name) -> bool:
+    value = _env_default(name, "")
+    if value.strip().lower() not in TRUE + FALSE:
+        raise UserError(f"{name}={value!r} is not a yes/no value; valid: {', '.join(TRUE)} or {', '.join(FALSE[1:])}")
+    return value.strip().lower() in TRUE
+
+
+def positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}; valid: a whole number >= 1")
+    return int(text)
+
+
+def needs_quantize_env():
+    """build and quantize import llm-compressor, which only the quantize environment has (README)."""
+    import importlib.util
+    import shlex
+    if importlib.util.find_spec("llmcompressor") is None:
+        quant = Path(os.environ.get("MOEQ_QUANT_PYTHON") or Path(sys.prefix).parent / "quant" / "bin" / "python")
+        moeq = quant.with_name("moeq")
+        with contextlib.suppress(ValueError):
+            moeq = moeq.relative_to(Path.cwd())
+        raise UserError(f"this verb runs in the quantize environment: {moeq} {shlex.join(sys.argv[1:])}")
 
 
 def cmd_list(args):
@@ -28,6 +58,7 @@ def cmd_list(args):
 
 def cmd_build(args):
     from moeq.quantize import registry
+    needs_quantize_env()
     model = registry.resolve(args.model)
     if not model.buildable:
         raise UserError(f"{args.model!r} is not built by moeq; buildable: "
@@ -39,13 +70,16 @@ def cmd_build(args):
 
 
 def cmd_quantize(args):
-    from moeq.quantize import recipes
-    from moeq.quantize.run import quantize
+    from moeq.quantize import recipes, registry
+    force = args.force or env_flag("FORCE")
+    needs_quantize_env()
     schemes = list(recipes.all_recipes()) if args.scheme == "all" else args.scheme.split(",")
+    registry.resolve(args.model)  # fail on a bad name before any work starts
     for scheme in schemes:
-        recipes.load(scheme)  # fail on a bad name before any work starts
+        recipes.load(scheme)
+    from moeq.quantize.run import quantize
     for scheme in schemes:
-        quantize(args.model, scheme, Path(args.out), args.samples, args.seq_len, args.force)
+        quantize(args.model, scheme, Path(args.out), args.samples, args.seq_len, force)
 
 
 def cmd_dequantize(args):
@@ -68,10 +102,10 @@ def add_quantize_commands(sub):
     p.add_argument("--scheme", default=_env_default("SCHEME", "all"),
                    help="recipe name, alias, path to a recipe YAML, comma list, or 'all' (default)")
     p.add_argument("--out", default=_env_default("CHECKPOINTS", "checkpoints"), help="checkpoint root")
-    p.add_argument("--samples", type=int, default=None, help="calibration samples (default: per model)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per calibration sample")
-    p.add_argument("--force", action="store_true", default=bool(os.environ.get("FORCE")),
-                   help="redo a checkpoint that already exists")
+    p.add_argument("--samples", type=positive_int, default=None, help="calibration samples (default: per model)")
+    p.add_argument("--seq-len", type=positive_int, default=None, help="tokens per calibration sample")
+    p.add_argument("--force", action="store_true", default=None,
+                   help="redo a checkpoint that already exists, or one made differently (default: FORCE=1)")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("dequantize", help="decompress a compressed-tensors checkpoint into a BF16 one")

@@ -14,6 +14,8 @@ from moeq.quantize.registry import UserError
 
 
 def dequantize(ckpt: Path, out: Path, log=print) -> Path:
+    if not (ckpt / "config.json").is_file():
+        raise UserError(f"{ckpt} is not a checkpoint folder ({'no config.json' if ckpt.is_dir() else 'no such folder'})")
     import torch
     from compressed_tensors.compressors.base import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig

@@ -65,6 +65,8 @@ def hub_snapshot(hub_id: str) -> Path | None:
 def resolve(name: str, need_weights: bool = True) -> Model:
     """A registry name or a checkpoint folder; raises UserError naming the valid choices."""
     reg = registry()
+    if not str(name).strip():
+        raise UserError(f"MODEL is empty; valid: {', '.join(reg)}, or a path to a checkpoint folder")
     if name in reg:
         spec = reg[name]
         if "train" in spec:
@@ -93,13 +95,10 @@ def resolve(name: str, need_weights: bool = True) -> Model:
 
 def ensure_built(model: Model, log=print) -> Path:
     """The checkpoint folder of `model`, building the embedded models on first use."""
-    import fcntl
-    from moeq.quantize.atomic import is_complete
+    from moeq.quantize.atomic import folder_lock, is_complete
     if model.source != "built" or is_complete(model.path):
         return model.path
-    model.path.parent.mkdir(parents=True, exist_ok=True)
-    with open(model.path.parent / f".{model.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits for the first build instead of repeating it
+    with folder_lock(model.path, wait=True):  # a second process waits for the first build instead of repeating it
         if not is_complete(model.path):
             from moeq.quantize import tiny
             log(f"[moeq] building {model.name} into {model.path} (once; cached)")

@@ -1,12 +1,12 @@
 """`moeq quantize`: one model, one recipe, one compressed-tensors checkpoint (with manifest and coverage)."""
-import hashlib
 import json
 import time
 from importlib.metadata import version
 from pathlib import Path
 
-from moeq.quantize import corpus, coverage, recipes, registry
-from moeq.quantize.atomic import is_complete, staged_dir
+from moeq.quantize import corpus, coverage, identity, recipes, registry
+from moeq.quantize.atomic import clean_stale, folder_lock, is_complete, staged_dir
+from moeq.quantize.identity import read_manifest
 from moeq.quantize.registry import UserError
 
 LIBRARIES = ("torch", "transformers", "llmcompressor", "compressed-tensors", "tokenizers")
@@ -69,20 +69,61 @@ def load_linearized(src: Path, model):
     return lm
 
 
+def planned_recipe(model, recipe, src: Path) -> tuple[str, dict]:
+    """The recipe text that will run, and the layers it keeps in BF16 (inputs not a whole number of
+    quantization groups). Widths come from the config on the meta device, so a reuse check loads no weights."""
+    from transformers import AutoConfig
+    from moeq.quantize.shape import meta_model
+    kept = recipes.ragged_layers(meta_model(AutoConfig.from_pretrained(src)), recipe) if recipe.group_sizes() else {}
+    return recipe.for_model([*model.ignore, *kept]), kept
+
+
+def reuse_or_redo(out: Path, manifest: dict, force: bool, log) -> bool:
+    """True to reuse the complete checkpoint at `out`; refuses (UserError) to replace a different one unless forced."""
+    try:
+        old = read_manifest(out)
+    except UserError:
+        old = {}
+    differs = identity.differences(old, manifest["source"], manifest["resolved_recipe_sha256"], manifest["calibration"])
+    if differs and not force:
+        raise UserError(f"{out} was made from {' and '.join(differs)}; rerun with FORCE=1 / --force to redo it")
+    if differs:
+        log(f"[quantize] redoing {out}: it was made from {' and '.join(differs)}")
+    elif force:
+        log(f"[quantize] redoing {out} as asked (--force), although source, recipe and calibration match")
+    else:
+        log(f"[quantize] {out} exists and is complete, with the same source, recipe and calibration; reusing it")
+    return not (differs or force)
+
+
 def quantize(model_name: str, scheme: str, out_root: Path, samples: int | None = None,
              seq_len: int | None = None, force: bool = False, log=print) -> Path:
     model = registry.resolve(model_name)
     recipe = recipes.load(scheme)
-    recipe_text = recipe.for_model(model.ignore)
-    recipes.validate(recipe_text, str(recipe.path))
+    recipes.validate(recipe.for_model(model.ignore), str(recipe.path))
     out = checkpoint_dir(out_root, model.name, recipe.name)
-    if is_complete(out) and not force:
-        log(f"[quantize] {out} exists and is complete; reusing it (FORCE=1 to redo)")
-        return out
     calib = model.calibration
     samples, seq_len = samples or calib["samples"], seq_len or calib["seq_len"]
     src = registry.ensure_built(model, log=log)
+    recipe_text, kept = planned_recipe(model, recipe, src)
+    calibrated = recipe.needs_calibration
+    manifest = {
+        "model": model.name, "base": str(src), "source": identity.source_identity(src),
+        "scheme": recipe.name, "claim": recipe.claim, "recipe": str(recipe.path), "recipe_sha256": recipe.file_hash,
+        "resolved_recipe_sha256": identity.text_sha256(recipe_text),
+        "calibration": {"split": "calibration", "fingerprint": corpus.fingerprint("calibration"),
+                        "samples": samples if calibrated else 0, "seq_len": seq_len if calibrated else 0,
+                        "all_experts": True},
+        "full_precision_ragged_groups": kept,
+    }
+    with folder_lock(out):
+        clean_stale(out, log)
+        if is_complete(out) and reuse_or_redo(out, manifest, force, log):
+            return out
+        return _write(model, recipe, src, out, recipe_text, manifest, samples, seq_len, log)
 
+
+def _write(model, recipe, src, out, recipe_text, manifest, samples, seq_len, log) -> Path:
     from llmcompressor import oneshot
     from transformers import AutoTokenizer
     _no_pinning_without_accelerator()
@@ -91,11 +132,9 @@ def quantize(model_name: str, scheme: str, out_root: Path, samples: int | None =
     with staged_dir(out) as tmp:
         log(f"[quantize] {model.name} x {recipe.name}: loading {src}")
         lm = load_linearized(src, model)
-        kept = recipes.ragged_layers(lm, recipe)
-        if kept:
+        if kept := manifest["full_precision_ragged_groups"]:
             log(f"[quantize] keeping {len(kept)} layers in BF16: inputs not a whole number of quantization groups "
                 f"({', '.join(f'{n} {w}' for n, w in kept.items())})")
-            recipe_text = recipe.for_model([*model.ignore, *kept])
         tok = AutoTokenizer.from_pretrained(src)
         data = calibration_samples(tok, samples, seq_len)
         log(f"[quantize] routing {samples} calibration samples x {seq_len} tokens to count expert coverage")
@@ -114,13 +153,7 @@ def quantize(model_name: str, scheme: str, out_root: Path, samples: int | None =
         (tmp / "moeq_recipe.yaml").write_text(recipe_text)
         (tmp / "coverage.json").write_text(json.dumps(cover, indent=1))
         manifest = {
-            "model": model.name, "base": str(src), "scheme": recipe.name, "claim": recipe.claim,
-            "recipe": str(recipe.path), "recipe_sha256": recipe.file_hash,
-            "resolved_recipe_sha256": hashlib.sha256(recipe_text.encode()).hexdigest()[:16],
-            "calibration": {"split": "calibration", "fingerprint": corpus.fingerprint("calibration"),
-                            "samples": samples if kwargs else 0, "seq_len": seq_len if kwargs else 0,
-                            "all_experts": True},
-            "full_precision_ragged_groups": kept,
+            **manifest,
             "coverage": {"tokens": cover["tokens"], "min_share_of_fair": round(cover["min_share_of_fair"], 3),
                          "starved_layers": len(cover["starved"])},
             "libraries": {lib: version(lib) for lib in LIBRARIES},

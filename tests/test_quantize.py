@@ -103,12 +103,33 @@ def test_existing_checkpoint_is_reused(checkpoints):
     (["--scheme", "fp9"], "unknown SCHEME 'fp9'; valid: fp8-block"),
     (["--model", "gpt5"], "unknown MODEL 'gpt5'; valid: tiny"),
     (["--model", "mixtral", "--scheme", "fp8"], "are not on this machine"),
+    (["--samples", "0"], "argument --samples: invalid value '0'; valid: a whole number >= 1"),
+    (["--samples", "-3"], "argument --samples: invalid value '-3'; valid: a whole number >= 1"),
+    (["--seq-len", "0"], "argument --seq-len: invalid value '0'; valid: a whole number >= 1"),
+    (["--model", ""], "MODEL is empty; valid: tiny"),
 ])
 def test_bad_input_fails_clearly(tmp_path, args, message):
     proc = moeq("quantize", "--out", tmp_path, *CALIB, *args, check=False,
                 env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert proc.returncode == 2 and message in proc.stderr
     assert not any(tmp_path.glob("*/*")), "nothing may be left behind"
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["quantize", "--model", "tiny"], {"FORCE": "maybe"}, "FORCE='maybe' is not a yes/no value; valid: 1, true"),
+    (["dequantize", "/no/such/ckpt", "/tmp/out"], {}, "/no/such/ckpt is not a checkpoint folder (no such folder)"),
+])
+def test_bad_environment_and_missing_folder_fail_clearly(args, env, message):
+    proc = moeq(*args, check=False, env=env)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("args", [["quantize", "--model", "tiny"], ["build", "tiny"]])
+def test_quantize_verbs_name_their_environment(args):
+    """The suite runs in the serve environment, which has no llm-compressor."""
+    proc = moeq(*args, python=sys.executable, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"this verb runs in the quantize environment: .venv/quant/bin/moeq {' '.join(args)}" in proc.stderr
 
 
 def test_malformed_recipe_fails_before_any_work(tiny_model, tmp_path):
