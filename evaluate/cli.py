@@ -4,24 +4,10 @@ Every flag is parsed and range-checked here, before any engine or model loads; d
 MOEQ_-prefixed environment variables, parsed as strictly as the flags (an invalid one names itself).
 """
 import argparse
-import os
 import sys
 from pathlib import Path
 
-from moeq.quantize.registry import UserError
-
-
-def env_default(name: str, default=None):
-    return os.environ.get(f"MOEQ_{name}") or default
-
-
-def env_flag(name: str) -> bool:
-    value = os.environ.get(f"MOEQ_{name}", "").strip().lower()
-    if value in ("", "0", "false", "no", "off"):
-        return False
-    if value in ("1", "true", "yes", "on"):
-        return True
-    raise UserError(f"MOEQ_{name}={os.environ[f'MOEQ_{name}']!r}: expected 1/true/yes or 0/false/no")
+from moeq.quantize.registry import UserError, env_default, env_flag
 
 
 def int_list(text, name: str, low: int = 1) -> list[int] | None:

@@ -8,22 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from moeq.quantize.registry import UserError
-
-
-TRUE, FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
-
-
-def _env_default(name, default=None):
-    """MOEQ_<name> first, then the bare name that `make` passes (MODEL=, FORCE=)."""
-    return os.environ.get(f"MOEQ_{name}") or os.environ.get(name) or default
-
-
-def env_flag(name) -> bool:
-    value = _env_default(name, "")
-    if value.strip().lower() not in TRUE + FALSE:
-        raise UserError(f"{name}={value!r} is not a yes/no value; valid: {', '.join(TRUE)} or {', '.join(FALSE[1:])}")
-    return value.strip().lower() in TRUE
+from moeq.quantize.registry import UserError, env_default, env_flag
 
 
 def positive_int(text: str) -> int:
@@ -50,10 +35,10 @@ def cmd_list(args):
     for name, spec in registry.registry().items():
         print(f"  {name:18s} {spec.get('hub_id', 'built by moeq'):40s} {spec['description']}")
     print("schemes:")
-    print(f"  {'bf16':18s} {'baseline':8s} the unquantized model")
+    print(f"  {'bf16':18s} {'baseline':11s} the unquantized model")
     for name, r in recipes.all_recipes().items():
         aliases = ", ".join(r.meta.get("aliases", []))
-        print(f"  {name:18s} {r.claim:8s} {r.meta['description']}" + (f" (aliases: {aliases})" if aliases else ""))
+        print(f"  {name:18s} {r.claim:11s} {r.meta['description']}" + (f" (aliases: {aliases})" if aliases else ""))
 
 
 def cmd_build(args):
@@ -73,10 +58,10 @@ def cmd_quantize(args):
     from moeq.quantize import recipes, registry
     force = args.force or env_flag("FORCE")
     needs_quantize_env()
-    schemes = list(recipes.all_recipes()) if args.scheme == "all" else args.scheme.split(",")
+    schemes = list(recipes.checkpoint_recipes()) if args.scheme == "all" else args.scheme.split(",")
     registry.resolve(args.model)  # fail on a bad name before any work starts
     for scheme in schemes:
-        recipes.load(scheme)
+        recipes.checkpoint_recipe(scheme)
     from moeq.quantize.run import quantize
     for scheme in schemes:
         quantize(args.model, scheme, Path(args.out), args.samples, args.seq_len, force)
@@ -97,15 +82,15 @@ def add_quantize_commands(sub):
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("quantize", help="quantize MODEL with SCHEME into checkpoints/<model>/<scheme>/")
-    p.add_argument("--model", default=_env_default("MODEL", "tiny"),
+    p.add_argument("--model", default=env_default("MODEL", "tiny"),
                    help="registry name (moeq list) or path to a checkpoint folder (default: tiny)")
-    p.add_argument("--scheme", default=_env_default("SCHEME", "all"),
+    p.add_argument("--scheme", default=env_default("SCHEME", "all"),
                    help="recipe name, alias, path to a recipe YAML, comma list, or 'all' (default)")
-    p.add_argument("--out", default=_env_default("CHECKPOINTS", "checkpoints"), help="checkpoint root")
+    p.add_argument("--out", default=env_default("CHECKPOINTS", "checkpoints"), help="checkpoint root")
     p.add_argument("--samples", type=positive_int, default=None, help="calibration samples (default: per model)")
     p.add_argument("--seq-len", type=positive_int, default=None, help="tokens per calibration sample")
     p.add_argument("--force", action="store_true", default=None,
-                   help="redo a checkpoint that already exists, or one made differently (default: FORCE=1)")
+                   help="redo a checkpoint that already exists, or one made differently (default: MOEQ_FORCE=1)")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("dequantize", help="decompress a compressed-tensors checkpoint into a BF16 one")

@@ -146,6 +146,16 @@ def checkpoint_recipes() -> dict[str, Recipe]:
     return {n: r for n, r in all_recipes().items() if not r.online}
 
 
+def checkpoint_recipe(scheme: str) -> Recipe:
+    """A scheme `moeq quantize` can write: a load-time scheme has no checkpoint to make."""
+    recipe = load(scheme)
+    if recipe.online:
+        raise UserError(f"{recipe.name} is applied by vLLM while it loads the BF16 model (quantization="
+                        f"{recipe.online!r}): there is no checkpoint to write. Measure it with "
+                        f"`make eval SCHEME={recipe.name}`; schemes with a checkpoint: {', '.join(checkpoint_recipes())}")
+    return recipe
+
+
 def scheme_format(scheme: str) -> dict:
     return dict(BF16_FORMAT) if scheme == BASELINE else load(scheme).format
 

@@ -99,7 +99,7 @@ def reuse_or_redo(out: Path, manifest: dict, force: bool, log) -> bool:
 def quantize(model_name: str, scheme: str, out_root: Path, samples: int | None = None,
              seq_len: int | None = None, force: bool = False, log=print) -> Path:
     model = registry.resolve(model_name)
-    recipe = recipes.load(scheme)
+    recipe = recipes.checkpoint_recipe(scheme)
     recipes.validate(recipe.for_model(model.ignore), str(recipe.path))
     out = checkpoint_dir(out_root, model.name, recipe.name)
     calib = model.calibration

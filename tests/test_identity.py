@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from conftest import QUANT_PYTHON, ROOT, moeq, read_json
 from moeq.quantize import atomic, identity, recipes
-from moeq.quantize.cli import env_flag
+from moeq.quantize.registry import env_flag
 from moeq.quantize.registry import UserError
 
 
@@ -151,13 +151,13 @@ def test_second_writer_fails_fast_naming_the_holder(tmp_path):
 
 def test_yes_no_environment_values_are_strict(monkeypatch):
     for value, expected in {"0": False, "1": True, "no": False, "true": True, "": False}.items():
-        monkeypatch.setenv("FORCE", value)
+        monkeypatch.setenv("MOEQ_FORCE", value)
         assert env_flag("FORCE") is expected, value
     monkeypatch.setenv("MOEQ_FORCE", "0")
     monkeypatch.setenv("FORCE", "1")
-    assert env_flag("FORCE") is False  # MOEQ_ first
+    assert env_flag("FORCE") is False  # a bare FORCE is not moeq's: only MOEQ_ variables count
     monkeypatch.setenv("MOEQ_FORCE", "maybe")
-    with pytest.raises(UserError, match="FORCE='maybe' is not a yes/no value; valid: 1, true"):
+    with pytest.raises(UserError, match="MOEQ_FORCE='maybe' is not a yes/no value; valid: 1, true"):
         env_flag("FORCE")
 
 
@@ -184,7 +184,7 @@ def test_force_0_reuses_and_manifest_has_identity(fp8, tiny_model):
     root, _ = fp8
     folder = root / "tiny" / "fp8"
     before = (folder / "manifest.json").stat().st_mtime_ns
-    proc = moeq("quantize", "--model", "tiny", "--scheme", "fp8", "--out", root, env={"FORCE": "0"})
+    proc = moeq("quantize", "--model", "tiny", "--scheme", "fp8", "--out", root, env={"MOEQ_FORCE": "0"})
     assert "reusing" in proc.stdout and (folder / "manifest.json").stat().st_mtime_ns == before
     m = read_json(folder / "manifest.json")
     assert m["source"] == identity.source_identity(tiny_model)

@@ -13,12 +13,13 @@ from safetensors import safe_open
 from conftest import CALIB, QUANT_PYTHON, ROOT, moeq, read_json
 from moeq.quantize import recipes
 
-SCHEMES = sorted(recipes.all_recipes())
+SCHEMES = sorted(recipes.checkpoint_recipes())  # fp8-online is applied by vLLM at load: no checkpoint
 FORMATS = {"fp8": "float-quantized", "fp8-static": "float-quantized", "fp8-block": "float-quantized",
-           "w4a16-gptq": "pack-quantized", "w4a16-awq": "pack-quantized", "w8a8-int8": "int-quantized"}
+           "w4a16-gptq": "pack-quantized", "w4a16-awq": "pack-quantized", "w8a16": "pack-quantized",
+           "w8a8-int8": "int-quantized"}
 # KL(bf16 || quantized) per token on held-out text, weight error only. Measured here: FP8 and INT8
 # ~0.0001-0.0005, INT4 ~0.002-0.004; a checkpoint with one layer's scales wrong gives > 0.05.
-KL_BOUND = {"fp8": 0.01, "fp8-static": 0.01, "fp8-block": 0.01, "w8a8-int8": 0.01,
+KL_BOUND = {"fp8": 0.01, "fp8-static": 0.01, "fp8-block": 0.01, "w8a8-int8": 0.01, "w8a16": 0.01,
             "w4a16-gptq": 0.03, "w4a16-awq": 0.03}
 LAYERS, EXPERTS = 4, 8
 
@@ -39,8 +40,10 @@ def verify(base: Path, ckpt: Path) -> dict:
 
 def test_recipes_cover_the_issue_schemes():
     assert set(FORMATS) == set(SCHEMES)
-    for name, recipe in recipes.all_recipes().items():
-        assert recipe.claim in ("fp8", "int"), name
+    formats = {name: recipe.format for name, recipe in recipes.all_recipes().items()}
+    assert formats["w8a16"] == {"weight_type": "int", "weight_bits": 8, "activation_type": "float", "activation_bits": 16}
+    assert formats["w8a8-int8"]["activation_bits"] == 8 and formats["fp8-online"] == formats["fp8"]
+    assert recipes.load("fp8-online").online == "fp8" and "fp8-online" not in recipes.checkpoint_recipes()
     assert recipes.load("gptq").name == "w4a16-gptq" and recipes.load("awq").name == "w4a16-awq"
     assert recipes.load("int8").name == "w8a8-int8"
 
@@ -116,7 +119,7 @@ def test_bad_input_fails_clearly(tmp_path, args, message):
 
 
 @pytest.mark.parametrize("args, env, message", [
-    (["quantize", "--model", "tiny"], {"FORCE": "maybe"}, "FORCE='maybe' is not a yes/no value; valid: 1, true"),
+    (["quantize", "--model", "tiny"], {"MOEQ_FORCE": "maybe"}, "MOEQ_FORCE='maybe' is not a yes/no value; valid: 1, true"),
     (["dequantize", "/no/such/ckpt", "/tmp/out"], {}, "/no/such/ckpt is not a checkpoint folder (no such folder)"),
 ])
 def test_bad_environment_and_missing_folder_fail_clearly(args, env, message):
@@ -134,7 +137,7 @@ def test_quantize_verbs_name_their_environment(args):
 
 def test_malformed_recipe_fails_before_any_work(tiny_model, tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"moeq": {"claim": "fp8"}, "quant_stage": {"quant_modifiers": {
+    bad.write_text(yaml.safe_dump({"moeq": {"description": "a typo in a modifier"}, "quant_stage": {"quant_modifiers": {
         "QuantizationModifier": {"targets": ["Linear"], "scheme": "FP8_DYNAMIC", "colour": "blue"}}}}))
     proc = moeq("quantize", "--scheme", bad, "--out", tmp_path / "out", check=False)
     assert proc.returncode == 2 and "not a valid llm-compressor recipe" in proc.stderr
