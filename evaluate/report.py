@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from moeq.evaluate import render, roofline, verdicts
+from moeq.evaluate import kernels, render, roofline, verdicts
 from moeq.evaluate.ledger import KEY as LEDGER_KEY, LEGACY, LEGACY_RECORD
 from moeq.evaluate.verdicts import BASELINE, GROUP
 from moeq.quantize.atomic import staged_dir
@@ -78,12 +78,12 @@ def _repeats(text, value) -> list[float]:
 
 
 def kernel_table(results: pd.DataFrame) -> pd.DataFrame:
-    """Per engine: the MoE kernel vLLM logged, and whether its Triton config was tuned for the device."""
-    k = results[(results.kind == "engine") & results.metric.isin(["moe_kernel", "moe_config"])]
-    if k.empty:
-        return pd.DataFrame(columns=KEY + ["moe_kernel", "moe_config"])
-    return k.pivot_table(index=KEY, columns="metric", values="note", aggfunc="first").reset_index().reindex(
-        columns=KEY + ["moe_kernel", "moe_config"])
+    """Per engine: the MoE kernel vLLM logged, and whether its Triton config was tuned for the device
+    (summarised anew from the recorded log lines)."""
+    logs = results[(results.kind == "engine") & (results.metric == "vllm_log")]
+    rows = [dict(zip(KEY, (getattr(r, k) for k in KEY))) | kernels.summary((r.note or "").splitlines())
+            for r in logs.itertuples()]
+    return pd.DataFrame(rows, columns=KEY + ["moe_kernel", "moe_config"])
 
 
 def perf_table(results: pd.DataFrame, mem: pd.DataFrame, settings: dict) -> pd.DataFrame:

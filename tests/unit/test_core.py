@@ -5,7 +5,7 @@ import sqlite3
 import numpy as np
 import pytest
 
-from moeq.evaluate import cli, engine, ledger as ledger_mod, roofline, routing, settings, verdicts
+from moeq.evaluate import cli, engine, kernels, ledger as ledger_mod, roofline, routing, settings, verdicts
 from moeq.evaluate.ledger import Ledger
 from moeq.evaluate.run import misloads
 from moeq.quantize import coverage, recipes
@@ -133,11 +133,11 @@ def test_kernel_log_summary():
 
 
 def test_only_a_kernel_refusal_is_unsupported():
-    assert engine.KERNEL_REFUSALS.search("ValueError: Unsupported FP8 MoE backend: NONE")
-    assert engine.KERNEL_REFUSALS.search("RuntimeError: _C::static_scaled_fp8_quant() expected at most 0 argument(s)")
+    assert kernels.REFUSALS.search("ValueError: Unsupported FP8 MoE backend: NONE")
+    assert kernels.REFUSALS.search("RuntimeError: _C::static_scaled_fp8_quant() expected at most 0 argument(s)")
     for other in ("ValidationError: max_num_seqs must be positive", "No module named 'lm_eval'",
                   "CUDA out of memory. Tried to allocate 2.00 GiB", "TypeError: unexpected keyword 'enforce_eagr'"):
-        assert not engine.KERNEL_REFUSALS.search(other), other
+        assert not kernels.REFUSALS.search(other), other
 
 
 def _v1_ledger(path):

