@@ -69,11 +69,25 @@ report: $(SERVE)/.ready
 list: $(QUANT)/.ready
 	$(QUANT)/bin/moeq list
 
+# demo: one line per stage (a progress bar on a terminal) from moeq's own lines; everything the libraries
+# print goes to DEMO_LOG. Quantizing runs one thread (OMP_NUM_THREADS=1): its many small tensor ops lose
+# more to thread hand-offs than a second core gives (on 2 shared cores, six schemes: 15 min with 2 threads,
+# 47 s with 1).
+# DEMO_EVAL: moeq_mc4 scored on its first DEMO_LIMIT of 2,000 items (moeq_ppl and moeq_nextline have
+# fewer, so they are whole); `make eval` scores them all.
+DEMO_LOG   ?= results/demo.log
+DEMO_LIMIT ?= 500
+DEMO_EVAL  ?= --limit $(DEMO_LIMIT)
 demo: setup
-	$(QUANT)/bin/moeq build tiny
-	$(QUANT)/bin/moeq quantize --model tiny --scheme all
-	$(SERVE)/bin/moeq eval --model tiny
-	$(SERVE)/bin/moeq report
+	@$(SERVE)/bin/python -m moeq.quantize.quiet --name "make demo" --log $(DEMO_LOG) \
+	  --stage "build tiny (once, then cached)" "$(QUANT)/bin/moeq build tiny" \
+	    --progress 'step (?P<n>\d+)/(?P<total>\d+)' --show 'held-out cross-entropy' \
+	  --stage "quantize tiny in every scheme" "env OMP_NUM_THREADS=1 $(QUANT)/bin/moeq quantize --model tiny --scheme all" \
+	    --total $(words $(shell grep -l '_stage:' recipes/*.yaml)) --show '^\[quantize\] (wrote|.* reusing)' \
+	    --progress '^\[quantize\] \S+ x (?P<item>\S+): loading' --progress '^\[quantize\] \S+/(?P<item>[^/\s]+) exists' \
+	  --stage "evaluate with vLLM and lm-eval" "$(SERVE)/bin/moeq eval --model tiny $(DEMO_EVAL)" \
+	    --progress '^\[eval\] (?P<total>\d+) targets' --progress '^\[eval\] \S+ / (?P<item>[^\s:]+)' \
+	  --stage "report" "$(SERVE)/bin/moeq report" --show '^report:'
 
 # two tiers: pure functions first (seconds), then the integration tests (engines, the trained model)
 test: setup
