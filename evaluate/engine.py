@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import platform
-import re
 import resource
 import subprocess
 import sys
@@ -102,10 +101,6 @@ def kv_bytes_per_token(cfg, kv_cache_dtype: str = "auto") -> int:
     return 2 * cfg.num_hidden_layers * kv_heads * head_dim * width
 
 
-def num_experts(cfg) -> int:
-    return next(getattr(cfg, k) for k in ("num_local_experts", "num_experts", "n_routed_experts") if getattr(cfg, k, None))
-
-
 def model_facts(path: Path, weights_bytes: int, fmt: dict, llm_args: dict) -> dict:
     """Parameter counts of the architecture (from its config, on the meta device) for the roofline."""
     import torch
@@ -115,7 +110,8 @@ def model_facts(path: Path, weights_bytes: int, fmt: dict, llm_args: dict) -> di
         model = AutoModelForCausalLM.from_config(cfg)
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     total = sum(p.numel() for p in model.parameters())
-    n_experts = num_experts(cfg)
+    from moeq.quantize.coverage import experts_per_layer
+    n_experts = experts_per_layer(cfg)
     moe_layers = len({n.split(".experts.")[0] for n, _ in model.named_parameters() if ".experts." in n})
     top_k = cfg.num_experts_per_tok
     per_expert = experts // (n_experts * moe_layers)

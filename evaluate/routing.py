@@ -66,7 +66,8 @@ def probe(path: str, dummy: bool, zipf: float | None, layers: int | None, prompt
     if zipf is not None:
         install(zipf)
     cfg = AutoConfig.from_pretrained(path)
-    experts = next(getattr(cfg, k) for k in ("num_local_experts", "num_experts", "n_routed_experts") if getattr(cfg, k, None))
+    from moeq.quantize.coverage import experts_per_layer
+    experts = experts_per_layer(cfg)
     args = dict(enforce_eager=True, enable_return_routed_experts=True, enable_prefix_caching=False, seed=seed,
                 max_model_len=input_len + 8, dtype="bfloat16", **engine)
     if dummy:
