@@ -35,6 +35,15 @@ def perf_cells(ledger) -> dict:
     return {r["cell"]: r["created"] for r in rows(ledger, "kind = 'perf'")} if ledger.exists() else {}
 
 
+def wait_for_new_cell(proc, ledger, known: int) -> float:
+    """Waits until the ledger holds more than `known` perf cells; returns when that was seen."""
+    deadline = time.time() + 900
+    while time.time() < deadline and proc.poll() is None and len(perf_cells(ledger)) <= known:
+        time.sleep(0.05)
+    assert len(perf_cells(ledger)) > known, f"no new cell (driver exit {proc.poll()})"
+    return time.time()
+
+
 @pytest.fixture(scope="module")
 def measured(checkpoints, tmp_path_factory):
     ledger = tmp_path_factory.mktemp("ledger") / "ledger.sqlite"
@@ -101,18 +110,19 @@ def test_killed_eval_resumes_without_remeasuring(tiny_model, tmp_path):
     """Fault injection: the driver is SIGKILLed at random moments of a sweep; after each kill no engine
     goes on measuring, every row in the ledger is whole and unchanged, and the last run completes it."""
     ledger, checkpoints = tmp_path / "ledger.sqlite", tmp_path / "no-checkpoints"  # bf16 only
-    cells = {f"b{b}-i128-o96" for b in (1, 2, 4, 8)}  # long enough for a kill to land between cells
-    args = eval_args(ledger, checkpoints, "--scheme", "bf16", "--tasks", "none", "--batch", "1,2,4,8",
+    cells = {f"b{b}-i128-o96" for b in (1, 2, 4, 8, 16)}  # a cell to spare after the second kill
+    args = eval_args(ledger, checkpoints, "--scheme", "bf16", "--tasks", "none", "--batch", "1,2,4,8,16",
                      "--input-len", "128", "--output-len", "96")
     cmd = [sys.executable, "-m", "moeq.quantize.cli", *map(str, args)]
     env = {**os.environ, "MOEQ_QUANT_PYTHON": QUANT_PYTHON}
-    rng, done = random.Random(0), {}
+    rng, done, cell_seconds = random.Random(0), {}, None
     for attempt in range(2):
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.time() + 900
-        while time.time() < deadline and proc.poll() is None and len(perf_cells(ledger)) <= len(done):
-            time.sleep(0.1)
-        time.sleep(rng.uniform(0, 2))
+        finished = wait_for_new_cell(proc, ledger, len(done))
+        if cell_seconds is None:  # one cell's duration on this machine times the kills (later cells are larger)
+            cell_seconds = wait_for_new_cell(proc, ledger, len(done) + 1) - finished
+        time.sleep(rng.uniform(0, 0.9 * cell_seconds))
+        assert proc.poll() is None, f"the driver ended (exit {proc.returncode}) before the kill could land"
         os.kill(proc.pid, signal.SIGKILL)  # the driver alone: its engine must not go on measuring
         proc.wait()
         time.sleep(5)
