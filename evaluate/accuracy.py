@@ -56,7 +56,7 @@ def check_tasks(tasks: list[str]):
     from lm_eval.tasks import TaskManager
     known = set(TaskManager(include_path=str(TASKS_DIR)).all_tasks)
     if bad := [t for t in tasks if t not in known]:
-        from moeq.quantize.registry import UserError
+        from moeq.errors import UserError
         raise UserError(f"unknown task {bad[0]!r}; moeq's tasks: {', '.join(DEFAULT_TASKS)} (group: moeq), or any "
                         "task `lm-eval ls tasks` lists (TASKS=none: no accuracy)")
 

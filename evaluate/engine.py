@@ -24,6 +24,7 @@ from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
+from moeq import roofline  # noqa: E402
 from moeq.evaluate import kernels, perf, routing, settings as engine_settings  # noqa: E402
 from moeq.evaluate.ledger import Ledger  # noqa: E402
 
@@ -90,17 +91,6 @@ def peak_memory(on_gpu: bool) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss: peak resident set of the engine process"
 
 
-def kv_bytes_per_token(cfg, kv_cache_dtype: str = "auto") -> int:
-    """KV cache bytes per token in the layout vLLM stores: MLA (DeepSeek) keeps one compressed latent
-    plus the rotary key per layer; other attention keeps K and V per KV head."""
-    width = 1 if "fp8" in str(kv_cache_dtype) else 2
-    if getattr(cfg, "kv_lora_rank", None):
-        return cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * width
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * width
-
-
 def model_facts(path: Path, weights_bytes: int, fmt: dict, llm_args: dict) -> dict:
     """Parameter counts of the architecture (from its config, on the meta device) for the roofline."""
     import torch
@@ -110,7 +100,7 @@ def model_facts(path: Path, weights_bytes: int, fmt: dict, llm_args: dict) -> di
         model = AutoModelForCausalLM.from_config(cfg)
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     total = sum(p.numel() for p in model.parameters())
-    from moeq.quantize.coverage import experts_per_layer
+    from moeq.registry import experts_per_layer
     n_experts = experts_per_layer(cfg)
     moe_layers = len({n.split(".experts.")[0] for n, _ in model.named_parameters() if ".experts." in n})
     top_k = cfg.num_experts_per_tok
@@ -119,7 +109,7 @@ def model_facts(path: Path, weights_bytes: int, fmt: dict, llm_args: dict) -> di
     return {"model_type": cfg.model_type, "hidden_size": cfg.hidden_size, "num_layers": cfg.num_hidden_layers,
             "num_experts": n_experts, "top_k": top_k, "vocab_size": cfg.vocab_size,
             "num_kv_heads": getattr(cfg, "num_key_value_heads", cfg.num_attention_heads), "head_dim": head_dim,
-            "kv_bytes_per_token": kv_bytes_per_token(cfg, llm_args.get("kv_cache_dtype", "auto")),
+            "kv_bytes_per_token": roofline.kv_bytes_per_token(cfg, llm_args.get("kv_cache_dtype", "auto")),
             "params_total": total, "params_dense": total - experts, "params_per_expert": per_expert,
             "moe_layers": moe_layers, "params_active": total - experts + per_expert * top_k * moe_layers,
             "weight_bits": round(8 * weights_bytes / total, 3), "activation_bits": fmt.get("activation_bits", 16),
@@ -259,7 +249,6 @@ def run(job: Job, log=print) -> str | None:
 def physics(facts: dict, device: str, batch: int, inp: int, out: int, routing_used: str, metrics) -> list[dict]:
     """The cell against its roofline ceiling, flagged in the ledger when it is faster than the device's
     bytes and FLOPs allow (then it measures something other than the model, e.g. degenerate routing)."""
-    from moeq.evaluate import roofline
     peak = roofline.match_device(device)
     if peak is None:
         return []

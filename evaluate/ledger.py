@@ -17,7 +17,7 @@ import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
 
-from moeq.quantize.registry import UserError
+from moeq.errors import UserError
 
 VERSION = 2
 SCHEMA = """

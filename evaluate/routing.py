@@ -7,12 +7,10 @@ experts a batch touches (weight bytes read per decode step) and how full each ex
 * `--routing zipf:S` (shape-only runs, evaluate/settings.py): vLLM's routing simulator picks each
   token's top-k experts by Gumbel-top-k over a Zipf(S) law (expert e has weight 1/(e+1)^S), in every
   MoE layer; the routing is part of the rows' engine settings, so they never share a ratio with others.
-* `python -m moeq.evaluate.routing CHECKPOINT[:dummy][:zipfS][:lN] ...`: the expert load that vLLM
+* `moeq routing CHECKPOINT[:dummy][:zipfS][:lN] ...`: the expert load that vLLM
   itself routes (enable_return_routed_experts), per layer, as JSON: max/mean load, coefficient of
   variation, normalized entropy (1 = perfectly even).
 """
-import argparse
-import json
 import os
 
 import numpy as np
@@ -66,7 +64,7 @@ def probe(path: str, dummy: bool, zipf: float | None, layers: int | None, prompt
     if zipf is not None:
         install(zipf)
     cfg = AutoConfig.from_pretrained(path)
-    from moeq.quantize.coverage import experts_per_layer
+    from moeq.registry import experts_per_layer
     experts = experts_per_layer(cfg)
     args = dict(enforce_eager=True, enable_return_routed_experts=True, enable_prefix_caching=False, seed=seed,
                 max_model_len=input_len + 8, dtype="bfloat16", **engine)
@@ -85,32 +83,3 @@ def probe(path: str, dummy: bool, zipf: float | None, layers: int | None, prompt
     return {"checkpoint": path, "weights": "dummy" if dummy else "real",
             "routing": f"zipf:{zipf:g}" if zipf is not None else "model's router", "num_experts": experts,
             **load_stats(routed, experts)}
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="expert load that vLLM routes for random-token prompts")
-    ap.add_argument("probe", nargs="+", help="CHECKPOINT[:dummy][:zipfS][:lN], e.g. ckpt:dummy:zipf1.0:l8 "
-                                             "(lN: only the first N layers, for memory)")
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--input-len", type=int, default=256)
-    ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--out", help="also write the JSON list here")
-    a = ap.parse_args(argv)
-    import yaml
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    engine = {k: yaml.safe_load(v) for k, _, v in (e.partition("=") for e in a.engine_arg)}
-    results = []
-    for spec in a.probe:
-        path, *flags = spec.split(":")
-        zipf = next((float(f[4:]) for f in flags if f.startswith("zipf")), None)
-        layers = next((int(f[1:]) for f in flags if f[:1] == "l" and f[1:].isdigit()), None)
-        r = probe(path, "dummy" in flags, zipf, layers, a.prompts, a.input_len, **engine)
-        results.append(r)
-        print(f"routing: {spec}: {json.dumps(r['median'])} ({r['tokens']} tokens, {r['layers']} layers)", flush=True)
-        if a.out:
-            with open(a.out, "w") as f:
-                json.dump(results, f, indent=1)
-
-
-if __name__ == "__main__":
-    main()

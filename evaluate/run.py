@@ -15,9 +15,9 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from moeq.quantize import identity, recipes, registry
-from moeq.quantize.atomic import is_complete
-from moeq.quantize.registry import UserError
+from moeq import identity, registry, schemes
+from moeq.atomic import is_complete
+from moeq.errors import UserError
 from moeq.evaluate import settings as engine_settings
 from moeq.evaluate.engine import Job, job_json
 from moeq.evaluate.ledger import Ledger, lock
@@ -36,7 +36,7 @@ class Target:
 
     @property
     def recipe(self):
-        return None if self.scheme == recipes.BASELINE else recipes.load(self.scheme)
+        return None if self.scheme == schemes.BASELINE else schemes.load(self.scheme)
 
 
 def quant_python() -> str:
@@ -101,10 +101,10 @@ def find_targets(models: list[str] | None, schemes: list[str] | None, root: Path
         if model.source == "built" and not is_complete(model.path):
             raise UserError(f"{name} is not built yet: run `make quantize` (or `moeq build {name}`) first")
         folders = {p.name: p for p in (Path(root) / model.name).glob("*") if p.is_dir() and not p.name.startswith(".")}
-        wanted = [recipes.load(s).name if s != recipes.BASELINE else s for s in schemes] if schemes else \
-            [recipes.BASELINE, *sorted(folders)]
+        wanted = [schemes.load(s).name if s != schemes.BASELINE else s for s in schemes] if schemes else \
+            [schemes.BASELINE, *sorted(folders)]
         for scheme in wanted:
-            recipe = None if scheme == recipes.BASELINE else recipes.load(scheme)
+            recipe = None if scheme == schemes.BASELINE else schemes.load(scheme)
             if recipe is None or recipe.online:
                 check_checkpoint(model.path, quantized=False)
                 targets.append(Target(model.name, scheme, model.path))
@@ -123,16 +123,16 @@ def shape_only_targets(models: list[str] | None, schemes: list[str] | None, root
     A load-time scheme (fp8-online) runs on the BF16 folder."""
     if not models:
         raise UserError("WEIGHTS=dummy needs MODEL= (one of: " + ", ".join(registry.registry()) + ")")
-    schemes = schemes or [recipes.BASELINE, *recipes.all_recipes()]
+    schemes = schemes or [schemes.BASELINE, *schemes.all_recipes()]
     targets = []
     for name in models:
         registry.resolve(name, need_weights=False)
         for scheme in schemes:
-            recipe = None if scheme == recipes.BASELINE else recipes.load(scheme)
-            folder = recipes.BASELINE if recipe is None or recipe.online else recipe.name
+            recipe = None if scheme == schemes.BASELINE else schemes.load(scheme)
+            folder = schemes.BASELINE if recipe is None or recipe.online else recipe.name
             out = Path(root) / SHAPE_ONLY / name / folder
             if not is_complete(out):
-                subprocess.run([quant_python(), "-m", "moeq.quantize.shape", name, folder, str(out)], check=True)
+                subprocess.run([quant_python(), "-m", "moeq.cli", "shape", name, folder, str(out)], check=True)
             targets.append(Target(name, recipe.name if recipe else scheme, out, "shape-only"))
     return targets
 
@@ -153,7 +153,7 @@ def job_for(target: Target, ledger: Path, settings: engine_settings.EngineSettin
     return Job(model=target.model, scheme=target.scheme, path=str(target.path), ledger=str(ledger),
                settings=settings.record(), provenance=target.provenance, cells=[list(c) for c in cells],
                repeats=repeats, tasks=list(tasks), limit=limit, force=force,
-               format=recipes.scheme_format(target.scheme), checkpoint=ckpt,
+               format=schemes.scheme_format(target.scheme), checkpoint=ckpt,
                # a shape-only folder holds no weights; a load-time scheme writes no checkpoint
                checkpoint_bytes=None if shape_only or (recipe and recipe.online) else
                sum(p.stat().st_size for p in Path(target.path).rglob("*") if p.is_file()),
@@ -195,7 +195,7 @@ def dequantized(path: Path) -> Path:
     checkpoint never reuses the copy of an older one."""
     out = path.parent / DEQUANTIZED / f"{path.name}-{identity.checkpoint_identity(path)}"
     if not is_complete(out):
-        subprocess.run([quant_python(), "-m", "moeq.quantize.cli", "dequantize", str(path), str(out)], check=True)
+        subprocess.run([quant_python(), "-m", "moeq.cli", "dequantize", str(path), str(out)], check=True)
     return out
 
 
@@ -256,10 +256,10 @@ def misloads(ledger: Ledger, models: list[str], log=print, max_ratio: float = 1.
     bad = []
     for model in set(models):
         rows = [r for r in ledger.rows(model=model, cell="moeq_ppl", metric="bits_per_byte")]
-        base = {(r["backend"], r["device"], r["settings"]): r["value"] for r in rows if r["scheme"] == recipes.BASELINE}
+        base = {(r["backend"], r["device"], r["settings"]): r["value"] for r in rows if r["scheme"] == schemes.BASELINE}
         for r in rows:
             ref = base.get((r["backend"], r["device"], r["settings"]))
-            if r["scheme"] != recipes.BASELINE and ref and r["value"] > max_ratio * ref:
+            if r["scheme"] != schemes.BASELINE and ref and r["value"] > max_ratio * ref:
                 msg = (f"{model} / {r['scheme']}: {r['value']:.3f} bits/byte vs {ref:.3f} for bf16 — "
                        "far beyond quantization error; the checkpoint was probably misloaded")
                 log(f"[eval] ERROR: {msg}")

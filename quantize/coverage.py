@@ -4,21 +4,17 @@ import re
 
 import torch
 
+from moeq import registry
+
 
 def routers(model, ignore: list[str]) -> dict[str, torch.nn.Module]:
     """The router gates: ignored modules (by the registry's patterns) whose weight maps hidden -> experts."""
-    n_experts = experts_per_layer(model.config)
+    n_experts = registry.experts_per_layer(model.config)
     patterns = [re.compile(p[3:]) for p in ignore if p.startswith("re:")]
     return {name: m for name, m in model.named_modules()
             if any(p.match(name) for p in patterns)
             and getattr(m, "weight", None) is not None and m.weight.dim() == 2 and m.weight.shape[0] == n_experts}
 
-
-def experts_per_layer(config) -> int:
-    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
-        if getattr(config, key, None):
-            return getattr(config, key)
-    raise ValueError(f"{config.model_type}: cannot tell how many experts it has")
 
 
 @torch.no_grad()
@@ -28,7 +24,7 @@ def count_routing(model, samples: list[list[int]], ignore: list[str], batch: int
     found = routers(model, ignore)
     if not found:
         raise RuntimeError("no router gates matched the model's ignore patterns; coverage cannot be counted")
-    counts = {name: torch.zeros(experts_per_layer(model.config), dtype=torch.long) for name in found}
+    counts = {name: torch.zeros(registry.experts_per_layer(model.config), dtype=torch.long) for name in found}
 
     def hook(name):
         def fn(module, args):

@@ -9,8 +9,8 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
-from moeq.quantize.atomic import staged_dir
-from moeq.quantize.registry import UserError
+from moeq.atomic import staged_dir
+from moeq.errors import UserError
 
 
 def dequantize(ckpt: Path, out: Path, log=print) -> Path:

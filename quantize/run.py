@@ -4,12 +4,31 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from moeq.quantize import corpus, coverage, identity, recipes, registry
-from moeq.quantize.atomic import clean_stale, folder_lock, is_complete, staged_dir
-from moeq.quantize.identity import read_manifest
-from moeq.quantize.registry import UserError
+from moeq import corpus, identity, registry, schemes
+from moeq.quantize import coverage, tiny
+from moeq.atomic import clean_stale, folder_lock, is_complete, staged_dir
+from moeq.identity import read_manifest
+from moeq.errors import UserError
 
 LIBRARIES = ("torch", "transformers", "llmcompressor", "compressed-tensors", "tokenizers")
+
+
+def ragged_layers(model, recipe: schemes.Recipe) -> dict[str, int]:
+    """Layers whose input is not a whole number of the recipe's quantization groups (DeepSeek-V2-Lite's
+    dense MLP: 10,944 = 85.5 x 128). llm-compressor quantizes them, but vLLM refuses to load the checkpoint
+    ("input_size_per_partition=10944 ... not divisible by group_size=128", measured on the H200), so they
+    stay in full precision. An expert cannot: vLLM's fused MoE runs every expert in one format. `model` may
+    be linearized (experts as Linear) or not (fused 3D expert tensors [E, out, in], e.g. on the meta device)."""
+    import torch
+    widths = {n: m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    widths.update({n: p.shape[-1] for n, p in model.named_parameters() if p.dim() == 3})
+    groups = recipe.group_sizes()
+    kept = {name: n for name, n in widths.items() if any(n % g for g in groups)}
+    if experts := [n for n in kept if ".experts." in n]:
+        raise UserError(f"{experts[0]}: expert input width {kept[experts[0]]} is not a whole number of "
+                        f"{sorted(groups)}-groups, and experts cannot stay in full precision one by one; "
+                        "use a recipe with a group size that divides it")
+    return kept
 
 
 def dir_size(path: Path) -> int:
@@ -74,7 +93,7 @@ def planned_recipe(model, recipe, src: Path) -> tuple[str, dict]:
     quantization groups). Widths come from the config on the meta device, so a reuse check loads no weights."""
     from transformers import AutoConfig
     from moeq.quantize.shape import meta_model
-    kept = recipes.ragged_layers(meta_model(AutoConfig.from_pretrained(src)), recipe) if recipe.group_sizes() else {}
+    kept = ragged_layers(meta_model(AutoConfig.from_pretrained(src)), recipe) if recipe.group_sizes() else {}
     return recipe.for_model([*model.ignore, *kept]), kept
 
 
@@ -99,12 +118,12 @@ def reuse_or_redo(out: Path, manifest: dict, force: bool, log) -> bool:
 def quantize(model_name: str, scheme: str, out_root: Path, samples: int | None = None,
              seq_len: int | None = None, force: bool = False, log=print) -> Path:
     model = registry.resolve(model_name)
-    recipe = recipes.checkpoint_recipe(scheme)
-    recipes.validate(recipe.for_model(model.ignore), str(recipe.path))
+    recipe = schemes.checkpoint_recipe(scheme)
+    schemes.validate(recipe.for_model(model.ignore), str(recipe.path))
     out = checkpoint_dir(out_root, model.name, recipe.name)
     calib = model.calibration
     samples, seq_len = samples or calib["samples"], seq_len or calib["seq_len"]
-    src = registry.ensure_built(model, log=log)
+    src = tiny.ensure_built(model, log=log)
     recipe_text, kept = planned_recipe(model, recipe, src)
     calibrated = recipe.needs_calibration
     manifest = {

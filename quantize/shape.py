@@ -7,7 +7,7 @@ of the same architecture (random weights, random calibration tokens) through the
 is expanded to every layer of the real model by matching each real layer to a small layer with the
 same module structure (so DeepSeek's dense first layer gets no router entry).
 
-    python -m moeq.quantize.shape MODEL SCHEME OUT      (quantize environment; no weights needed)
+    moeq shape MODEL SCHEME OUT      (quantize environment; no weights needed)
 """
 import json
 import re
@@ -15,8 +15,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from moeq.quantize import recipes, registry
-from moeq.quantize.atomic import staged_dir
+from moeq import registry, schemes
+from moeq.atomic import staged_dir
+from moeq.errors import UserError
 
 LAYER = re.compile(r"^(.*\blayers\.)(\d+)(\..+)$")
 # narrow sizes (and fewer experts) for the small instance: names and quantization_config do not depend on them
@@ -123,11 +124,12 @@ def shape_checkpoint(model: str, scheme: str, out: Path, log=print) -> Path:
     spec = registry.resolve(model, need_weights=False)
     cfg = dict(spec.spec["config"])
     config = hf_config(cfg)
-    recipe = None if scheme == recipes.BASELINE else recipes.load(scheme)
+    recipe = None if scheme == schemes.BASELINE else schemes.load(scheme)
     qc, kept = None, {}
     if recipe is not None:
-        recipes.validate(recipe.for_model(spec.ignore), str(recipe.path))
-        kept = recipes.ragged_layers(meta_model(config), recipe)  # real widths: the narrow instance has none
+        schemes.validate(recipe.for_model(spec.ignore), str(recipe.path))
+        from moeq.quantize.run import ragged_layers
+        kept = ragged_layers(meta_model(config), recipe)  # real widths: the narrow instance has none
         full = layer_signatures(config)
         # the smallest depth that holds every kind of layer the real model has (at least two)
         depth = max(2, max(full.index(s) for s in set(full)) + 1)
@@ -149,17 +151,3 @@ def shape_checkpoint(model: str, scheme: str, out: Path, log=print) -> Path:
             "recipe_sha256": recipe.file_hash if recipe else None, "full_precision_ragged_groups": kept}, indent=2))
     log(f"[shape] wrote {out} ({spec.name} x {scheme}, shape only)")
     return out
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 3:
-        sys.exit("usage: python -m moeq.quantize.shape MODEL SCHEME OUT")
-    try:
-        shape_checkpoint(argv[0], argv[1], Path(argv[2]))
-    except registry.UserError as e:
-        sys.exit(f"error: {e}")
-
-
-if __name__ == "__main__":
-    main()

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from moeq.quantize import corpus, coverage
-from moeq.quantize.atomic import staged_dir
+from moeq import corpus, registry
+from moeq.atomic import folder_lock, is_complete, staged_dir
+from moeq.quantize import coverage
 
 SPECIAL = ["<s>", "</s>", "<pad>"]
 
@@ -170,3 +171,14 @@ def build(name: str, spec: dict, out: Path, steps: int | None = None, log=print)
         model.save_pretrained(tmp)
         (tmp / "moeq_build.json").write_text(json.dumps(stats, indent=2))
     return stats
+
+
+def ensure_built(model: registry.Model, log=print) -> Path:
+    """The checkpoint folder of `model`, building the embedded models on first use."""
+    if model.source != "built" or is_complete(model.path):
+        return model.path
+    with folder_lock(model.path, wait=True):  # a second process waits for the first build instead of repeating it
+        if not is_complete(model.path):
+            log(f"[moeq] building {model.name} into {model.path} (once; cached)")
+            build(model.name, model.spec, model.path, log=log)
+    return model.path

@@ -4,13 +4,12 @@ The checkpoint is decompressed by compressed-tensors into a BF16 copy and both r
 transformers: this measures weight error (activations stay BF16). A load is only trusted when these
 numbers say so: transformers' own loader can leave MoE experts at random init with only a warning.
 """
-import json
 import tempfile
 from pathlib import Path
 
 import torch
 
-from moeq.quantize import corpus
+from moeq import corpus
 from moeq.quantize.dequantize import dequantize
 
 
@@ -42,8 +41,3 @@ def compare(base: Path, ckpt: Path, n: int = 8, seq_len: int = 256) -> dict:
     agree = (base_lp.argmax(-1) == quant_lp.argmax(-1)).float().mean()
     return {"tokens": int(targets.numel()), "nll_bf16": float(pick(base_lp)), "nll_quant": float(pick(quant_lp)),
             "delta_nll": float(pick(quant_lp) - pick(base_lp)), "kl": float(kl), "top1_agreement": float(agree)}
-
-
-if __name__ == "__main__":
-    import sys
-    print(json.dumps(compare(Path(sys.argv[1]), Path(sys.argv[2]))))

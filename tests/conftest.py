@@ -15,7 +15,7 @@ CALIB = ["--samples", "16", "--seq-len", "128"]
 
 
 def moeq(*args, python=QUANT_PYTHON, check=True, env=None, timeout=1800) -> subprocess.CompletedProcess:
-    proc = subprocess.run([python, "-m", "moeq.quantize.cli", *map(str, args)], capture_output=True, text=True,
+    proc = subprocess.run([python, "-m", "moeq.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, env={**os.environ, "MOEQ_QUANT_PYTHON": QUANT_PYTHON, **(env or {})},
                           timeout=timeout)
     if check and proc.returncode != 0:

@@ -7,10 +7,10 @@ import os
 
 import pytest
 
-from moeq.quantize.registry import UserError
+from moeq.errors import UserError
 
 from moeq.evaluate import accuracy
-from moeq.quantize import corpus
+from moeq import corpus
 
 LIMIT = 16
 

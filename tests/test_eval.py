@@ -113,7 +113,7 @@ def test_killed_eval_resumes_without_remeasuring(tiny_model, tmp_path):
     cells = {f"b{b}-i128-o96" for b in (1, 2, 4, 8, 16)}  # a cell to spare after the second kill
     args = eval_args(ledger, checkpoints, "--scheme", "bf16", "--tasks", "none", "--batch", "1,2,4,8,16",
                      "--input-len", "128", "--output-len", "96")
-    cmd = [sys.executable, "-m", "moeq.quantize.cli", *map(str, args)]
+    cmd = [sys.executable, "-m", "moeq.cli", *map(str, args)]
     env = {**os.environ, "MOEQ_QUANT_PYTHON": QUANT_PYTHON}
     rng, done, cell_seconds = random.Random(0), {}, None
     for attempt in range(2):

@@ -15,9 +15,9 @@ import yaml
 from safetensors import safe_open
 
 from conftest import QUANT_PYTHON, ROOT, moeq, read_json
-from moeq.quantize import atomic, identity, recipes
-from moeq.quantize.registry import env_flag
-from moeq.quantize.registry import UserError
+from moeq import atomic, identity, schemes
+from moeq.env import env_flag
+from moeq.errors import UserError
 
 
 def fake_model(folder: Path, weights: bytes = b"\0" * 64, config: dict | None = None) -> Path:
@@ -82,7 +82,7 @@ def test_checkpoint_identity_without_torch(tmp_path):
     same = [manifest(tmp_path / n) for n in ("a", "b")]
     others = [manifest(tmp_path / "c", digest="s2"), manifest(tmp_path / "d", recipe="r2"),
               manifest(tmp_path / "e", samples=16)]
-    code = ("import sys; from moeq.quantize.identity import checkpoint_identity as c; "
+    code = ("import sys; from moeq.identity import checkpoint_identity as c; "
             "print(*[c(p) for p in sys.argv[1:]]); assert 'torch' not in sys.modules")
     out = subprocess.run([sys.executable, "-c", code, *same, *others], capture_output=True, text=True, check=True)
     ids = out.stdout.split()
@@ -137,7 +137,7 @@ def test_staged_dir_names_its_writer_and_cleans_first(tmp_path):
 
 def test_second_writer_fails_fast_naming_the_holder(tmp_path):
     final = tmp_path / "fp8"
-    code = ("import sys; from moeq.quantize.atomic import staged_dir\n"
+    code = ("import sys; from moeq.atomic import staged_dir\n"
             "with staged_dir(sys.argv[1]): pass")
     with atomic.folder_lock(final):
         with atomic.folder_lock(final):  # the same process may nest (build -> staged_dir)
@@ -208,7 +208,7 @@ def test_other_source_with_the_same_name_is_refused(fp8, tiny_model, tmp_path):
 def test_custom_recipe_named_fp8_is_not_reused_as_fp8(fp8, tmp_path):
     root = tmp_path / "root"
     shutil.copytree(fp8[0], root)
-    doc = yaml.safe_load(recipes.load("fp8").path.read_text())
+    doc = yaml.safe_load(schemes.load("fp8").path.read_text())
     doc["quant_stage"]["quant_modifiers"]["QuantizationModifier"]["scheme"] = "FP8_BLOCK"
     custom = tmp_path / "mine" / "fp8.yaml"
     custom.parent.mkdir()
@@ -233,7 +233,7 @@ def quantize_fp8(root: Path, force: bool, kill: tuple[str, float] | None = None)
     """Run `moeq quantize --model tiny --scheme fp8`; with kill=(phase, seconds), SIGKILL it that long after
     its start ("start") or after its temporary folder appeared ("write"). Returns the exit status and the
     seconds from the start and from the temporary folder's appearance to the end."""
-    cmd = [QUANT_PYTHON, "-m", "moeq.quantize.cli", "quantize", "--model", "tiny", "--scheme", "fp8",
+    cmd = [QUANT_PYTHON, "-m", "moeq.cli", "quantize", "--model", "tiny", "--scheme", "fp8",
            "--out", root, *(["--force"] if force else [])]
     proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     start, wrote = time.time(), None

@@ -1,6 +1,7 @@
 """Issue: every scheme quantizes the MoE into compressed-tensors, gates and lm_head stay BF16, every
 expert is counted, outputs stay close to BF16, and bad input fails cleanly leaving nothing behind."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -11,9 +12,9 @@ import yaml
 from safetensors import safe_open
 
 from conftest import CALIB, QUANT_PYTHON, ROOT, moeq, read_json
-from moeq.quantize import recipes
+from moeq import schemes
 
-SCHEMES = sorted(recipes.checkpoint_recipes())  # fp8-online is applied by vLLM at load: no checkpoint
+SCHEMES = sorted(schemes.checkpoint_recipes())  # fp8-online is applied by vLLM at load: no checkpoint
 FORMATS = {"fp8": "float-quantized", "fp8-static": "float-quantized", "fp8-block": "float-quantized",
            "w4a16-gptq": "pack-quantized", "w4a16-awq": "pack-quantized", "w8a16": "pack-quantized",
            "w8a8-int8": "int-quantized"}
@@ -33,19 +34,19 @@ def tensors(folder: Path) -> dict:
 
 
 def verify(base: Path, ckpt: Path) -> dict:
-    proc = subprocess.run([QUANT_PYTHON, "-m", "moeq.quantize.verify", base, ckpt], capture_output=True, text=True,
+    proc = subprocess.run([QUANT_PYTHON, "-m", "moeq.cli", "verify", base, ckpt], capture_output=True, text=True,
                           check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_recipes_cover_the_issue_schemes():
     assert set(FORMATS) == set(SCHEMES)
-    formats = {name: recipe.format for name, recipe in recipes.all_recipes().items()}
+    formats = {name: recipe.format for name, recipe in schemes.all_recipes().items()}
     assert formats["w8a16"] == {"weight_type": "int", "weight_bits": 8, "activation_type": "float", "activation_bits": 16}
     assert formats["w8a8-int8"]["activation_bits"] == 8 and formats["fp8-online"] == formats["fp8"]
-    assert recipes.load("fp8-online").online == "fp8" and "fp8-online" not in recipes.checkpoint_recipes()
-    assert recipes.load("gptq").name == "w4a16-gptq" and recipes.load("awq").name == "w4a16-awq"
-    assert recipes.load("int8").name == "w8a8-int8"
+    assert schemes.load("fp8-online").online == "fp8" and "fp8-online" not in schemes.checkpoint_recipes()
+    assert schemes.load("gptq").name == "w4a16-gptq" and schemes.load("awq").name == "w4a16-awq"
+    assert schemes.load("int8").name == "w8a8-int8"
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -63,7 +64,7 @@ def test_checkpoint_is_compressed_tensors(checkpoints, scheme):
                 assert f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{proj}.weight_scale" in names
     assert "lm_head" in qcfg["ignore"] and names["lm_head.weight"] == "BF16"
     manifest = read_json(folder / "manifest.json")
-    assert manifest["recipe_sha256"] == recipes.load(scheme).file_hash
+    assert manifest["recipe_sha256"] == schemes.load(scheme).file_hash
     assert manifest["size_bytes"] > 0 and manifest["wall_seconds"] > 0
     assert {"torch", "llmcompressor", "compressed-tensors", "transformers"} <= set(manifest["libraries"])
 
@@ -151,18 +152,32 @@ def test_unwritable_output_folder(tiny_model, tmp_path):
     assert proc.returncode == 2 and "cannot write under" in proc.stderr
 
 
-def test_help_on_every_subcommand():
-    for sub in ("", "list", "build", "quantize", "dequantize", "eval", "report"):
-        proc = subprocess.run([sys.executable, "-m", "moeq.quantize.cli", *sub.split(), "--help"],
-                              capture_output=True, text=True, cwd=ROOT)
-        assert proc.returncode == 0 and "usage: moeq" in proc.stdout
+def test_help_on_every_verb_in_both_environments():
+    from moeq.cli import VERBS
+    verbs = [v.rsplit(".", 1)[1] for v in VERBS]
+    for python in (sys.executable, QUANT_PYTHON):
+        for verb in ("", *verbs):
+            proc = subprocess.run([python, "-m", "moeq.cli", *verb.split(), "--help"],
+                                  capture_output=True, text=True, cwd=ROOT)
+            assert proc.returncode == 0 and "usage: moeq" in proc.stdout, (python, verb, proc.stderr[-500:])
+
+
+def test_a_verb_from_the_wrong_environment_names_the_right_one(tmp_path):
+    env = {**os.environ, "MOEQ_QUANT_PYTHON": QUANT_PYTHON}
+    proc = subprocess.run([sys.executable, "-m", "moeq.cli", "quantize", "--model", "tiny", "--out", tmp_path],
+                          capture_output=True, text=True, cwd=ROOT, env=env)
+    assert proc.returncode == 2 and "runs in the quantize environment" in proc.stderr
+    assert str(Path(QUANT_PYTHON).with_name("moeq").relative_to(ROOT)) in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([QUANT_PYTHON, "-m", "moeq.cli", "eval", "--ledger", tmp_path / "l.sqlite"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "runs in the serve environment" in proc.stderr and not list(tmp_path.iterdir())
 
 
 def test_second_architecture_qwen3_moe(tmp_path):
     """The same builder and pipeline on Qwen3-MoE (router at mlp.gate, experts named gate/up/down_proj).
     A few training steps suffice here: this checks the mechanics, not what the model learnt."""
     model = tmp_path / "tiny-qwen3moe"
-    subprocess.run([QUANT_PYTHON, "-c", "import sys; from pathlib import Path; from moeq.quantize import registry, tiny; "
+    subprocess.run([QUANT_PYTHON, "-c", "import sys; from pathlib import Path; from moeq import registry; from moeq.quantize import tiny; "
                     "m = registry.resolve('tiny-qwen3moe'); tiny.build(m.name, m.spec, Path(sys.argv[1]), steps=20)",
                     model], check=True, capture_output=True, cwd=ROOT)
     assert read_json(model / "config.json")["model_type"] == "qwen3_moe"
@@ -179,7 +194,7 @@ def test_second_architecture_qwen3_moe(tmp_path):
 def qwen3_variant(tmp_path, name: str, **config) -> Path:
     """tiny-qwen3moe with config overrides, trained a few steps (mechanics only)."""
     model = tmp_path / name
-    subprocess.run([QUANT_PYTHON, "-c", "import json, sys; from pathlib import Path; from moeq.quantize import registry, tiny; "
+    subprocess.run([QUANT_PYTHON, "-c", "import json, sys; from pathlib import Path; from moeq import registry; from moeq.quantize import tiny; "
                     "m = registry.resolve('tiny-qwen3moe'); spec = dict(m.spec, config={**m.spec['config'], **json.loads(sys.argv[2])}); "
                     "tiny.build(sys.argv[3], spec, Path(sys.argv[1]), steps=5)", model, json.dumps(config), name],
                    check=True, capture_output=True, cwd=ROOT)

@@ -7,11 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moeq.evaluate import roofline
+from moeq import roofline
 from moeq.evaluate.ledger import Ledger
 from moeq.evaluate.perf import summarize
-from moeq.evaluate.report import build_report
-from moeq.quantize.registry import UserError
+from moeq.evaluate.report.build import build_report
+from moeq.errors import UserError
 
 MiB = 2**20
 H200 = {"model": "tiny", "provenance": "real", "backend": "vllm-cuda", "device": "NVIDIA H200", "settings": "s1"}

@@ -1,11 +1,11 @@
-"""Shape-only checkpoints (`python -m moeq.quantize.shape`): the real config plus the quantization_config
+"""Shape-only checkpoints (`moeq shape`): the real config plus the quantization_config
 llm-compressor writes for the recipe, the ignore list covering every layer's router and lm_head."""
 import subprocess
 
 import pytest
 
 from conftest import QUANT_PYTHON, ROOT, read_json
-from moeq.quantize import registry
+from moeq import registry
 
 # scheme: (format, weight bits, weight strategy, activations: None or (type, bits, strategy, dynamic))
 EXPECTED = {
@@ -20,7 +20,7 @@ EXPECTED = {
 
 def shape(model, scheme, tmp_path) -> dict:
     out = tmp_path / model / scheme
-    proc = subprocess.run([QUANT_PYTHON, "-m", "moeq.quantize.shape", model, scheme, str(out)], cwd=ROOT,
+    proc = subprocess.run([QUANT_PYTHON, "-m", "moeq.cli", "shape", model, scheme, str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / ".moeq-complete").is_file() and not list(out.glob("*.safetensors"))

@@ -16,8 +16,8 @@ import re
 import tempfile
 from pathlib import Path
 
-from moeq.quantize import corpus
-from moeq.quantize.registry import cache_root
+from moeq import corpus
+from moeq.env import cache_root
 
 
 def data_dir() -> Path:

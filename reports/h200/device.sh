@@ -10,7 +10,7 @@
 set -u
 W=/tmp/h200; OUT=${OUT:-$W/out}; mkdir -p "$W" "$OUT"
 export PYTHONPATH=/tmp/site:$W/pkg VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-export MOEQ_CACHE=$W/cache MOEQ_RECIPES=$W/recipes
+export MOEQ_CACHE=$W/cache
 PLAN=reports/h200/plan.yaml LEDGER=$W/ledger.sqlite CKPT=$W/checkpoints
 trap 'cp -f $LEDGER "$OUT"/ 2>/dev/null; (cd $W && tar cf "$OUT/results.tar" *.json 2>/dev/null)' EXIT
 END=$((SECONDS + ${BUDGET:-560}))  # every step stops in time for the trap to run inside the call's limit
@@ -24,8 +24,8 @@ step_install() {
   step_chunk
   cat /tmp/chunks/part* | tar x -C /tmp && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/whl/*.whl || return 1
   # a frozen copy of moeq: later calls run the code this call brought, whatever the tree holds then
-  rm -rf $W/pkg && mkdir -p $W/pkg/moeq && cp -r quantize $W/pkg/moeq/quantize && cp -r evaluate $W/pkg/moeq/evaluate \
-    && cp -r recipes $W/recipes
+  # laid out as pyproject.toml installs it: core/ is the package moeq, the rest its subpackages
+  rm -rf $W/pkg && mkdir -p $W/pkg && cp -r core $W/pkg/moeq && cp -r quantize evaluate recipes $W/pkg/moeq/
   # carried paths are gone from the next call's copy of the repository: keep them under /tmp
   mkdir -p $CKPT && cp -r checkpoints/.shape-only $CKPT/ && cp -r .h200/tokenizer $W/tokenizer
   # the committed ledger goes on: cells it already holds (same settings, same checkpoint) are skipped
@@ -36,17 +36,17 @@ step_install() {
 
 step_sweep() {  # sweep=qwen3moe,mixtral[/bf16,fp8]
   local models=${1%%/*} schemes=; [[ $1 == */* ]] && schemes="--schemes ${1#*/}"
-  timeout $(left) python3 -m moeq.evaluate.sweep $PLAN --models "$models" $schemes --ledger $LEDGER --checkpoints $CKPT 2>&1 | show
+  timeout $(left) python3 -m moeq.cli sweep $PLAN --models "$models" $schemes --ledger $LEDGER --checkpoints $CKPT 2>&1 | show
 }
 
 step_restart() {  # restart=qwen3moe/bf16,fp8: a second engine start whose repeats join each cell's interval
-  timeout $(left) python3 -m moeq.evaluate.sweep $PLAN --models "${1%%/*}" --schemes "${1#*/}" --restarts 2 \
+  timeout $(left) python3 -m moeq.cli sweep $PLAN --models "${1%%/*}" --schemes "${1#*/}" --restarts 2 \
     --ledger $LEDGER --checkpoints $CKPT 2>&1 | show
 }
 
 step_variant() {  # variant=qwen3moe/fp8/moe_backend=triton: one scheme with one engine argument changed
   IFS=/ read -r model scheme arg <<< "$1"
-  timeout $(left) python3 -m moeq.quantize.cli eval --weights dummy --model $model --scheme $scheme --tasks none \
+  timeout $(left) python3 -m moeq.cli eval --weights dummy --model $model --scheme $scheme --tasks none \
     --batch 1,16,64,128 --warmup-tokens 16 --engine-arg "$arg" --ledger $LEDGER --checkpoints $CKPT 2>&1 | show
 }
 

@@ -5,11 +5,13 @@ import sqlite3
 import numpy as np
 import pytest
 
-from moeq.evaluate import cli, engine, kernels, ledger as ledger_mod, roofline, routing, settings, verdicts
+from moeq import env, flags, roofline, schemes
+from moeq.evaluate import engine, kernels, ledger as ledger_mod, routing, settings
+from moeq.evaluate.report import verdicts
 from moeq.evaluate.ledger import Ledger
 from moeq.evaluate.run import misloads
-from moeq.quantize import coverage, recipes
-from moeq.quantize.registry import UserError
+from moeq.quantize import coverage
+from moeq.errors import UserError
 
 CELLS = [(1, 512, 128), (16, 2048, 128)]
 
@@ -48,21 +50,21 @@ def test_real_weights_keep_their_routing():
 
 
 def test_cli_numbers_are_range_checked():
-    assert cli.int_list("1,16, 64", "--batch") == [1, 16, 64]
+    assert flags.int_list("1,16, 64", "--batch") == [1, 16, 64]
     for bad, message in (("0", "at least 1"), ("-1", "at least 1"), ("1,x", "whole numbers"), ("4.5", "whole numbers")):
         with pytest.raises(UserError, match=message):
-            cli.int_list(bad, "--batch")
+            flags.int_list(bad, "--batch")
     with pytest.raises(UserError, match="one whole number"):
-        cli.int_at_least("1,2", "--repeats", 1)
+        flags.int_at_least("1,2", "--repeats", 1)
 
 
 def test_env_flags_parse_strictly(monkeypatch):
     for value, expected in (("0", False), ("false", False), ("1", True), ("yes", True), ("", False)):
         monkeypatch.setenv("MOEQ_FORCE", value)
-        assert cli.env_flag("FORCE") is expected
+        assert env.env_flag("FORCE") is expected
     monkeypatch.setenv("MOEQ_FORCE", "maybe")
     with pytest.raises(UserError, match="MOEQ_FORCE='maybe'"):
-        cli.env_flag("FORCE")
+        env.env_flag("FORCE")
 
 
 def test_verdict_boundaries():
@@ -78,7 +80,7 @@ def test_verdict_boundaries():
 
 def test_claims_select_schemes_by_format():
     claims = {c["id"]: c for c in verdicts.load_claims()["claims"]}
-    formats = {n: recipes.scheme_format(n) for n in recipes.scheme_names()}
+    formats = {n: schemes.scheme_format(n) for n in schemes.scheme_names()}
     covered = lambda cid, model="qwen3moe": sorted(s for s, f in formats.items() if verdicts.covers(claims[cid], f, model))
     assert covered("fp8-throughput") == ["fp8", "fp8-block", "fp8-online", "fp8-static"]
     assert covered("int-throughput") == ["w4a16-awq", "w4a16-gptq", "w8a16"]  # W8A8-INT8 is not weight-only
@@ -102,10 +104,10 @@ def test_roofline_floor_by_hand():
 
 def test_kv_layout_mla_and_gqa():
     from types import SimpleNamespace as C
-    assert engine.kv_bytes_per_token(C(num_hidden_layers=27, kv_lora_rank=512, qk_rope_head_dim=64)) == 27 * 576 * 2
+    assert roofline.kv_bytes_per_token(C(num_hidden_layers=27, kv_lora_rank=512, qk_rope_head_dim=64)) == 27 * 576 * 2
     gqa = C(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128, hidden_size=4096)
-    assert engine.kv_bytes_per_token(gqa) == 2 * 32 * 8 * 128 * 2
-    assert engine.kv_bytes_per_token(gqa, "fp8") == 2 * 32 * 8 * 128
+    assert roofline.kv_bytes_per_token(gqa) == 2 * 32 * 8 * 128 * 2
+    assert roofline.kv_bytes_per_token(gqa, "fp8") == 2 * 32 * 8 * 128
 
 
 def test_routing_stats():

@@ -12,6 +12,7 @@ simulations) only the certain minimum, k, since a router may send every token to
 import re
 from functools import lru_cache
 from pathlib import Path
+from types import SimpleNamespace
 
 import yaml
 
@@ -48,8 +49,19 @@ def precision(config: dict) -> str:
     return "int8" if fmt.get("activation_type") == "int" else "fp8"
 
 
+def kv_bytes_per_token(cfg, kv_cache_dtype: str = "auto") -> int:
+    """KV cache bytes per token in the layout vLLM stores: MLA (DeepSeek) keeps one compressed latent
+    plus the rotary key per layer; other attention keeps K and V per KV head."""
+    width = 1 if "fp8" in str(kv_cache_dtype) else 2
+    if getattr(cfg, "kv_lora_rank", None):
+        return cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * width
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * width
+
+
 def floors(config: dict, device: dict, batch: int, input_len: int, output_len: int,
-           kv_bytes_per_token: float | None = None, routing: str = "uniform_random") -> dict:
+           kv_per_token: float | None = None, routing: str = "uniform_random") -> dict:
     c = config
     bytes_per_param = c["weight_bits"] / 8
     # The input embedding is a row lookup, not a read of the table: leaving one vocab x hidden out keeps
@@ -60,7 +72,8 @@ def floors(config: dict, device: dict, batch: int, input_len: int, output_len: i
         return bytes_per_param * (dense + c["moe_layers"] * c["params_per_expert"]
                                   * experts_touched(c["num_experts"], c["top_k"], tokens, routing))
 
-    kv = kv_bytes_per_token or c.get("kv_bytes_per_token") or 2 * c["num_layers"] * c["num_kv_heads"] * c["head_dim"] * 2
+    kv = kv_per_token or c.get("kv_bytes_per_token") or kv_bytes_per_token(SimpleNamespace(
+        num_hidden_layers=c["num_layers"], num_key_value_heads=c["num_kv_heads"], head_dim=c["head_dim"]))
     bandwidth = device["memory_bandwidth_GBps"] * 1e9
     tflops = device["tflops"]
     peak = (tflops.get(precision(c)) or tflops["bf16"]) * 1e12

@@ -5,7 +5,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from moeq.quantize.registry import UserError
+from moeq.errors import UserError
 
 FULL_HASH_LIMIT = 256 * 2**20  # larger weight files are sampled: hashing a 93 GB model would take minutes
 SAMPLE = 2**20

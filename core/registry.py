@@ -1,39 +1,19 @@
 """Models are data (models.yaml); this module only finds them and says clearly when it cannot."""
 import json
-import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import yaml
 
+from moeq.env import cache_root
+from moeq.errors import UserError
+
 REGISTRY_FILE = Path(__file__).with_name("models.yaml")
-
-
-class UserError(Exception):
-    """Bad input from the user: printed as one clear message, exit status 2."""
-
-
-TRUE, FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
-
-
-def env_default(name: str, default=None):
-    """A flag's default from MOEQ_<name>; moeq reads no other environment variables of its own."""
-    return os.environ.get(f"MOEQ_{name}") or default
-
-
-def env_flag(name: str) -> bool:
-    """MOEQ_<name> as a yes/no value, strictly: MOEQ_FORCE=0 is false, MOEQ_FORCE=maybe an error."""
-    value = os.environ.get(f"MOEQ_{name}", "").strip().lower()
-    if value not in TRUE + FALSE:
-        raise UserError(f"MOEQ_{name}={os.environ[f'MOEQ_{name}']!r} is not a yes/no value; "
-                        f"valid: {', '.join(TRUE)} or {', '.join(FALSE[1:])}")
-    return value in TRUE
-
-
-def cache_root() -> Path:
-    base = os.environ.get("MOEQ_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moeq"
-    return Path(base)
+# for a model folder of an architecture no entry has: router gates and lm_head stay in full precision,
+# and calibration as llm-compressor's MoE examples use it
+DEFAULT_IGNORE = ["lm_head", "re:.*mlp[.]gate$"]
+DEFAULT_CALIBRATION = {"samples": 512, "seq_len": 2048}
 
 
 @lru_cache(maxsize=None)
@@ -55,11 +35,11 @@ class Model:
 
     @property
     def ignore(self) -> list[str]:
-        return list(self.spec.get("ignore", ["lm_head"]))
+        return list(self.spec.get("ignore", DEFAULT_IGNORE))
 
     @property
     def calibration(self) -> dict:
-        return dict(self.spec.get("calibration", {"samples": 64, "seq_len": 512}))
+        return dict(self.spec.get("calibration", DEFAULT_CALIBRATION))
 
 
 def _entry_for_model_type(model_type: str) -> dict:
@@ -103,21 +83,14 @@ def resolve(name: str, need_weights: bool = True) -> Model:
             raise UserError(f"{path} has no config.json: not a Hugging Face checkpoint folder")
         config = json.loads(cfg_file.read_text())
         base = _entry_for_model_type(config.get("model_type", ""))
-        spec = {"config": config, "ignore": base.get("ignore", ["lm_head", "re:.*mlp[.]gate$"]),
-                "expert_names": base.get("expert_names", {}),
-                "calibration": base.get("calibration", {"samples": 256, "seq_len": 1024})}
+        spec = {"config": config, "ignore": base.get("ignore", DEFAULT_IGNORE),
+                "expert_names": base.get("expert_names", {}), "calibration": base.get("calibration", DEFAULT_CALIBRATION)}
         return Model(path.resolve().name, spec, path.resolve(), source="path")
     raise UserError(f"unknown MODEL {name!r}; valid: {', '.join(reg)}, or a path to a checkpoint folder")
 
 
-def ensure_built(model: Model, log=print) -> Path:
-    """The checkpoint folder of `model`, building the embedded models on first use."""
-    from moeq.quantize.atomic import folder_lock, is_complete
-    if model.source != "built" or is_complete(model.path):
-        return model.path
-    with folder_lock(model.path, wait=True):  # a second process waits for the first build instead of repeating it
-        if not is_complete(model.path):
-            from moeq.quantize import tiny
-            log(f"[moeq] building {model.name} into {model.path} (once; cached)")
-            tiny.build(model.name, model.spec, model.path, log=log)
-    return model.path
+def experts_per_layer(config) -> int:
+    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
+        if getattr(config, key, None):
+            return getattr(config, key)
+    raise ValueError(f"{config.model_type}: cannot tell how many experts it has")

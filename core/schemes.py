@@ -1,4 +1,5 @@
-"""Schemes are llm-compressor recipe files in recipes/; this module finds, checks and completes them.
+"""Schemes are llm-compressor recipe files (recipes/, shipped as package data); this module finds, checks
+and completes them.
 
 A recipe carries one extra top-level block, `moeq:` (aliases, description), which llm-compressor
 ignores: only keys ending in `_stage` are stages to it. What a scheme quantizes (weight and activation
@@ -8,20 +9,24 @@ checkpoint: it runs on the BF16 model with vLLM's `quantization=` argument.
 """
 import copy
 import hashlib
+import importlib.resources
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from moeq.quantize.registry import UserError
+from moeq.errors import UserError
 
 BASELINE = "bf16"
 BF16_FORMAT = {"weight_type": "float", "weight_bits": 16, "activation_type": "float", "activation_bits": 16}
 
 
 def recipes_dir() -> Path:
-    return Path(os.environ.get("MOEQ_RECIPES", Path(__file__).resolve().parent.parent / "recipes"))
+    """MOEQ_RECIPES, else the recipes shipped with moeq (package data `moeq.recipes`: recipes/ in the source tree)."""
+    if folder := os.environ.get("MOEQ_RECIPES"):
+        return Path(folder)
+    return Path(str(importlib.resources.files("moeq.recipes")))
 
 
 @dataclass
@@ -98,24 +103,6 @@ class Recipe:
         return {g.weights.group_size for m in validate(self.for_model([]), str(self.path)).modifiers
                 if hasattr(m, "resolve_quantization_config")
                 for g in m.resolve_quantization_config().config_groups.values() if g.weights and g.weights.group_size}
-
-
-def ragged_layers(model, recipe: Recipe) -> dict[str, int]:
-    """Layers whose input is not a whole number of the recipe's quantization groups (DeepSeek-V2-Lite's
-    dense MLP: 10,944 = 85.5 x 128). llm-compressor quantizes them, but vLLM refuses to load the checkpoint
-    ("input_size_per_partition=10944 ... not divisible by group_size=128", measured on the H200), so they
-    stay in full precision. An expert cannot: vLLM's fused MoE runs every expert in one format. `model` may
-    be linearized (experts as Linear) or not (fused 3D expert tensors [E, out, in], e.g. on the meta device)."""
-    import torch
-    widths = {n: m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    widths.update({n: p.shape[-1] for n, p in model.named_parameters() if p.dim() == 3})
-    groups = recipe.group_sizes()
-    kept = {name: n for name, n in widths.items() if any(n % g for g in groups)}
-    if experts := [n for n in kept if ".experts." in n]:
-        raise UserError(f"{experts[0]}: expert input width {kept[experts[0]]} is not a whole number of "
-                        f"{sorted(groups)}-groups, and experts cannot stay in full precision one by one; "
-                        "use a recipe with a group size that divides it")
-    return kept
 
 
 def _load(path: Path) -> Recipe:

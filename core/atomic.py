@@ -21,7 +21,7 @@ def lock_file(final: Path) -> Path:
 
 
 def _cannot_write(final: Path, e: OSError):
-    from moeq.quantize.registry import UserError
+    from moeq.errors import UserError
     return UserError(f"cannot write under {final.parent}: {e.strerror or e}")
 
 
@@ -49,7 +49,7 @@ def folder_lock(final: Path, wait: bool = False):
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                from moeq.quantize.registry import UserError
+                from moeq.errors import UserError
                 raise UserError(f"{final} is being written by another process (pid {holder}; lock {path}); "
                                 "wait for it to finish or stop it, then rerun") from None
             try:
@@ -89,7 +89,7 @@ def clean_stale(final: Path, log=print) -> None:
     final = Path(final)
     if not final.parent.is_dir():
         return
-    from moeq.quantize.registry import UserError
+    from moeq.errors import UserError
     try:
         with folder_lock(final):
             name = re.escape(final.name)  # exact: the leftovers of fp8 are not those of fp8-static

@@ -17,8 +17,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from moeq.evaluate import roofline, verdicts  # noqa: E402
-from moeq.evaluate.verdicts import BASELINE, GROUP  # noqa: E402
+from moeq import roofline  # noqa: E402
+from moeq.evaluate.report import verdicts  # noqa: E402
+from moeq.evaluate.report.verdicts import BASELINE, GROUP  # noqa: E402
 
 QUANTITY = {"throughput": "throughput change", "accuracy_loss": "accuracy loss (relative)",
             "memory": "weights-memory reduction", "weights_gb": "weights held (GB)"}

@@ -6,7 +6,7 @@ by moeq's own lines; lines matching `--show` (and moeq's warnings and errors) ar
 output of every command — libraries' logs, warnings and progress bars included — goes to `--log`.
 A failing stage prints the end of its log and stops the run with its exit status.
 
-    python -m moeq.quantize.quiet --log results/demo.log \\
+    python -m moeq.quiet --log results/demo.log \\
         --stage "build tiny" "moeq build tiny" --progress 'step (?P<n>\\d+)/(?P<total>\\d+)' \\
         --stage "report" "moeq report" --show '^report:'
 
@@ -117,7 +117,7 @@ def run_stage(index: int, count: int, stage: dict, log, tty: bool) -> int:
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[dict]]:
-    parser = argparse.ArgumentParser(prog="python -m moeq.quantize.quiet", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m moeq.quiet", description=__doc__.split("\n")[0])
     parser.add_argument("--log", required=True, help="file that receives every command's whole output")
     parser.add_argument("--name", default="moeq", help="what the first and last lines call this run")
     stages: list[dict] = []

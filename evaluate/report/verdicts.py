@@ -10,13 +10,13 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from moeq.quantize.registry import UserError
+from moeq.errors import UserError
+from moeq.schemes import BASELINE, BF16_FORMAT
 
 CLAIMS_FILE = Path(__file__).with_name("claims.yaml")
 QUANTITIES = ("throughput", "accuracy_loss", "memory", "weights_gb")
-FORMAT_KEYS = ("weight_type", "weight_bits", "activation_type", "activation_bits")
+FORMAT_KEYS = tuple(BF16_FORMAT)
 HOLDS, FAILS, INCONCLUSIVE, NOT_MEASURED, FLAGGED = "holds", "fails", "inconclusive", "not measured", "flagged"
-BASELINE = "bf16"
 GROUP = ["model", "provenance", "backend", "device", "settings"]
 LEVEL, N_BOOT, SEED = 0.95, 2000, 20240611
 RULES = {

@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from moeq.evaluate import kernels, render, roofline, verdicts
+from moeq import roofline
+from moeq.evaluate import kernels
+from moeq.evaluate.report import render, verdicts
 from moeq.evaluate.ledger import KEY as LEDGER_KEY, LEGACY, LEGACY_RECORD
-from moeq.evaluate.verdicts import BASELINE, GROUP
-from moeq.quantize.atomic import staged_dir
-from moeq.quantize.registry import UserError
+from moeq.evaluate.report.verdicts import BASELINE, GROUP
+from moeq.atomic import staged_dir
+from moeq.errors import UserError
 
 KEY = list(LEDGER_KEY)
 PERF_METRICS = ["throughput", "output_throughput", "latency", "ttft", "ttft_p50", "ttft_p99", "itl_mean", "itl_p50",
@@ -138,7 +140,7 @@ def _roofline(r, configs: dict, kv: dict, settings: dict) -> dict:
 
 
 def physics_flag(r) -> str | None:
-    """Why a cell cannot be taken at face value, if it cannot (evaluate/roofline.py)."""
+    """Why a cell cannot be taken at face value, if it cannot (core/roofline.py)."""
     if pd.notna(r.pct_of_ceiling) and r.pct_of_ceiling > 100:
         return (f"faster than physics: {r.pct_of_ceiling:.0f}% of the {r.roofline} ceiling under {r.routing} "
                 "routing; the measurement is wrong")
@@ -217,12 +219,12 @@ def _variant(v, settings: dict) -> str | None:
 def scheme_formats(results: pd.DataFrame) -> dict:
     """scheme -> weight/activation type and bits: as the engine recorded it, else from the repository's
     recipe of that name (rows measured before formats were recorded), else unknown (None)."""
-    from moeq.quantize import recipes
+    from moeq import schemes
     recorded = {key[KEY.index("scheme")]: c["format"] for key, c in model_configs(results).items() if c.get("format")}
     out = {}
     for scheme in results.scheme.unique():
         try:
-            out[scheme] = recorded.get(scheme) or recipes.scheme_format(scheme)
+            out[scheme] = recorded.get(scheme) or schemes.scheme_format(scheme)
         except UserError:
             out[scheme] = None
     return out

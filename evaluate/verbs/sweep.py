@@ -1,0 +1,25 @@
+"""moeq sweep"""
+from pathlib import Path
+
+from moeq.flags import csv, positive_int
+
+HELP = "a device sweep written as data (a plan YAML such as reports/h200/plan.yaml), through eval's driver"
+ENVIRONMENT = "serve"
+
+
+def add_args(p):
+    from moeq.evaluate.verbs.eval import add_ledger_args
+    p.add_argument("plan")
+    p.add_argument("--models", help="comma list (default: the plan's)")
+    p.add_argument("--schemes", help="comma list (default: the plan's)")
+    p.add_argument("--restarts", type=positive_int, help="engine starts per target (default: the plan's)")
+    add_ledger_args(p)
+
+
+def run(args):
+    import yaml
+    from moeq.evaluate.sweep import sweep
+    plan = yaml.safe_load(Path(args.plan).read_text())
+    if args.restarts:
+        plan["restarts"] = args.restarts
+    return sweep(plan, Path(args.ledger), Path(args.checkpoints), csv(args.models), csv(args.schemes))

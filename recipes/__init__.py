@@ -1,0 +1,1 @@
+"""llm-compressor recipes, one scheme a file; shipped as package data (moeq.schemes reads them)."""
