@@ -25,6 +25,7 @@ from pathlib import Path
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 from moeq import roofline  # noqa: E402
+from moeq.errors import UserError  # noqa: E402
 from moeq.evaluate import kernels, perf, routing, settings as engine_settings  # noqa: E402
 from moeq.evaluate.ledger import Ledger  # noqa: E402
 
@@ -272,7 +273,11 @@ def write_memory(write, llm, job: Job, facts, wbytes, load, on_gpu):
 def main():
     die_with_parent()
     job = Job(**json.loads(Path(sys.argv[1]).read_text()))
-    run(job)
+    try:
+        run(job)
+    except UserError as e:  # the driver stops the whole run on exit status 2: the cause is not the scheme's
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def job_json(job: Job) -> str:

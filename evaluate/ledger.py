@@ -89,9 +89,17 @@ def migrate(path: Path, legacy_record: dict | None = None) -> bool:
 
 
 class Ledger:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, readonly: bool = False):
+        """readonly: opened without a single write (a committed ledger keeps its bytes); an older schema is
+        then an error that names `moeq ledger migrate` instead of being migrated."""
         self.path = Path(path)
         try:
+            if readonly:
+                self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+                self.db.row_factory = sqlite3.Row
+                if (version := schema_version(self.db)) != VERSION:
+                    raise UserError(f"{self.path} has ledger schema {version}; `moeq ledger migrate` brings it to {VERSION}")
+                return
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self.path.exists():
                 migrate(self.path)
@@ -100,21 +108,33 @@ class Ledger:
             with self.db:
                 self.db.executescript(SCHEMA)
                 self.db.execute(f"PRAGMA user_version = {VERSION}")
+        except sqlite3.OperationalError as e:  # full disk, read-only file or folder
+            raise UserError(f"cannot open the ledger {self.path} for writing ({e}); nothing in it was changed") from e
         except sqlite3.DatabaseError as e:
             raise UserError(f"{self.path} is not a usable moeq ledger ({e}); nothing in it was changed. "
                             "Point --ledger at another file, or move this one away.") from e
         except OSError as e:
             raise UserError(f"cannot write the ledger {self.path}: {e.strerror or e}") from e
 
+    @contextlib.contextmanager
+    def writing(self, what: str):
+        """A failed write (full disk, read-only file) rolls its transaction back: say so, plainly."""
+        try:
+            yield
+        except sqlite3.OperationalError as e:
+            raise UserError(f"cannot write {what} to the ledger {self.path} ({e}); the transaction was rolled "
+                            "back, so the ledger holds only whole cells. Free space or fix permissions, then rerun: "
+                            "finished cells are skipped") from e
+
     def env_id(self, record: dict) -> int:
         text = json.dumps(record, sort_keys=True)
         digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-        with self.db:
+        with self.writing("the environment record"), self.db:
             self.db.execute("INSERT OR IGNORE INTO env (digest, record) VALUES (?, ?)", (digest, text))
         return self.db.execute("SELECT id FROM env WHERE digest = ?", (digest,)).fetchone()[0]
 
     def add_settings(self, settings_id: str, record: dict):
-        with self.db:
+        with self.writing("the engine settings"), self.db:
             self.db.execute("INSERT OR IGNORE INTO settings VALUES (?, ?)", (settings_id, json.dumps(record, sort_keys=True)))
 
     def has(self, key: dict, cell: str, checkpoint: str | None = None, limit: int | None = None) -> bool:
@@ -137,7 +157,7 @@ class Ledger:
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         kv = [key[k] for k in KEY]
         match = " AND ".join(f"{k} = ?" for k in KEY)
-        with self.db:
+        with self.writing(f"cell {cell}"), self.db:
             self.db.execute(f"DELETE FROM results WHERE {match} AND cell = ?", (*kv, cell))
             for m in metrics:
                 self.db.execute(
@@ -169,15 +189,22 @@ def lock(path: Path):
     """One writer per ledger: a second `moeq eval` on it stops at once, naming the holder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "a+") as f:
+    lock_path = path.with_name(f".{path.name}.lock")
+    try:
+        f = open(lock_path, "a+b", buffering=0)  # unbuffered: a full disk fails at write, not at close
+    except OSError as e:
+        raise UserError(f"cannot write the ledger's lock file {lock_path}: {e.strerror}") from None
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            holder = f.read().strip() or "another process"
+            holder = f.read().decode(errors="replace").strip() or "another process"
             raise UserError(f"the ledger {path} is being written by {holder}; wait for it to finish "
                             "(or use another --ledger)") from None
-        f.truncate(0)
-        f.write(f"pid {os.getpid()}")
-        f.flush()
+        try:
+            f.truncate(0)
+            f.write(f"pid {os.getpid()}".encode())
+        except OSError as e:
+            raise UserError(f"cannot write the ledger's lock file {lock_path}: {e.strerror}") from None
         yield

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from moeq import identity, registry, schemes
 from moeq.atomic import is_complete
+from moeq.env import env_flag
 from moeq.errors import UserError
 from moeq.evaluate import settings as engine_settings
 from moeq.evaluate.engine import Job, job_json
@@ -93,15 +94,14 @@ def _base_of(root: Path, name: str) -> registry.Model:
                     f"model; valid models: {', '.join(registry.registry())}, or MODEL=/path/to/checkpoint")
 
 
-def find_targets(models: list[str] | None, schemes: list[str] | None, root: Path) -> list[Target]:
-    names = models or sorted({"tiny", *model_folders(root)})
+def find_targets(models: list[str] | None, names: list[str] | None, root: Path) -> list[Target]:
     targets = []
-    for name in names:
+    for name in models or sorted({"tiny", *model_folders(root)}):
         model = registry.resolve(name) if models else _base_of(root, name)
         if model.source == "built" and not is_complete(model.path):
             raise UserError(f"{name} is not built yet: run `make quantize` (or `moeq build {name}`) first")
         folders = {p.name: p for p in (Path(root) / model.name).glob("*") if p.is_dir() and not p.name.startswith(".")}
-        wanted = [schemes.load(s).name if s != schemes.BASELINE else s for s in schemes] if schemes else \
+        wanted = [schemes.load(s).name if s != schemes.BASELINE else s for s in names] if names else \
             [schemes.BASELINE, *sorted(folders)]
         for scheme in wanted:
             recipe = None if scheme == schemes.BASELINE else schemes.load(scheme)
@@ -117,17 +117,16 @@ def find_targets(models: list[str] | None, schemes: list[str] | None, root: Path
     return targets
 
 
-def shape_only_targets(models: list[str] | None, schemes: list[str] | None, root: Path) -> list[Target]:
+def shape_only_targets(models: list[str] | None, names: list[str] | None, root: Path) -> list[Target]:
     """Real model shapes with dummy weights: a folder with the model's config and the exact
     quantization_config its recipe would write, made by llm-compressor in the quantize environment.
     A load-time scheme (fp8-online) runs on the BF16 folder."""
     if not models:
         raise UserError("WEIGHTS=dummy needs MODEL= (one of: " + ", ".join(registry.registry()) + ")")
-    schemes = schemes or [schemes.BASELINE, *schemes.all_recipes()]
     targets = []
     for name in models:
         registry.resolve(name, need_weights=False)
-        for scheme in schemes:
+        for scheme in names or [schemes.BASELINE, *schemes.all_recipes()]:
             recipe = None if scheme == schemes.BASELINE else schemes.load(scheme)
             folder = schemes.BASELINE if recipe is None or recipe.online else recipe.name
             out = Path(root) / SHAPE_ONLY / name / folder
@@ -166,6 +165,8 @@ def run_job(job: Job) -> None:
         (Path(tmp) / "job.json").write_text(job_json(job))
         proc = subprocess.run([sys.executable, "-m", "moeq.evaluate.engine", str(Path(tmp) / "job.json")],
                               env=engine_env())
+    if proc.returncode == 2:  # the engine printed the reason (bad input, ledger not writable): stop the run
+        raise UserError(f"the engine process for {job.model} / {job.scheme} stopped on the error above")
     if proc.returncode != 0:
         raise RuntimeError(f"engine process for {job.model} / {job.scheme} exited {proc.returncode}")
 
@@ -185,7 +186,7 @@ def engine_env() -> dict:
     kernels better than GNU OpenMP; bench it before relying on it). The choice lands in the env record."""
     env = dict(os.environ)
     iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
-    if os.environ.get("MOEQ_IOMP") == "1" and iomp.exists():
+    if env_flag("IOMP") and iomp.exists():
         env["LD_PRELOAD"] = " ".join(filter(None, [str(iomp), env.get("LD_PRELOAD")]))
     return env
 
@@ -225,6 +226,7 @@ def evaluate(models=None, schemes=None, tasks=None, batches=None, input_lens=(51
         f"settings {settings.profile} (non-default: {json.dumps(settings.non_default()) or 'none'})")
     failures = []
     with lock(Path(ledger)):
+        Ledger(ledger).close()  # a garbage, unwritable or older-schema ledger is an error before any engine starts
         for stale in Path(ledger).parent.glob(".job-*"):  # holding the lock, any job folder is a dead run's
             log(f"[eval] removing {stale} left by an interrupted run")
             shutil.rmtree(stale, ignore_errors=True)

@@ -6,8 +6,6 @@ routing, warm-up and restarts. The plan (e.g. reports/h200/plan.yaml) is the rec
 """
 from pathlib import Path
 
-import yaml
-
 from moeq.errors import UserError
 from moeq.evaluate.run import evaluate
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from moeq import registry, schemes
 from moeq.atomic import staged_dir
-from moeq.errors import UserError
 
 LAYER = re.compile(r"^(.*\blayers\.)(\d+)(\..+)$")
 # narrow sizes (and fewer experts) for the small instance: names and quantization_config do not depend on them

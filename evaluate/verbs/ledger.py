@@ -28,7 +28,7 @@ def run(args):
         done = ledger.migrate(path, record)
         print(f"{path}: " + ("migrated to schema " if done else "already at schema ") + str(ledger.VERSION))
         return 0
-    db = ledger.Ledger(path)
+    db = ledger.Ledger(path, readonly=not args.remove)
     poisoned = [r for r in db.rows(cell="status") if not REFUSALS.search(r["note"] or "")]
     for r in poisoned:
         print(f"poisoned: {r['model']} / {r['scheme']} ({r['provenance']}, {r['device']}): {r['note'][:160]}")
