@@ -6,9 +6,11 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 COMPLETE_MARKER = ".moeq-complete"
+LEGACY_AGE_S = 3600
 _held: dict[Path, int] = {}  # locks this process holds, so nested users (build -> staged_dir) do not self-block
 
 
@@ -94,7 +96,13 @@ def clean_stale(final: Path, log=print) -> None:
         with folder_lock(final):
             name = re.escape(final.name)  # exact: the leftovers of fp8 are not those of fp8-static
             pattern = re.compile(rf"\.tmp-{name}-(\d+)-[a-z0-9_]+|\.old-{name}-(\d+)")
+            # moeq before pids were in the names wrote `.tmp-NAME-<8 random>`, without this lock
+            legacy = re.compile(rf"\.tmp-{name}-[a-z0-9_]{{8}}")
             for p in sorted(final.parent.iterdir()):
+                if legacy.fullmatch(p.name) and time.time() - p.stat().st_mtime > LEGACY_AGE_S:
+                    shutil.rmtree(p, ignore_errors=True)
+                    log(f"[moeq] removed {p}, left by an earlier moeq (untouched for over an hour)")
+                    continue
                 m = pattern.fullmatch(p.name)
                 pid = m and int(m[1] or m[2])
                 if not m or _alive(pid):
