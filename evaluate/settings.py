@@ -70,7 +70,7 @@ def parse_zipf(spec: str) -> float:
         value = float(s)
     except ValueError:
         value = -1.0
-    if kind != "zipf" or value <= 0:
+    if kind != "zipf" or not 0 < value < float("inf"):  # nan and inf are no exponent
         raise UserError(f"routing {spec!r}: a skewed routing is zipf:S with S > 0, e.g. zipf:1.0")
     return value
 
