@@ -143,6 +143,51 @@ def test_killed_eval_resumes_without_remeasuring(tiny_model, tmp_path):
     assert not list(tmp_path.glob(".job-*")), "the interrupted runs' job folders were cleaned up"
 
 
+class ScriptedLLM:
+    """Stands in for vllm.LLM in perf.run_cell: each generate() takes a duration the test chose (its own
+    clock, not run_cell's) and returns `tokens` per request; it counts every token it was sent and gave."""
+
+    def __init__(self, seconds: list[float], tokens: int | None = None):
+        self.seconds, self.tokens, self.calls = list(seconds), tokens, []
+
+    def generate(self, prompts, params, use_tqdm=False):
+        from types import SimpleNamespace
+        n = params.max_tokens if self.tokens is None else self.tokens
+        sent = sum(len(p["prompt_token_ids"]) for p in prompts)
+        time.sleep(self.seconds.pop(0))
+        self.calls.append(sent + n * len(prompts))
+        return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=[7] * n)],
+                                metrics=SimpleNamespace(first_token_latency=0.001)) for _ in prompts]
+
+
+class Gaps:
+    def take(self):
+        return [0.001] * 4
+
+
+def test_throughput_matches_an_independent_clock_and_token_count():
+    """Throughput = tokens processed / time, checked against what the stand-in engine itself counted
+    and the durations the test chose: a wrong token count (output only, one request instead of the
+    batch) or a timer around the wrong thing (the warm-up included) fails here."""
+    from moeq.evaluate import perf
+    batch, inp, out = 4, 48, 16
+    durations = [0.05, 0.30, 0.20, 0.40]  # warm-up, then three timed runs
+    llm = ScriptedLLM(durations)
+    metrics = {m["metric"]: m for m in perf.run_cell(llm, batch, inp, out, vocab=2048, repeats=3,
+                                                     timings=Gaps(), log=lambda *_: None)}
+    tokens = llm.calls[1:]  # the timed runs, as counted by the engine side
+    assert tokens == [batch * (inp + out)] * 3
+    for got, want in zip(metrics["throughput"]["repeats"], [t / s for t, s in zip(tokens, durations[1:])]):
+        assert 0.85 * want <= got <= want  # the clock can only add time (a sleep is never shorter)
+    assert metrics["throughput"]["value"] == pytest.approx(tokens[0] / 0.30, rel=0.15)  # the median run
+    for got, s in zip(metrics["output_throughput"]["repeats"], durations[1:]):
+        assert 0.85 * batch * out / s <= got <= batch * out / s
+    assert metrics["warmup"]["value"] == pytest.approx(0.05, abs=0.04)
+    with pytest.raises(RuntimeError, match=f"expected {out} tokens per request, got \\[{out - 1}\\]"):
+        perf.run_cell(ScriptedLLM([0.01, 0.01], tokens=out - 1), batch, inp, out, 2048, 1, timings=Gaps(),
+                      log=lambda *_: None)
+
+
 @pytest.mark.parametrize("damage", ["truncated weights", "half-written"])
 def test_corrupt_checkpoint_gives_a_clear_error(checkpoints, tmp_path, damage):
     root = tmp_path / "ckpts"
