@@ -222,6 +222,7 @@ def evaluate(models=None, schemes=None, tasks=None, batches=None, input_lens=(51
     acc_settings = tasks and engine_settings.build(gpu=gpu, cells=[], shape_only=shape_only, user_args=engine_args,
                                                    routing=routing, warmup_tokens=warmup_tokens, tasks=tasks)
     targets = (shape_only_targets if shape_only else find_targets)(models, schemes, Path(checkpoints))
+    engine_settings.check_layout(settings, [(f"{t.model} / {t.scheme}", t.path) for t in targets], gpu)
     log(f"[eval] {len(targets)} targets x {len(cells)} cells, tasks: {', '.join(tasks) or 'none'}; "
         f"settings {settings.profile} (non-default: {json.dumps(settings.non_default()) or 'none'})")
     failures = []

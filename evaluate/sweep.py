@@ -3,21 +3,46 @@
 The same driver as `moeq eval` (run.evaluate), with the plan's explicit cells (so one long-prompt cell
 rides along in the same engine instead of costing a second engine start), its engine arguments,
 routing, warm-up and restarts. The plan (e.g. reports/h200/plan.yaml) is the record of what ran.
+A plan's `layouts` (name -> {tp, ep, dp, pp}) run one after another, each its own engine settings
+(reports/h200x2/plan.yaml); `estimate` holds what a plan's expected device time is computed from and
+changes nothing that runs.
 """
 from pathlib import Path
 
 from moeq.errors import UserError
+from moeq.evaluate import parallel
 from moeq.evaluate.run import evaluate
 
 PLAN_KEYS = {"weights", "models", "schemes", "cells", "repeats", "engine_args", "routing", "warmup_tokens",
-             "restarts", "tasks"}
+             "restarts", "tasks", "layouts", "estimate"}
 
 
-def sweep(plan: dict, ledger: Path, checkpoints: Path, models=None, schemes=None, log=print) -> int:
+def layouts(plan: dict, names=None) -> dict:
+    """The plan's layouts as vLLM engine arguments, by name (a plan without any: one GPU)."""
+    table = plan.get("layouts") or {"1 GPU": {}}
+    if unknown := [n for n in names or [] if n not in table]:
+        raise UserError(f"layout {unknown[0]!r} is not in the plan; valid: {', '.join(table)}")
+    out = {}
+    for name in names or table:
+        spec = table[name] or {}
+        if bad := set(spec) - set(parallel.FLAGS):
+            raise UserError(f"layout {name!r}: {sorted(bad)[0]!r} is not one of {', '.join(parallel.FLAGS)}")
+        out[name] = parallel.engine_args(**spec)
+    return out
+
+
+def sweep(plan: dict, ledger: Path, checkpoints: Path, models=None, schemes=None, log=print,
+          layout_names=None) -> int:
     if unknown := set(plan) - PLAN_KEYS:
         raise UserError(f"plan key {sorted(unknown)[0]!r} is not one of {', '.join(sorted(PLAN_KEYS))}")
-    return evaluate(models=models or plan["models"], schemes=schemes or plan["schemes"], tasks=plan.get("tasks", []),
-                    cells=plan["cells"], repeats=plan.get("repeats", 3), ledger=ledger, checkpoints=checkpoints,
-                    engine_args=plan.get("engine_args"), weights=plan.get("weights", "dummy"),
-                    routing=plan.get("routing"), warmup_tokens=plan.get("warmup_tokens"),
-                    restarts=plan.get("restarts", 1), log=log)
+    rc = 0
+    for name, args in layouts(plan, layout_names).items():
+        if plan.get("layouts"):
+            log(f"[sweep] layout {name}")
+        rc = max(rc, evaluate(
+            models=models or plan["models"], schemes=schemes or plan["schemes"], tasks=plan.get("tasks", []),
+            cells=plan["cells"], repeats=plan.get("repeats", 3), ledger=ledger, checkpoints=checkpoints,
+            engine_args=parallel.merge(args, plan.get("engine_args") or {}), weights=plan.get("weights", "dummy"),
+            routing=plan.get("routing"), warmup_tokens=plan.get("warmup_tokens"),
+            restarts=plan.get("restarts", 1), log=log))
+    return rc

@@ -33,6 +33,23 @@ def add_args(p):
                    help="decode tokens of each cell's untimed warm-up (default: the cell's own output length)")
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="extra vllm.LLM argument, e.g. moe_backend=triton (repeatable; recorded with every row)")
+    add_parallel_args(p)
+
+
+def add_parallel_args(p):
+    """The parallel layout: engine settings like any other (vLLM's names in the ledger)."""
+    p.add_argument("--tp", default=env_default("TP"), help="tensor_parallel_size (default 1)")
+    p.add_argument("--ep", default=env_default("EP"), help="1: enable_expert_parallel (experts over the TP x DP ranks)")
+    p.add_argument("--dp", default=env_default("DP"), help="data_parallel_size (default 1)")
+    p.add_argument("--pp", default=env_default("PP"), help="pipeline_parallel_size (default 1)")
+
+
+def engine_args(args) -> dict:
+    """--engine-arg pairs and the layout flags, as one dict of vLLM arguments (a setting given both ways
+    must agree)."""
+    from moeq.evaluate import parallel
+    return parallel.merge(parallel.engine_args(tp=args.tp, ep=args.ep, dp=args.dp, pp=args.pp),
+                          dict(engine_arg(a) for a in args.engine_arg))
 
 
 def add_ledger_args(p):
@@ -48,6 +65,6 @@ def run(args):
         output_lens=int_list(args.output_len, "--output-len") or [128],
         repeats=int_at_least(args.repeats, "--repeats", 1), limit=int_at_least(args.limit, "--limit", 1),
         force=args.force or env_flag("FORCE"), ledger=Path(args.ledger), checkpoints=Path(args.checkpoints),
-        engine_args=dict(engine_arg(a) for a in args.engine_arg), weights=args.weights, routing=args.routing,
+        engine_args=engine_args(args), weights=args.weights, routing=args.routing,
         warmup_tokens=int_at_least(args.warmup_tokens, "--warmup-tokens", 1),
         restarts=int_at_least(args.restarts, "--restarts", 1))

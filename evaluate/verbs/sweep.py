@@ -13,6 +13,7 @@ def add_args(p):
     p.add_argument("--models", help="comma list (default: the plan's)")
     p.add_argument("--schemes", help="comma list (default: the plan's)")
     p.add_argument("--restarts", type=positive_int, help="engine starts per target (default: the plan's)")
+    p.add_argument("--layouts", help="comma list of the plan's layouts (default: every one, in order)")
     add_ledger_args(p)
 
 
@@ -22,4 +23,5 @@ def run(args):
     plan = yaml.safe_load(Path(args.plan).read_text())
     if args.restarts:
         plan["restarts"] = args.restarts
-    return sweep(plan, Path(args.ledger), Path(args.checkpoints), csv(args.models), csv(args.schemes))
+    return sweep(plan, Path(args.ledger), Path(args.checkpoints), csv(args.models), csv(args.schemes),
+                 layout_names=csv(args.layouts))

@@ -1,0 +1,172 @@
+"""Parallel layouts (TP, EP, DP, PP) as engine settings: flags to vLLM arguments, the settings id and
+record, and every bad layout refused before an engine starts (no engine here: seconds)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from moeq import registry
+from moeq.errors import UserError
+from moeq.evaluate import parallel, settings, sweep
+
+CELLS = [(1, 512, 128), (16, 512, 128)]
+MIXTRAL = registry.registry()["mixtral"]["config"]  # 32 heads, 8 KV heads, experts 14336 wide
+QWEN235 = registry.registry()["qwen3-235b-a22b"]["config"]  # 64 heads, 4 KV heads, experts 1536 wide
+GPTQ = {"config_groups": {"group_0": {"weights": {"strategy": "group", "group_size": 128}}}}
+BLOCK = {"config_groups": {"group_0": {"weights": {"strategy": "block", "block_structure": [128, 128]}}}}
+
+
+def gpu_settings(monkeypatch, gpus=2, **flags):
+    monkeypatch.setattr(parallel, "gpu_count", lambda: gpus)
+    return settings.build(gpu=True, cells=CELLS, shape_only=True, user_args=parallel.engine_args(**flags))
+
+
+def test_flags_map_to_vllm_arguments():
+    assert parallel.engine_args(tp="2", ep="1") == {"tensor_parallel_size": 2, "enable_expert_parallel": True}
+    assert parallel.engine_args(dp=2, pp="2") == {"data_parallel_size": 2, "pipeline_parallel_size": 2}
+    # vLLM's defaults are left out: a one-GPU run keeps the settings id it had before layouts existed
+    assert parallel.engine_args(tp="1", ep="0", dp=None, pp="") == {}
+
+
+def test_layout_changes_the_settings_id_and_records_gpus(monkeypatch):
+    one = gpu_settings(monkeypatch)
+    assert one.profile == settings.build(gpu=True, cells=CELLS, shape_only=True).profile
+    assert one.gpus == 1 and one.shared()["gpus"] == 1 and one.shared()["layout"] == "1 GPU"
+    tp2 = gpu_settings(monkeypatch, tp=2)
+    tp2_ep = gpu_settings(monkeypatch, tp=2, ep=1)
+    pp2 = gpu_settings(monkeypatch, pp=2)
+    ids = {s.profile for s in (one, tp2, tp2_ep, pp2)}
+    assert len(ids) == 4  # 2-GPU rows never share a group with 1-GPU rows, nor with each other's layouts
+    assert tp2.shared()["gpus"] == tp2_ep.shared()["gpus"] == pp2.shared()["gpus"] == 2
+    assert (tp2.shared()["layout"], tp2_ep.shared()["layout"], pp2.shared()["layout"]) == ("TP=2", "TP=2+EP", "PP=2")
+    # shown beside the numbers, under vLLM's own names
+    assert tp2_ep.non_default()["tensor_parallel_size"] == 2 and tp2_ep.non_default()["enable_expert_parallel"]
+    # TP=1 given explicitly is the same engine as none given
+    assert settings.build(gpu=True, cells=CELLS, shape_only=True,
+                          user_args={"tensor_parallel_size": 1}).profile == one.profile
+    # the record travels in every job and comes back whole
+    assert settings.from_record(tp2_ep.record()) == tp2_ep
+
+
+def test_the_settings_id_of_earlier_rows_holds():
+    """The H200 rows' ids (README, reports/h200) were made before layouts were recorded."""
+    h200 = [(1, 512, 128), (16, 512, 128), (64, 512, 128), (128, 512, 128), (16, 2048, 128)]
+    assert settings.build(gpu=True, cells=h200, shape_only=True, warmup_tokens=16).profile == "541b301a0508"
+    assert settings.build(gpu=True, cells=h200, shape_only=True, warmup_tokens=16,
+                          user_args={"moe_backend": "triton"}).profile == "73c5d73486b3"
+
+
+@pytest.mark.parametrize("flags, gpus, message", [
+    ({"tp": 4}, 2, r"TP=4 needs 4 GPUs, 2 present \(torch.cuda.device_count\(\)\); valid TP: 1, 2"),
+    ({"tp": 2, "pp": 2}, 2, r"TP=2 x PP=2 needs 4 GPUs, 2 present .*valid TP with PP=2, DP=1: 1"),
+    ({"pp": 4}, 2, r"PP=4 needs 4 GPUs, 2 present .*PP=4 x DP=1 alone needs 4"),
+    ({"dp": 2, "ep": 1}, 2, r"DP=2: vLLM's offline LLM\(\).*valid: DP=1"),
+    ({"ep": 1}, 2, r"EP=1 splits the experts .*valid: EP=0, or EP=1 with TP >= 2"),
+    ({"tp": "two"}, 2, r"TP='two': expected a whole number >= 1"),
+    ({"tp": 0}, 2, r"TP=0: expected a whole number >= 1"),
+    ({"ep": "maybe"}, 2, r"EP='maybe': expected 1 .* or 0"),
+])
+def test_layouts_the_gpus_cannot_hold(monkeypatch, flags, gpus, message):
+    with pytest.raises(UserError, match=message):
+        gpu_settings(monkeypatch, gpus=gpus, **flags)
+
+
+def test_layouts_that_fit(monkeypatch):
+    assert gpu_settings(monkeypatch, gpus=2, tp=2, ep=1).gpus == 2
+    assert gpu_settings(monkeypatch, gpus=8, tp=4, pp=2).gpus == 8
+
+
+def test_cpu_says_what_vllm_cpu_can_do(monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")
+    monkeypatch.setattr(parallel.glob, "glob", lambda pattern: ["/sys/devices/system/node/node0"])
+    with pytest.raises(UserError, match=r"TP=2 needs 2 CPU workers, 1 here: vllm-cpu runs TP and PP > 1 as one "
+                                        r"worker process per rank.*NUMA node.*VLLM_CPU_OMP_THREADS_BIND.*valid TP: 1"):
+        settings.build(gpu=False, cells=CELLS, shape_only=True, user_args={"tensor_parallel_size": 2})
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core list per worker: two workers
+    assert settings.build(gpu=False, cells=CELLS, shape_only=True, user_args={"tensor_parallel_size": 2}).gpus == 2
+    with pytest.raises(UserError, match=r"gives 2 core list\(s\), one per worker; valid TP: 1, 2"):
+        settings.build(gpu=False, cells=CELLS, shape_only=True, user_args={"tensor_parallel_size": 4})
+
+
+def test_ray_is_for_gpus_across_nodes(monkeypatch):
+    with pytest.raises(UserError, match="vllm-cpu: its CPU platform declares no Ray device"):
+        settings.build(gpu=False, cells=CELLS, shape_only=True,
+                       user_args={"tensor_parallel_size": 2, "distributed_executor_backend": "ray"})
+    # across nodes the Ray cluster holds the GPUs, not this one: no local count
+    monkeypatch.setattr(parallel, "gpu_count", lambda: 1)
+    s = settings.build(gpu=True, cells=CELLS, shape_only=True,
+                       user_args={"tensor_parallel_size": 8, "distributed_executor_backend": "ray"})
+    assert s.gpus == 8 and s.non_default()["distributed_executor_backend"] == "ray"
+    with pytest.raises(UserError, match="distributed_executor_backend='slurm'; valid: mp"):
+        gpu_settings(monkeypatch, gpus=2, tp=2) and settings.build(
+            gpu=True, cells=CELLS, shape_only=True,
+            user_args={"tensor_parallel_size": 2, "distributed_executor_backend": "slurm"})
+
+
+def test_a_flag_and_an_engine_arg_must_agree():
+    with pytest.raises(UserError, match="tensor_parallel_size is given twice, 2 by its flag and 4 by ENGINE_ARGS"):
+        parallel.merge({"tensor_parallel_size": 2}, {"tensor_parallel_size": 4})
+    assert parallel.merge({"tensor_parallel_size": 2}, {"tensor_parallel_size": 2, "moe_backend": "triton"}) == \
+        {"tensor_parallel_size": 2, "moe_backend": "triton"}
+
+
+@pytest.mark.parametrize("config, flags, devices, message", [
+    (MIXTRAL, {"tp": 3}, 8, r"TP=3 does not divide the 32 attention heads of m \(32 attention heads, 8 KV heads\); "
+                            r"valid TP: 1, 2, 4, 8$"),
+    (MIXTRAL, {"tp": 6}, None, r"TP=6 does not divide the 32 attention heads .*valid TP: 1, 2, 4, 8, 16, 32$"),
+    (QWEN235, {"tp": 3}, 8, r"TP=3 does not divide the 64 attention heads .*4 KV heads\); valid TP: 1, 2, 4, 8$"),
+    ({"num_attention_heads": 12, "num_key_value_heads": 4}, {"tp": 6}, 8,
+     r"TP=6 neither divides nor is a multiple of the 4 KV heads .*valid TP: 1, 2, 4$"),
+    (dict(QWEN235, quantization_config=GPTQ), {"tp": 8}, 8,
+     r"TP=8 splits each expert of m \(1536 wide\) into 192-wide shards, not a whole number of the scheme's "
+     r"groups of 128; valid TP: 1, 2, 4, or EP=1"),
+    (dict(QWEN235, quantization_config=BLOCK), {"tp": 8}, 8, r"blocks of 128; valid TP: 1, 2, 4, or EP=1"),
+    (MIXTRAL, {"pp": 33}, None, r"PP=33 is more pipeline stages than the 32 layers of m; valid PP: 1-32"),
+    (dict(MIXTRAL, num_attention_heads=64, num_key_value_heads=16), {"tp": 16, "ep": 1}, None,
+     r"EP over 16 ranks is more than the 8 experts of m"),
+])
+def test_layouts_the_model_cannot_be_split_into(config, flags, devices, message):
+    with pytest.raises(UserError, match=message):
+        parallel.check_model(parallel.engine_args(**flags), config, "m", devices)
+
+
+def test_layouts_the_model_splits_into():
+    for config, flags in ((MIXTRAL, {"tp": 2}), (MIXTRAL, {"tp": 2, "ep": 1}), (MIXTRAL, {"pp": 2}),
+                          (QWEN235, {"tp": 8}),  # 8 ranks, 4 KV heads: vLLM replicates each KV head twice
+                          (dict(QWEN235, quantization_config=GPTQ), {"tp": 4}),  # 384 = 3 groups
+                          (dict(QWEN235, quantization_config=GPTQ), {"tp": 8, "ep": 1})):  # experts stay whole
+        parallel.check_model(parallel.engine_args(**flags), config, "m", 8)
+
+
+def test_targets_are_read_from_their_config_json(tmp_path):
+    folder = tmp_path / "mixtral" / "w4a16-gptq"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(dict(MIXTRAL, quantization_config=GPTQ)))
+    parallel.check_targets({"tensor_parallel_size": 8}, [("mixtral / w4a16-gptq", folder)], gpu=True, devices=8)
+    with pytest.raises(UserError, match=r"TP=5 does not divide the 32 attention heads of mixtral / w4a16-gptq"):
+        parallel.check_targets({"tensor_parallel_size": 5}, [("mixtral / w4a16-gptq", folder)], gpu=True, devices=8)
+
+
+def test_sweep_layouts_are_data():
+    plan = {"layouts": {"tp2": {"tp": 2}, "tp2-ep": {"tp": 2, "ep": 1}, "pp2": {"pp": 2}}}
+    assert sweep.layouts(plan) == {"tp2": {"tensor_parallel_size": 2},
+                                   "tp2-ep": {"tensor_parallel_size": 2, "enable_expert_parallel": True},
+                                   "pp2": {"pipeline_parallel_size": 2}}
+    assert list(sweep.layouts(plan, ["pp2"])) == ["pp2"]
+    assert sweep.layouts({}) == {"1 GPU": {}}
+    with pytest.raises(UserError, match="layout 'tp4' is not in the plan; valid: tp2, tp2-ep, pp2"):
+        sweep.layouts(plan, ["tp4"])
+    with pytest.raises(UserError, match="layout 'x': 'cp' is not one of tp, ep, dp, pp"):
+        sweep.layouts({"layouts": {"x": {"cp": 2}}})
+
+
+def test_bad_layout_exits_2_before_any_engine(tmp_path):
+    """From the command line: the message names the value and the valid ones, exit status 2, no ledger."""
+    ledger = tmp_path / "ledger.sqlite"
+    proc = subprocess.run([sys.executable, "-m", "moeq.cli", "eval", "--model", "mixtral", "--weights", "dummy",
+                           "--tasks", "none", "--ep", "1", "--ledger", str(ledger), "--checkpoints", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "EP=1 splits the experts" in proc.stderr and "valid: EP=0" in proc.stderr
+    assert not ledger.exists()
