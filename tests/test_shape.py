@@ -62,3 +62,23 @@ def test_ignore_follows_layer_structure(tmp_path):
                                                                                        "model.layers.0.mlp.down_proj"]
     manifest = read_json(tmp_path / "deepseek-v2-lite" / "w4a16-gptq" / "manifest.json")
     assert manifest["full_precision_ragged_groups"] == {"model.layers.0.mlp.down_proj": 10944}
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "fp8", "fp8-block", "w4a16-gptq"])
+def test_qwen3_235b_a22b(scheme, tmp_path):
+    """The four-GPU model (issue 14): its real config (64 query / 4 KV heads, 128 experts of 1536, 94
+    layers), every layer's router and lm_head in full precision; no group is ragged at 1536."""
+    config = shape("qwen3-235b-a22b", scheme, tmp_path)
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"],
+            config["moe_intermediate_size"], config["num_experts_per_tok"]) == (64, 4, 128, 1536, 8)
+    assert config.get("num_experts", config.get("num_local_experts")) == 128
+    if scheme == "bf16":
+        assert "quantization_config" not in config
+        return
+    qc = config["quantization_config"]
+    (group,) = qc["config_groups"].values()
+    fmt, wbits, wstrategy, _ = EXPECTED[scheme]
+    assert (qc["format"], group["weights"]["num_bits"], group["weights"]["strategy"]) == (fmt, wbits, wstrategy)
+    assert qc["ignore"] == [f"model.layers.{i}.mlp.gate" for i in range(94)] + ["lm_head"]
+    manifest = read_json(tmp_path / "qwen3-235b-a22b" / scheme / "manifest.json")
+    assert manifest["hub_id"] == "Qwen/Qwen3-235B-A22B" and manifest["full_precision_ragged_groups"] == {}
