@@ -147,11 +147,29 @@ def test_outputs_and_roofline(report):
     for table in ("verdicts", "performance", "accuracy", "memory", "summary"):
         assert {f"{table}.csv", f"{table}.json"} <= names
     assert {"README.md", "index.html"} <= names
-    assert len([n for n in names if n.endswith(".png")]) == 6  # 3 for the real group, 2 without accuracy, 1 for s2
+    # per device: speedup, memory, ITL vs throughput, and accuracy where a group has it (the H200's)
+    assert sorted(n for n in names if n.endswith(".png")) == [
+        "cpu-test-cpu-frontier.png", "cpu-test-cpu-memory.png", "cpu-test-cpu-speedup.png", "nvidia-h200-accuracy.png",
+        "nvidia-h200-frontier.png", "nvidia-h200-memory.png", "nvidia-h200-speedup.png"]
     readme = (report / "README.md").read_text()
+    pages = readme + "".join(p.read_text() for p in report.glob("*.md"))  # folded blocks are their own pages
     for phrase in ("median of the repeats", "(max − min) / median", "bootstrap", "95%", "accuracy is not measured",
-                   "+25.0% [", "1,000.00 MiB", "NVIDIA H200"):
-        assert phrase in readme
+                   "1,000.00 MiB", "NVIDIA H200"):
+        assert phrase in pages
+    # the first screen: a sentence per claim, then what to deploy
+    assert readme.index("**FP8 raises throughput by 20-30%** (holds if ≥ +20%): tiny (settings s1): fp8 holds at b1 "
+                        "(+25.0% [") < readme.index("What to deploy") < readme.index("models × schemes")
+    assert "b1: **fp8** +25.0% [" in readme  # the fastest scheme above bf16 whose accuracy holds
+    assert "accuracy not measured on this shape (random weights): recommendation on speed only" in readme
+    # data files hold numbers: one row per group, scheme, cell and metric, with value, low, high and unit
+    summary = pd.read_csv(report / "summary.csv")
+    assert list(summary.columns[-6:]) == ["cell", "metric", "value", "low", "high", "unit"]
+    assert pd.api.types.is_float_dtype(summary.value) and pd.api.types.is_float_dtype(summary.low)
+    row = summary[(summary.settings == "s1") & (summary.provenance == "real") & (summary.scheme == "fp8")
+                  & (summary.cell == "b1-i128-o128") & (summary.metric == "throughput_change_vs_bf16")].iloc[0]
+    assert row.value == pytest.approx(25) and row.low < 25 < row.high and row.unit == "%"
+    assert not summary.duplicated(["model", "scheme", "provenance", "backend", "device", "settings", "cell",
+                                   "metric"]).any()
     perf = pd.read_csv(report / "performance.csv")
     gpu = perf[(perf.backend == "vllm-cuda") & perf.throughput_ceiling.notna()]  # those with a model config
     cpu = perf[perf.backend == "vllm-cpu"]
@@ -219,7 +237,35 @@ def test_html_renders_in_chromium(report, tmp_path):
 
     dom = chromium("--dump-dom").stdout
     assert 'id="verdicts"' in dom and '<td class="inconclusive">inconclusive</td>' in dom
-    chromium(f"--screenshot={shot}", "--window-size=1400,1000")
+    assert '<td class="holds">b1: +25.0% [' in dom  # grid cells coloured by their verdict
+    chromium(f"--screenshot={shot}", "--window-size=1400,900")
     import matplotlib.image
     pixels = matplotlib.image.imread(shot)
     assert pixels.shape[0] >= 500 and len(np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0)) > 50
+
+
+def test_first_screen_as_a_reader_sees_it(report, tmp_path):
+    """In a 1400x900 window: the claims sentences (all above the "What to deploy" heading) and the
+    recommendation table are visible without scrolling; every image has alt text and loads."""
+    if not CHROMIUM:
+        pytest.skip("chromium is not installed (apt-get install chromium), so the HTML page cannot be rendered")
+    probe = """<script>window.addEventListener('load', () => {
+      const bottom = sel => { const e = document.querySelector(sel); return e ? e.getBoundingClientRect().bottom : -1; };
+      const imgs = [...document.images].map(i => ({alt: i.alt, loaded: i.complete && i.naturalWidth > 0}));
+      const out = document.createElement('pre'); out.id = 'probe';
+      out.textContent = JSON.stringify({claims: bottom('#what-to-deploy') - 1, deploy: bottom('table'),
+                                        height: window.innerHeight, imgs});
+      document.body.appendChild(out); });</script></body>"""
+    page = tmp_path / "index.html"
+    page.write_text((report / "index.html").read_text().replace("</body>", probe))
+    for png in report.glob("*.png"):
+        shutil.copy(png, tmp_path)
+    dom = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,900",
+                          "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    probe = json.loads(dom.split('<pre id="probe">')[1].split("</pre>")[0])
+    first_table = dom.split("<table")[1]
+    assert "What to deploy" in dom.split("<table")[0] and "b1: <strong>fp8</strong>" in first_table
+    assert 0 < probe["claims"] <= probe["height"] and 0 < probe["deploy"] <= probe["height"], probe
+    assert len(probe["imgs"]) == 7
+    assert all(i["loaded"] and len(i["alt"]) > 40 for i in probe["imgs"]), probe["imgs"]

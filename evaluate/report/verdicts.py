@@ -143,8 +143,7 @@ def verdict_table(claims: dict, formats: dict, keys: pd.DataFrame, perf, acc, me
         gkey, present = dict(zip(GROUP, g)), set(in_group.scheme)
         for claim in claims["claims"]:
             bound, absolute = claim["bound"], claim["quantity"] == "weights_gb"
-            unit = " GB" if absolute else "%"
-            side = f"≥ {bound['min']:+g}{unit}" if "min" in bound else f"≤ {bound['max']:g}{unit}"
+            (side, limit), = bound.items()
             # the schemes this group measured (BF16 too, for an absolute claim)
             covered = sorted(s for s, f in formats.items() if covers(claim, f, gkey["model"]) and s in present)
             for scheme in covered:
@@ -161,13 +160,14 @@ def verdict_table(claims: dict, formats: dict, keys: pd.DataFrame, perf, acc, me
                 for f in found:
                     value, lo, hi = (f.get(k, np.nan) for k in ("value", "lo", "hi"))
                     rows.append({"claim": claim["id"], "text": claim["text"], "quantity": claim["quantity"],
-                                 **gkey, "scheme": scheme, "bound": side,
-                                 "stated_range": f"{claim['range'][0]:g} to {claim['range'][1]:g}{unit}", **f,
+                                 **gkey, "scheme": scheme, "bound_side": side, "bound": limit,
+                                 "range_low": claim["range"][0], "range_high": claim["range"][1],
+                                 "unit": "GB" if absolute else "%", **f,
                                  "verdict": FLAGGED if f.get("flag") else judge(value, lo, hi, bound),
                                  "position": range_position(value, claim["range"])})
         for scheme in sorted(present - {s for s, f in formats.items() if f} - {BASELINE}):
             rows.append({**gkey, "scheme": scheme, "verdict": NOT_MEASURED,
                          "note": "no recipe for this scheme, so its format and claims are unknown"})
-    cols = ["claim", "text", "quantity", *GROUP, "scheme", "cell", "value", "lo", "hi", "bound",
-            "stated_range", "position", "verdict", "checkpoint_reduction", "flag", "note"]
+    cols = ["claim", "text", "quantity", *GROUP, "scheme", "cell", "value", "lo", "hi", "unit", "bound_side", "bound",
+            "range_low", "range_high", "position", "verdict", "checkpoint_reduction", "flag", "note"]
     return pd.DataFrame(rows, columns=cols)

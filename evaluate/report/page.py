@@ -1,0 +1,143 @@
+"""The report as one list of blocks, in reading order: per device the answer first (a sentence per
+claim, what to deploy per model, its caveats), then the models x schemes grid, plots, and every table
+folded below; render.py writes the list as Markdown and as HTML, so the two never disagree.
+
+Blocks: ("h1"|"h2"|"h3", text), ("p", text), ("table", DataFrame, id), ("img", file, caption),
+("details", title, id, [blocks]): folded in HTML, its own Markdown page in README.md's folder.
+"""
+from datetime import datetime, timezone
+
+import pandas as pd
+
+from moeq import roofline
+from moeq.evaluate.report import headline, plots, tables, verdicts
+from moeq.evaluate.report.tables import group_title, in_group, scheme_order, settings_text, slug
+from moeq.evaluate.report.verdicts import GROUP
+
+
+def claim_paragraphs(sentences: list[dict]) -> list[tuple]:
+    """One paragraph per claim with a verdict here; the claims nothing here measured, in one line."""
+    out = [("p", f"**{c['text']}** (holds if {c['bound']}): {c['sentence']}.") for c in sentences if c["sentence"]]
+    silent = [c["text"] for c in sentences if not c["sentence"]]
+    return out + [("p", "No scheme measured here is one these claims speak of: " + "; ".join(silent) + ".")] * bool(silent)
+
+
+def answer(device, groups, tables_, claims, settings) -> list[tuple]:
+    """The first screen for one device: claims as sentences, then what to deploy."""
+    v, perf, mem, keys = (tables_[k] for k in ("verdicts", "performance", "memory", "keys"))
+    out = [("h2", f"{device}: the answer")]
+    out += claim_paragraphs(headline.claim_sentences(v, perf, groups, claims["claims"]))
+    rec = tables_["recommendations"]
+    rec = rec[[headline.group_key(r) in groups for _, r in rec.iterrows()]] if len(rec) else rec
+    if len(rec):
+        out += [("h3", "What to deploy"),
+                ("p", "Per model: the fastest scheme whose whole 95% interval is above bf16, among those whose "
+                      "accuracy passes its claim (bf16 where none is), at the smallest and the largest batch."),
+                ("table", tables.recommendation_display(rec), slug("deploy", device))]
+    return out
+
+
+def device_body(device, groups, all_groups, tables_, claims, formats, folder) -> list[tuple]:
+    """Grid, plots, and the claims of the groups the first screen left out, for one device."""
+    v, perf, acc, mem = (tables_[k] for k in ("verdicts", "performance", "accuracy", "memory"))
+    stem = slug(device)
+    out = [("h2", f"{device}: models × schemes"),
+           ("p", "Throughput change vs bf16 of the same group [95% interval], accuracy change per task (relative, "
+                 "paired interval), weights (change vs bf16) and KV capacity; each with its claim's verdict."),
+           ("table", tables.grid_display(v, perf, acc, mem, all_groups), f"{stem}-grid")]
+    made = [plots.speedup(folder, stem, all_groups, perf, claims["claims"], formats),
+            plots.memory(folder, stem, all_groups, mem), plots.accuracy(folder, stem, all_groups, acc, claims["claims"], formats),
+            plots.frontier(folder, stem, all_groups, perf)]
+    out += [("h2", f"{device}: plots")] + [("img", *m) for m in made if m]
+    rest = [g for g in all_groups if g not in groups]
+    if rest:
+        out.append(("h2", f"{device}: claims at other settings"))
+        out += claim_paragraphs(headline.claim_sentences(v, perf, rest, claims["claims"]))
+        rec = tables_["recommendations"]
+        rec = rec[[headline.group_key(r) in rest for _, r in rec.iterrows()]] if len(rec) else rec
+        if len(rec):
+            out.append(("table", tables.recommendation_display(rec), f"{stem}-deploy-other"))
+    return out
+
+
+def group_details(g, tables_, unsupported, settings) -> tuple:
+    gkey = dict(zip(GROUP, g))
+    perf, acc, mem, keys = (tables_[k] for k in ("performance", "accuracy", "memory", "keys"))
+    gp, ga = in_group(perf, gkey), in_group(acc, gkey)
+    inner = [("p", "Engine settings: " + settings_text(settings.get(gkey["settings"], {})) + ". Caveats: "
+                   + "; ".join(headline.caveats(gkey, gp, settings) or ["none"]) + ".")]
+    if gkey["provenance"].startswith("shape-only"):
+        inner.append(("p", "Shape-only: the real architecture with random weights, so speed and memory are "
+                           "measured but accuracy is not measured."))
+    schemes = scheme_order(in_group(keys, gkey).scheme)
+    inner += [("h3", "Summary"), ("table", tables.summary_display(gkey, schemes, perf, acc, mem, unsupported),
+                                  f"{slug(*g)}-summary")]
+    if len(gp):
+        inner += [("h3", "Performance"), ("table", tables.perf_display(gp), f"{slug(*g)}-performance")]
+    if len(ga):
+        inner += [("h3", "Accuracy"), ("table", tables.accuracy_display(ga), f"{slug(*g)}-accuracy")]
+    return ("details", f"{group_title(gkey)} on {gkey['device']} ({gkey['backend']})", slug(*g), inner)
+
+
+def blocks(name, ledger_path, tables_, unsupported, env, settings, claims, formats, folder) -> list[tuple]:
+    keys, found = tables_["keys"], tables_["findings"]
+    headline_groups = headline.headline_groups(keys)
+    devices = sorted(keys.device.unique(), key=lambda d: (not any(g[3] == d for g in headline_groups), d))
+    out = [("h1", f"moeq report: {name}"),
+           ("p", f"From `{ledger_path}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Changes are against "
+                 "bf16 of the same model, weights, backend, device and engine settings, with 95% intervals. "
+                 "Numbers: `summary.csv` (value, low, high, unit per group, scheme, cell and metric) and a CSV/JSON "
+                 "per table in this folder.")]
+    for d in devices:
+        out += answer(d, [g for g in headline_groups if g[3] == d], tables_, claims, settings)
+    contents = [f"{d}: models × schemes" for d in devices] + [f"{d}: plots" for d in devices]
+    contents += ["Findings: one precision, two speeds"] * bool(len(found)) + [
+        "Every table, per group", "Every verdict", "Methods", "Provenance"]
+    out += [("h2", "Contents"), ("toc", contents)]
+    for d in devices:
+        # the first screen's groups first, then the others (e.g. legacy settings)
+        all_groups = sorted((tuple(g) for g in keys[keys.device == d][GROUP].drop_duplicates().itertuples(index=False)),
+                            key=lambda g: (g not in headline_groups, g))
+        out += device_body(d, [g for g in headline_groups if g[3] == d], all_groups, tables_, claims, formats, folder)
+    if len(found):
+        out += [("h2", "Findings: one precision, two speeds"),
+                ("p", "Cells where two schemes of the same precision (weight and activation type and bits) differ "
+                      "in throughput by more than 10%, with the MoE kernel vLLM chose for each and whether its Triton "
+                      "config was tuned for the device; `variants` are the same cells measured with another "
+                      "`moe_backend`, which separates the kernel from the format."),
+                ("table", tables.findings_display(found), "findings")]
+    out += [("h2", "Every table, per group"),
+            ("p", "Per group: engine settings and caveats, a summary per scheme, every perf cell with its roofline "
+                  "and flag, every accuracy task.")]
+    out += [group_details(tuple(g), tables_, unsupported, settings)
+            for g in keys[GROUP].drop_duplicates().sort_values(GROUP).itertuples(index=False)]
+    out += [("h2", "Every verdict"),
+            ("details", "One row per claim × scheme × group × cell or task", "verdicts",
+             [("table", tables.verdict_display(tables_["verdicts"]), "verdicts")])]
+    out += [("h2", "Methods"), ("p", METHODS_MD),
+            ("table", pd.DataFrame(verdicts.RULES.items(), columns=["Verdict", "When"]), "verdict-rules"),
+            ("p", "Roofline. " + roofline.__doc__.split("\n", 1)[1].strip()
+             + " Peak rates come from devices.yaml; devices it lacks (every CPU) show no roofline.")]
+    out += [("h2", "Provenance"),
+            ("details", "Where each number comes from: one row per group; `env` is the ledger's environment record "
+                        "(library versions, device, commit)", "provenance",
+             [("table", tables.provenance_display(keys, env, settings), "provenance")])]
+    return out
+
+
+METHODS_MD = (
+    "Comparisons: a scheme is compared only with the bf16 row of the same model, provenance (real weights or "
+    "shape-only), backend, device and engine settings (the settings id; the scheme's own vLLM `quantization` "
+    "argument aside). Performance: each cell (batch B, input length I, output length O) runs once "
+    "untimed, then n timed repeats (over 2+ engine starts where `Engines` says so, so that the interval holds "
+    "engine-restart variance; else within one engine only); tables show the median of the repeats, and spread = "
+    "(max − min) / median. Throughput = B·(I+O) / latency. TTFT p50/p99 over the requests of a run; ITL p50/p99 "
+    "over every inter-token gap of every request (vLLM's own per-token statistic), each the median over runs; "
+    "rows measured before 2026-11-30 kept only per-request mean ITLs (shown as such). The MoE kernel and "
+    "whether its Triton config was tuned for the device are what vLLM logged at engine start. Accuracy: lm-eval scores ± their "
+    "stderr; Δ is relative (scheme / bf16 − 1), and an accuracy loss is −Δ; the claims use, per task, the first "
+    "of exact_match, acc_norm, acc with per-item scores. A recommendation's KV capacity is the KV cache's token "
+    f"count divided by {headline.CONTEXT} (sequences of that length that fit at once). Memory: the weights the engine holds (parameters and "
+    "buffers, so quantization scales count), relative to bf16; checkpoint size on disk as a second column. "
+    + verdicts.METHODS)
+

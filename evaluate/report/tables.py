@@ -1,0 +1,256 @@
+"""The report's tables as a reader sees them: formatted strings (percent with intervals, GiB, tok/s)
+built from the numeric tables, for README.md and index.html only; the CSV and JSON files keep numbers.
+"""
+import json
+import re
+
+import numpy as np
+import pandas as pd
+
+from moeq.evaluate.report import headline
+from moeq.evaluate.report.verdicts import BASELINE, FLAGGED, GROUP
+
+QUANTITY = {"throughput": "throughput change", "accuracy_loss": "accuracy loss (relative)",
+            "memory": "weights-memory reduction", "weights_gb": "weights held (GB)"}
+MISSING = "—"
+
+
+def fmt_bytes(b) -> str:
+    if pd.isna(b):
+        return MISSING
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(b) >= size:
+            return f"{b / size:,.2f} {unit}"
+    return f"{b:.0f} B"
+
+
+fmt_pct = headline.pct
+
+
+def fmt(x, spec: str, scale: float = 1, suffix: str = "") -> str:
+    return MISSING if pd.isna(x) else f"{x * scale:{spec}}{suffix}"
+
+
+def fmt_rate(x) -> str:
+    """tok/s: whole numbers from 100 up, three significant digits below (CPU rates can be ~10 tok/s)."""
+    return MISSING if pd.isna(x) else f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def as_baseline(display: pd.DataFrame) -> pd.DataFrame:
+    """bf16 rows say "baseline" in their Δ columns rather than a change against themselves."""
+    deltas = [c for c in display.columns if c.startswith("Δ")]
+    display.loc[display.Scheme == BASELINE, deltas] = "baseline"
+    return display
+
+
+def slug(*parts) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", " ".join(map(str, parts)).lower()).strip("-")[:80]
+
+
+def in_group(df: pd.DataFrame, gkey: dict) -> pd.DataFrame:
+    return df[np.logical_and.reduce([df[k] == v for k, v in gkey.items()])] if len(df) else df
+
+
+def scheme_order(schemes) -> list[str]:
+    return sorted(set(schemes), key=lambda s: (s != BASELINE, s))
+
+
+def baseline_first(df: pd.DataFrame, then: list[str], first: bool = False) -> pd.DataFrame:
+    """Sorted by scheme with bf16 first, then by `then` (or by `then` first, schemes within)."""
+    order = ["not_base", "scheme"]
+    by = then + order if first else order + then
+    return df.assign(not_base=df.scheme != BASELINE).sort_values(by).drop(columns="not_base")
+
+
+def verdict_display(v: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({
+        "Claim": v.text.fillna(""), "Scheme": v.scheme,
+        "Where": v.model + " · " + v.provenance + " · " + v.backend + " · " + v.device + " · settings " + v.settings,
+        "Cell / task": v.cell.fillna(""), "Quantity": v.quantity.map(QUANTITY).fillna(""),
+        # memory is an exact count: its degenerate interval is not shown
+        "Measured [95% CI]": [fmt(x, ".1f", suffix=" GB") if q == "weights_gb" else fmt_pct(x, np.nan, np.nan)
+                              if q == "memory" else fmt_pct(x, lo, hi)
+                              for q, x, lo, hi in zip(v.quantity, v.value, v.lo, v.hi)],
+        "Bound": [("≥ " if side == "min" else "≤ ") + fmt(b, "+g" if u == "%" and side == "min" else "g",
+                                                           suffix=" GB" if u == "GB" else "%")
+                  if isinstance(side, str) else "" for side, b, u in zip(v.bound_side, v.bound, v.unit)],
+        "Stated": [f"{a:g} to {b:g}{' GB' if u == 'GB' else '%'}" if pd.notna(a) else ""
+                   for a, b, u in zip(v.range_low, v.range_high, v.unit)],
+        "Position": v.position.fillna(""),
+        "Verdict": v.verdict,
+        "Checkpoint reduction": [fmt_pct(x) if pd.notna(x) else "" for x in v.checkpoint_reduction],
+        "Note": v.note.fillna("")})
+
+
+def summary_display(gkey, schemes, perf, acc, mem, unsupported) -> pd.DataFrame:
+    """One row per scheme: memory, throughput and its change per cell, accuracy and its change per task."""
+    perf, acc, mem = in_group(perf, gkey), in_group(acc, gkey), in_group(mem, gkey).set_index("scheme")
+    cells = perf.sort_values(["batch", "cell"]).cell.unique()
+    rows = []
+    for s in schemes:
+        note = unsupported.get((*gkey.values(), s))
+        row = {"Scheme": s, "Status": (note if note.startswith("unsupported") else f"unsupported: {note}")
+               if note else "measured"}
+        m = mem.loc[s] if s in mem.index else pd.Series(dtype=float)
+        row |= {"Weights": fmt_bytes(m.get("weights_bytes")), "Δ weights": fmt_pct(m.get("weights_bytes_delta_pct")),
+                "On disk": fmt_bytes(m.get("checkpoint_bytes")),
+                "Δ disk": fmt_pct(m.get("checkpoint_bytes_delta_pct"))}
+        own = perf[perf.scheme == s].set_index("cell")
+        for c in cells:
+            r = own.loc[c] if c in own.index else pd.Series(dtype=float)
+            row[f"tok/s {c} (spread)"] = fmt_rate(r.get("throughput")) + (
+                f" ({r.spread:.1%})" if pd.notna(r.get("spread")) else "")
+            row[f"Δ {c}"] = fmt_pct(r.get("delta_pct"), r.get("delta_lo"), r.get("delta_hi"))
+        for r in acc[(acc.scheme == s) & acc.primary].itertuples():
+            row[f"{r.task} {r.metric}"] = f"{r.value:.4f}" + (f" ± {r.stderr:.4f}" if pd.notna(r.stderr) else "")
+            row[f"Δ {r.task}"] = fmt_pct(r.delta_pct, r.delta_lo, r.delta_hi)
+        rows.append(row)
+    return as_baseline(pd.DataFrame(rows).fillna(MISSING))
+
+
+def perf_display(perf: pd.DataFrame) -> pd.DataFrame:
+    p = baseline_first(perf, ["batch", "cell"])
+    ms = lambda col, spec=",.2f": p[col].map(lambda x: fmt(x, spec, 1e3))
+    return pd.DataFrame({
+        "Scheme": p.scheme, "Cell": p.cell, "n": p.n.map(lambda n: fmt(n, ".0f")),
+        "Engines": p.engine_starts.map(lambda n: fmt(n, ".0f")).replace(MISSING, "1"),
+        "Throughput tok/s (spread)": [fmt_rate(t) + (f" ({s:.1%})" if pd.notna(s) else "")
+                                      for t, s in zip(p.throughput, p.spread)],
+        "Δ vs bf16 [95% CI]": [fmt_pct(*r) for r in p[["delta_pct", "delta_lo", "delta_hi"]].itertuples(index=False)],
+        "TTFT p50 / p99 ms": [f"{a} / {b}" for a, b in zip(ms("ttft_p50", ",.1f"), ms("ttft_p99", ",.1f"))],
+        "ITL p50 / p99 ms": [f"{a} / {b}" if a != MISSING else f"mean {c}, p99 of request means {d}"
+                             for a, b, c, d in zip(ms("itl_p50"), ms("itl_p99"), ms("itl_mean"), ms("itl_request_p99"))],
+        "MoE kernel (Triton config)": [f"{k} ({c})" if isinstance(k, str) else MISSING
+                                       for k, c in zip(p.moe_kernel, p.moe_config)],
+        "Ceiling tok/s": [fmt_rate(c) if pd.notna(c) else r for c, r in zip(p.throughput_ceiling, p.roofline)],
+        "% of ceiling (balanced)": [fmt(a, ".1f", suffix="%") + (f" ({b:.1f}%)" if pd.notna(b) and b != a else "")
+                                    for a, b in zip(p.pct_of_ceiling, p.pct_of_balanced)],
+        "ITL / floor": p.itl_x_floor.map(lambda x: fmt(x, ",.1f", suffix="×")),
+        "Decode bound": p.decode_bound.fillna(MISSING), "Flag": p.flag.fillna("")}).pipe(as_baseline)
+
+
+def accuracy_display(acc: pd.DataFrame) -> pd.DataFrame:
+    a = baseline_first(acc, ["task", "metric"], first=True)
+    return pd.DataFrame({
+        "Task": a.task, "Metric": a.metric + np.where(a.primary, " (claims)", ""), "Scheme": a.scheme,
+        "Value ± stderr": [fmt(v, ".4f") + (f" ± {s:.4f}" if pd.notna(s) else "") for v, s in zip(a.value, a.stderr)],
+        "n": a.n.map(lambda n: fmt(n, ".0f")),
+        "Δ vs bf16, relative [95% CI]": [fmt_pct(*r) for r in
+                                         a[["delta_pct", "delta_lo", "delta_hi"]].itertuples(index=False)],
+        "Paired items": a.paired_items.map(lambda n: fmt(n, ".0f")),
+        "Note": a.note.fillna("")}).pipe(as_baseline)
+
+
+def findings_display(f: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({
+        "Model": f.model, "Where": f.provenance + " · " + f.device + " · settings " + f.settings, "Cell": f.cell,
+        "A": f.scheme_a, "B": f.scheme_b, "A tok/s": f.throughput_a.map(fmt_rate), "B tok/s": f.throughput_b.map(fmt_rate),
+        "A / B": f.ratio.map(lambda x: f"{x:.2f}×"), "A's kernel": f.kernel_a, "B's kernel": f.kernel_b,
+        "Variants": f.variants})
+
+
+def settings_text(record: dict) -> str:
+    """What a reader must know about an engine's settings: what vLLM would not have picked."""
+    if "llm" not in record:
+        return record.get("legacy", "engine settings unknown")
+    extra = record.get("non_default") or {}
+    label = f"{record['label']}: " if record.get("label") else ""
+    return label + ("vLLM defaults" if not extra else "non-default: " + ", ".join(
+        f"{k}={json.dumps(v)}" for k, v in extra.items() if k not in ("disable_log_stats", "kv_cache_memory_bytes"))
+        + (" (vLLM's other settings: defaults)" if extra else ""))
+
+
+def provenance_display(keys, env, settings) -> pd.DataFrame:
+    rows = []
+    for g, k in keys.groupby(GROUP):
+        records = env[env.id.isin(k.env_id.dropna().astype(int))]
+        rows.append(dict(zip(["Model", "Provenance", "Backend", "Device", "Settings"], g)) | {
+            "Engine settings": settings_text(settings.get(g[-1], {})),
+            "Schemes": ", ".join(scheme_order(k.scheme)),
+            "env": "; ".join(f"{i}: {_short(r)}" for i, r in zip(records.id, records.record)) or MISSING})
+    return pd.DataFrame(rows)
+
+
+def _short(record: str) -> str:
+    """An env record flattened to key=value pairs, for one table cell."""
+    flat = pd.json_normalize(json.loads(record)).iloc[0]
+    return ", ".join(f"{k}={v}" for k, v in flat.items())
+
+
+
+
+VERDICT_WORDS = ("holds", "fails", "inconclusive", "flagged", "not measured")
+
+
+def _with_verdict(text: str, verdict, note=None) -> str:
+    """"+24.0% [+20.1, +27.9] · holds": the trailing verdict colours the cell in HTML (render.py)."""
+    if not isinstance(verdict, str):
+        return text
+    why = f" ({headline.short_flag(note)})" if verdict == FLAGGED and isinstance(note, str) else ""
+    return f"{text} · {verdict}{why}"
+
+
+def group_title(gkey: dict) -> str:
+    return f"{gkey['model']} · {gkey['provenance']} · settings {gkey['settings']}"
+
+
+def grid_display(v, perf, acc, mem, groups) -> pd.DataFrame:
+    """Models x schemes: throughput change at the smallest and largest batch of the group's sweep,
+    accuracy change per task, weights and KV capacity, each beside its verdict."""
+    rows = []
+    for g in groups:
+        gkey = dict(zip(GROUP, g))
+        gp, ga, gv = in_group(perf, gkey), in_group(acc, gkey), in_group(v, gkey)
+        gm = in_group(mem, gkey).drop_duplicates("scheme").set_index("scheme")
+        verdict = {(r.scheme, r.quantity, r.cell): (r.verdict, r.note) for r in gv.itertuples()}
+        shape = headline.modal_shape(gp)
+        sweep = gp[(gp.input_len == shape[0]) & (gp.output_len == shape[1])] if shape else gp.iloc[:0]
+        ends = sorted(sweep.batch.unique())[::max(1, len(sweep.batch.unique()) - 1)] if len(sweep) else []
+        for s in scheme_order(in_group(perf, gkey).scheme.tolist() + gm.index.tolist()):
+            row = {"Group": group_title(gkey), "Scheme": s}
+            for end, b in zip(("smallest", "largest"), ends):
+                r = sweep[(sweep.scheme == s) & (sweep.batch == b)]
+                text = MISSING if r.empty else "baseline" if s == BASELINE else fmt_pct(
+                    r.delta_pct.iloc[0], r.delta_lo.iloc[0], r.delta_hi.iloc[0])
+                cell = r.cell.iloc[0] if len(r) else None
+                row[f"Δ tok/s, {end} batch"] = f"b{b:.0f}: " + _with_verdict(
+                    text, *verdict.get((s, "throughput", cell), (None, None)))
+            a = ga[(ga.scheme == s) & ga.primary]
+            row["Δ accuracy per task"] = "; ".join(
+                f"{r.task} " + ("baseline" if s == BASELINE else _with_verdict(
+                    fmt_pct(r.delta_pct, r.delta_lo, r.delta_hi), *verdict.get((s, "accuracy_loss", r.task), (None,) * 2)))
+                for r in a.itertuples()) or ("not measured (shape-only weights)"
+                                             if gkey["provenance"].startswith("shape-only") else MISSING)
+            m = gm.loc[s] if s in gm.index else pd.Series(dtype=float)
+            row["Weights"] = fmt_bytes(m.get("weights_bytes")) + ("" if s == BASELINE else " " + _with_verdict(
+                fmt_pct(m.get("weights_bytes_delta_pct")), *verdict.get((s, "memory", "engine"), (None,) * 2)))
+            seqs, base = m.get("kv_cache_tokens", np.nan) // headline.CONTEXT, gm.kv_cache_tokens.get(BASELINE, np.nan)
+            row[f"{headline.CONTEXT}-token sequences in KV"] = fmt(seqs, ",.0f") + (
+                f" (×{seqs / (base // headline.CONTEXT):.2f})" if s != BASELINE and pd.notna(seqs) and base > 0 else "")
+            rows.append(row)
+    return pd.DataFrame(rows).fillna(MISSING)
+
+
+def _pick_text(r) -> str:
+    batch = f"b{r.batch:.0f}: "
+    if not isinstance(r.scheme, str):
+        return batch + "no pick (" + r.why + ")"
+    if r.scheme == BASELINE:
+        return batch + f"bf16 ({r.why})"
+    return batch + f"**{r.scheme}** {fmt_pct(r.delta_pct, r.delta_lo, r.delta_hi)}"
+
+
+def recommendation_display(rec: pd.DataFrame) -> pd.DataFrame:
+    """One row per group: what to deploy for latency and for throughput, and what that buys."""
+    rows = []
+    for g, r in rec.groupby(GROUP, sort=False):
+        lat, tput = r[r.use == "latency"].iloc[0], r[r.use == "throughput"].iloc[0]
+        seqs, base = tput.max_seqs_2k, tput.max_seqs_2k_bf16
+        rows.append({
+            "Model": group_title(dict(zip(GROUP, g))), "Latency (smallest batch)": _pick_text(lat),
+            "Throughput (largest batch)": _pick_text(tput),
+            "Weights (bf16)": f"{fmt_bytes(tput.weights_bytes)} ({fmt_bytes(tput.weights_bf16_bytes)})",
+            f"{headline.CONTEXT}-token sequences (bf16)": fmt(seqs, ",.0f") + f" ({fmt(base, ',.0f')})" + (
+                f", ×{seqs / base:.2f}" if pd.notna(seqs) and base > 0 else ""),
+            "Accuracy": tput.accuracy, "Caveats": tput.caveats.replace(" | ", "; ")})
+    return pd.DataFrame(rows)

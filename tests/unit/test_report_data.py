@@ -1,0 +1,31 @@
+"""The report's data rules without a ledger: which cells get no speed verdict, and how a claim's cells
+read as one sentence."""
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+
+from moeq.evaluate.report import headline
+from moeq.evaluate.report.build import HOST_BOUND_PCT, physics_flag
+
+
+def cell(**kw):
+    base = dict(pct_of_ceiling=30.0, pct_of_balanced=30.0, roofline="NVIDIA H200", routing="uniform_random",
+                throughput_ceiling=1900.0, throughput_ceiling_bf16=1000.0, scheme="fp8", delta_lo=5.0)
+    return SimpleNamespace(**(base | kw))
+
+
+def test_host_bound_cells_get_no_speed_verdict():
+    assert physics_flag(cell()) is None
+    flag = physics_flag(cell(pct_of_ceiling=HOST_BOUND_PCT / 2, pct_of_balanced=HOST_BOUND_PCT / 2))
+    assert flag.startswith("host-bound:") and headline.short_flag(flag) == "host-bound"
+    assert headline.short_flag("baseline: " + flag) == "bf16 host-bound"
+    assert physics_flag(cell(pct_of_ceiling=120.0)).startswith("faster than physics")
+
+
+def test_runs_merge_cells_with_one_verdict():
+    rows = pd.DataFrame({"cell": ["b1", "b16", "b64"], "verdict": ["fails", "holds", "holds"],
+                         "value": [-20.0, 24.0, 33.0], "lo": [-21.0, 23.0, 32.0], "hi": [-19.0, 25.0, 34.0],
+                         "note": [np.nan] * 3, "quantity": ["throughput"] * 3})
+    labels = {"b1": "b1", "b16": "b16", "b64": "b64"}
+    assert headline._runs(rows, labels) == ["fails at b1 (-20.0% [-21.0, -19.0])", "holds at b16–b64 (+24 to +33%)"]
