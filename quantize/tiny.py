@@ -21,7 +21,7 @@ from moeq.quantize import coverage
 SPECIAL = ["<s>", "</s>", "<pad>"]
 
 
-def train_tokenizer(vocab_size: int, out: Path):
+def train_tokenizer(vocab_size: int, out: Path, texts: list[str] | None = None):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -30,7 +30,7 @@ def train_tokenizer(vocab_size: int, out: Path):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus.texts("train"), trainer=trainer)
+    tok.train_from_iterator(corpus.texts("train") if texts is None else texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>", model_max_length=2048)
     fast.save_pretrained(out)
@@ -107,6 +107,9 @@ def build_config(spec: dict):
 
 def build(name: str, spec: dict, out: Path, steps: int | None = None, log=print) -> dict:
     """Train `spec` (a registry entry) and write the checkpoint to `out` atomically."""
+    if spec["train"].get("device", "cpu") != "cpu":  # trained on a GPU: quantize/gpubuild.py
+        from moeq.quantize import gpubuild
+        return gpubuild.build(name, spec, out, log=log)
     from transformers import AutoModelForCausalLM
 
     train = dict(spec["train"])
@@ -177,6 +180,9 @@ def ensure_built(model: registry.Model, log=print) -> Path:
     """The checkpoint folder of `model`, building the embedded models on first use."""
     if model.source != "built" or is_complete(model.path):
         return model.path
+    if model.spec["train"].get("device", "cpu") != "cpu":
+        from moeq.quantize import gpubuild
+        gpubuild.require_gpu(model.name, model.spec)  # before any folder or lock: no GPU, a clear error at once
     with folder_lock(model.path, wait=True):  # a second process waits for the first build instead of repeating it
         if not is_complete(model.path):
             log(f"[moeq] building {model.name} into {model.path} (once; cached)")
