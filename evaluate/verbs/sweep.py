@@ -1,6 +1,7 @@
 """moeq sweep"""
 from pathlib import Path
 
+from moeq.errors import UserError
 from moeq.flags import csv, positive_int
 
 HELP = "a device sweep written as data (a plan YAML such as reports/h200/plan.yaml), through eval's driver"
@@ -20,7 +21,12 @@ def add_args(p):
 def run(args):
     import yaml
     from moeq.evaluate.sweep import sweep
-    plan = yaml.safe_load(Path(args.plan).read_text())
+    try:
+        plan = yaml.safe_load(Path(args.plan).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"plan {args.plan}: {getattr(e, 'strerror', None) or e}") from None
+    if not isinstance(plan, dict):
+        raise UserError(f"plan {args.plan}: expected a mapping of plan keys (models, schemes, cells, ...)")
     if args.restarts:
         plan["restarts"] = args.restarts
     return sweep(plan, Path(args.ledger), Path(args.checkpoints), csv(args.models), csv(args.schemes),

@@ -1,0 +1,24 @@
+"""The one command: every verb parses, and a bad plan file is the user's error (exit 2), not a traceback."""
+import pytest
+
+from moeq import cli
+
+
+@pytest.mark.parametrize("text, message", [(None, "No such file"), ("- a list\n", "expected a mapping"),
+                                           ("models: [\n", "plan")])
+def test_bad_plan_file_exits_2_naming_it(tmp_path, capsys, text, message):
+    plan = tmp_path / "plan.yaml"
+    if text is not None:
+        plan.write_text(text)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["sweep", str(plan), "--ledger", str(tmp_path / "l.sqlite")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and str(plan) in err and message in err
+    assert not (tmp_path / "l.sqlite").exists()
+
+
+def test_every_verb_module_has_the_verb_interface():
+    import importlib
+    for name in cli.VERBS:
+        verb = importlib.import_module(name)
+        assert verb.HELP and verb.ENVIRONMENT in (None, *cli.ENVIRONMENTS) and callable(verb.add_args) and callable(verb.run)
