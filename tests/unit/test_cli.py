@@ -22,3 +22,18 @@ def test_every_verb_module_has_the_verb_interface():
     for name in cli.VERBS:
         verb = importlib.import_module(name)
         assert verb.HELP and verb.ENVIRONMENT in (None, *cli.ENVIRONMENTS) and callable(verb.add_args) and callable(verb.run)
+
+
+def test_numeric_environment_variables_are_strict(monkeypatch):
+    from moeq.env import env_number
+    from moeq.errors import UserError
+    assert env_number("KV_CACHE_GIB", 2) == 2.0
+    monkeypatch.setenv("MOEQ_KV_CACHE_GIB", "0.5")
+    assert env_number("KV_CACHE_GIB", 2, low=0.0625) == 0.5
+    for bad in ("two", "-1", "0.01"):
+        monkeypatch.setenv("MOEQ_KV_CACHE_GIB", bad)
+        with pytest.raises(UserError, match=f"MOEQ_KV_CACHE_GIB='{bad}' is not valid; valid: a number >= 0.0625"):
+            env_number("KV_CACHE_GIB", 2, low=0.0625)
+    monkeypatch.setenv("MOEQ_THREADS", "1.5")
+    with pytest.raises(UserError, match="a whole number >= 1"):
+        env_number("THREADS", 0, low=1, kind=int)
