@@ -97,6 +97,8 @@ def model_facts(path: Path, weights_bytes: int, fmt: dict, llm_args: dict) -> di
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     cfg = AutoConfig.from_pretrained(path)
+    for key, value in (llm_args.get("hf_overrides") or {}).items():  # the shape the engine ran (top-k, experts)
+        setattr(cfg, key, value)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
