@@ -7,8 +7,8 @@ tokens needs on top:
 
 - a corpus pinned by a manifest (moeq.corpus.collect / verify): the standard library and the Python
   sources and text documents of the packages the entry names, checked file by file before training;
-- bf16 weights with fp32 master weights in a fused AdamW, bf16 autocast, torch.compile of each decoder
-  layer (eager if compiling fails), transformers' grouped_mm experts;
+- bf16 weights with fp32 master weights in a fused AdamW, bf16 autocast, torch.compile of each layer's
+  attention and experts (eager if compiling fails), transformers' grouped_mm experts;
 - a token budget and a time budget: the plan (steps of batch x seq_len tokens) shrinks to what fits in
   `max_train_seconds` once the steady rate is known, and the build records the tokens it saw;
 - tokens/s and MFU (6 x active parameters x tokens/s over the device's bf16 peak, core/devices.yaml);
@@ -219,6 +219,19 @@ def check_expert_shares(shares: dict[str, float], floor: float) -> None:
                            f"{100 * floor:.0f}% of its fair share of held-out tokens ({worst})")
 
 
+def compile_targets(model) -> list[torch.nn.Module]:
+    """What torch.compile compiles: each layer's attention and its fused experts, where the FLOPs are. The
+    router stays eager: transformers records its logits (output_router_logits) through a hook that reads a
+    ContextVar, which dynamo cannot trace, and it is one small matmul."""
+    return [m for n, m in model.named_modules()
+            if n.endswith("self_attn") or isinstance(getattr(m, "gate_up_proj", None), torch.nn.Parameter)]
+
+
+def uncompile(modules) -> None:
+    for m in modules:
+        m._compiled_call_impl = None
+
+
 class Plan:
     """Steps of the run and the learning rate at each: 5% warm-up then cosine, as tiny; the step count can
     shrink once (to what fits the time budget) while warm-up holds."""
@@ -305,9 +318,10 @@ def build(name: str, spec: dict, out: Path, log=print, device: str | None = None
                                 **({"fused": True} if use_cuda else {}))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, plan.lr_factor)
         compiled = bool(train.get("compile")) and use_cuda
+        targets = compile_targets(model)
         if compiled:
-            for layer in model.model.layers:
-                layer.compile()
+            for m in targets:
+                m.compile(dynamic=False)
         gen = torch.Generator().manual_seed(train["seed"])
         ids_dev = train_ids.to(device)
         offsets = torch.arange(seq + 1, device=device)
@@ -341,14 +355,13 @@ def build(name: str, spec: dict, out: Path, log=print, device: str | None = None
                     raise
                 log(f"[build {name}] torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                     f"training eagerly")
-                for layer in model.model.layers:
-                    layer._compiled_call_impl = None
+                uncompile(targets)
                 compiled = False
                 model.zero_grad(set_to_none=True)
                 token_ce, balance = step_once(batch)
             if bf16:
                 for m, p in zip(master, params):
-                    m.grad = p.grad.float()
+                    m.grad = None if p.grad is None else p.grad.float()
                     p.grad = None
             torch.nn.utils.clip_grad_norm_(master, 1.0)
             opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
@@ -388,6 +401,7 @@ def build(name: str, spec: dict, out: Path, log=print, device: str | None = None
             f"first step ({first_step_s:.0f}s with compiling)" + (f", MFU {100 * u:.1f}%" if u else "")
             + f"; {seen / max(1, len(train_ids)):.2f} epochs of the train split")
 
+        uncompile(targets)  # evaluation runs other shapes: eager rather than compiling again
         model = model.to(torch.bfloat16)
         model.config.dtype = "bfloat16"
         t = time.time()

@@ -1,7 +1,7 @@
 """moeq corpus"""
 HELP = ("make or check a built model's corpus manifest (files + sha256 + split) and count its bytes and tokens "
         "without training")
-ENVIRONMENT = "quantize"
+ENVIRONMENT = None  # moeq and torch only: either environment, or a GPU machine's python3
 
 
 def add_args(p):

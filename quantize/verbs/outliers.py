@@ -3,7 +3,7 @@ from moeq.env import env_default
 
 HELP = ("per layer, max|x| / median|x| of the attention and expert projections' inputs on held-out text, and "
         "weight kurtosis, as JSON (how far quantization carries: issue 10)")
-ENVIRONMENT = "quantize"
+ENVIRONMENT = None  # torch + transformers: either environment, or a GPU machine's python3
 
 
 def add_args(p):

@@ -199,3 +199,36 @@ def test_bf16_master_weights_path_on_cpu(tmp_path, monkeypatch, small_manifest):
                            manifest=small_manifest)
     assert stats["dtype"] == "bfloat16" and stats["steps"] == 4 and is_complete(out)
     assert math.isfinite(stats["heldout_ce"])
+
+
+def test_a_killed_build_leaves_nothing_taken_as_complete(tmp_path, small_manifest):
+    """SIGKILL part-way (after the tokenizer, inside the staged folder): no folder under the final name, and
+    the leftover is the dead writer's, which the next write removes."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from moeq import atomic
+    corpus.write_manifest(small_manifest, tmp_path / "m.tsv.gz")
+    out = tmp_path / "models" / "k"
+    script = (f"import sys, time; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+              "from pathlib import Path\nfrom test_builder import small_spec\nfrom moeq import corpus\n"
+              "from moeq.quantize import gpubuild\n"
+              "def log(line):\n    print(line, flush=True)\n    if 'tokenizer:' in line: time.sleep(120)\n"
+              f"gpubuild.build('k', small_spec(), Path({str(out)!r}), log=log, "
+              f"manifest=corpus.read_manifest({str(tmp_path / 'm.tsv.gz')!r}))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env={**__import__("os").environ, "MOEQ_CACHE": str(tmp_path / "cache")})
+    try:
+        for line in proc.stdout:
+            if "tokenizer:" in line:
+                break
+        leftovers = [p for p in out.parent.iterdir() if p.name.startswith(f".tmp-k-{proc.pid}-")]
+        assert leftovers and (leftovers[0] / "tokenizer.json").is_file()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not out.exists() and not is_complete(out)
+    atomic.clean_stale(out, log=lambda s: None)
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".tmp-k-")]
