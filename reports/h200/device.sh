@@ -5,6 +5,7 @@
 # folders (config files only) are made on a CPU machine and carried as checkpoints/.shape-only.
 #   bash reports/h200/device.sh STEP[=ARG] ...
 #   steps: chunk | install | sweep=MODELS[/SCHEMES] | variant=MODEL/SCHEME/KEY=VALUE | bench=MODEL/SCHEME/BATCH,...
+#          | build=MODEL | wait=MODEL | outliers=MODEL
 # Everything finished is copied to $OUT at exit, also after a timeout: the ledger gets one transaction
 # per cell, so a cut-off step loses only its cell in flight, and the next call resumes from the ledger.
 set -u
@@ -60,6 +61,37 @@ step_bench() {  # vLLM's own tool at its defaults on cells moeq measured: bench=
       --random-input-len 512 --random-output-len 128 --num-prompts $batch --max-model-len 2176 \
       --output-json $W/bench-$model-$scheme-b$batch.json 2>&1 | show
   done
+}
+
+# Issue 10: the embedded moe-500m, trained here (quantize/gpubuild.py; reports/h200/BUILD-PLAN.md). It needs only
+# the image's torch, transformers and tokenizers: no wheels, no install step. The build runs detached (setsid),
+# so it outlives a call's 10-minute limit; `wait=` in the next call (within the machine's 30 s warm time)
+# follows it. Its corpus is this image's Python 3.12 standard library and installed packages, pinned by the
+# manifest it writes (core/corpora/moe-500m.tsv.gz: bring it back from $OUT and commit it).
+freeze() { [ -d $W/pkg/moeq ] || { mkdir -p $W/pkg && cp -r core $W/pkg/moeq && cp -r quantize evaluate recipes $W/pkg/moeq/; }; }
+step_build() {  # build=moe-500m
+  freeze
+  # tiny, built on a CPU and carried (.h200/tiny), only for the bits-per-byte comparison
+  [ -d .h200/tiny ] && mkdir -p $MOEQ_CACHE/models && cp -rn .h200/tiny $MOEQ_CACHE/models/
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  # the tokenizer encodes on every core (the top of this script turns that off for vLLM's sake)
+  (cd $W && PYTHONPATH=$W/pkg TOKENIZERS_PARALLELISM=true setsid nohup python3 -c "import sys; from moeq import registry; from moeq.quantize import tiny; print(tiny.ensure_built(registry.resolve(sys.argv[1])))" \
+    $1 > $W/build-$1.log 2>&1 < /dev/null & echo $! > $W/build-$1.pid)
+  step_wait $1
+}
+step_wait() {  # wait=moe-500m: follow a detached build until it ends or this call's time is up
+  local pid; pid=$(cat $W/build-$1.pid)
+  while kill -0 $pid 2>/dev/null && [ $(left) -gt 20 ]; do sleep 5; done
+  kill -0 $pid 2>/dev/null && echo "build $1 still running (pid $pid): next call wait=$1" || echo "build $1 ended"
+  tail -n 60 $W/build-$1.log
+  cp -f $W/build-$1.log "$OUT"/ 2>/dev/null
+  cp -f $MOEQ_CACHE/models/$1.build.json $MOEQ_CACHE/models/$1/moeq_build.json "$OUT"/ 2>/dev/null
+  cp -f $W/pkg/moeq/corpora/$1.tsv.gz "$OUT"/ 2>/dev/null
+}
+step_outliers() {  # outliers=moe-500m (or tiny, or a checkpoint folder): activation max/median and weight kurtosis
+  freeze
+  PYTHONPATH=$W/pkg timeout $(left) python3 -m moeq.cli outliers $1 --tokens 65536 --seq-len 1024 \
+    --out "$OUT/outliers-$(basename $1).json" 2>&1 | tail -n 5
 }
 
 for step in "$@"; do
