@@ -344,8 +344,13 @@ def build(name: str, spec: dict, out: Path, log=print, device: str | None = None
         t_train = time.time()
         t_mark, step_mark, first_step_s, steady = t_train, 0, None, None
         log_every = max(1, plan.steps // 25)
-        step = 0
+        step, cut = 0, False
+        hard_stop = 1.1 * train["max_train_seconds"] if train.get("max_train_seconds") else math.inf
         while step < plan.steps:
+            if step and step % 10 == 0 and time.time() - t_train > hard_stop:  # slowed after the plan was fitted
+                cut = True
+                log(f"[build {name}] stopped at step {step}/{plan.steps}: past 110% of the time budget")
+                break
             starts = torch.randint(0, len(train_ids) - seq - 2, (bsz,), generator=gen).to(device)
             batch = ids_dev[starts[:, None] + offsets]
             try:
@@ -420,7 +425,7 @@ def build(name: str, spec: dict, out: Path, log=print, device: str | None = None
         routing = coverage.count_routing(model, windows, spec.get("ignore", []))
         shares = layer_shares(routing)
         timings["eval_s"] = round(time.time() - t, 1)
-        stats = {"model": name, "params": n_params, "active_params": n_active, "steps": step,
+        stats = {"model": name, "params": n_params, "active_params": n_active, "steps": step, "cut_short": cut,
                  "planned_tokens": train.get("tokens"), "train_tokens_seen": seen,
                  "train_tokens_unique": len(train_ids), "epochs": round(seen / max(1, len(train_ids)), 3),
                  "tokens_per_s": round(steady_rate), "mfu": round(u, 4) if u else None,
