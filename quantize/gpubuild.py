@@ -318,9 +318,9 @@ def build(name: str, spec: dict, out: Path, log=print, device: str | None = None
                                 **({"fused": True} if use_cuda else {}))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, plan.lr_factor)
         compiled = bool(train.get("compile")) and use_cuda
-        targets = compile_targets(model)
+        to_compile = compile_targets(model)
         if compiled:
-            for m in targets:
+            for m in to_compile:
                 m.compile(dynamic=False)
         gen = torch.Generator().manual_seed(train["seed"])
         ids_dev = train_ids.to(device)
@@ -360,7 +360,7 @@ def build(name: str, spec: dict, out: Path, log=print, device: str | None = None
                     raise
                 log(f"[build {name}] torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                     f"training eagerly")
-                uncompile(targets)
+                uncompile(to_compile)
                 compiled = False
                 model.zero_grad(set_to_none=True)
                 token_ce, balance = step_once(batch)
@@ -406,7 +406,7 @@ def build(name: str, spec: dict, out: Path, log=print, device: str | None = None
             f"first step ({first_step_s:.0f}s with compiling)" + (f", MFU {100 * u:.1f}%" if u else "")
             + f"; {seen / max(1, len(train_ids)):.2f} epochs of the train split")
 
-        uncompile(targets)  # evaluation runs other shapes: eager rather than compiling again
+        uncompile(to_compile)  # evaluation runs other shapes: eager rather than compiling again
         model = model.to(torch.bfloat16)
         model.config.dtype = "bfloat16"
         t = time.time()
