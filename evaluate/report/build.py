@@ -13,7 +13,7 @@ import pandas as pd
 
 from moeq import roofline
 from moeq.evaluate import kernels
-from moeq.evaluate.report import headline, render, verdicts
+from moeq.evaluate.report import compare, headline, render, verdicts
 from moeq.evaluate.ledger import KEY as LEDGER_KEY, LEGACY, LEGACY_RECORD
 from moeq.evaluate.report.verdicts import BASELINE, GROUP
 from moeq.atomic import staged_dir
@@ -259,6 +259,9 @@ def build_report(ledger_path: Path, name: str = "default", out_root: Path = Path
     unsupported = {(*(getattr(r, k) for k in GROUP), r.scheme): r.note for r in status.itertuples()}
     keys = results[KEY + ["env_id"]].drop_duplicates()  # which schemes each group has, and its env records
     verdict = verdicts.verdict_table(claims, formats, keys, perf, acc, mem, unsupported)
+    # the guide's other claims (issue 12): variants of one model against each other, batch sweeps, plans
+    others = compare.comparison_table(claims, keys, perf, items, acc, mem, settings, model_configs(results))
+    verdict = pd.concat([verdict, others], ignore_index=True) if len(verdict) else others
     groups = [tuple(g) for g in keys[GROUP].drop_duplicates().itertuples(index=False)]
     tables = {"summary": headline.numbers(perf, acc, mem), "verdicts": verdict, "performance": perf, "accuracy": acc,
               "memory": mem, "findings": precision_findings(perf, formats, settings),

@@ -26,7 +26,7 @@ def answer(device, groups, tables_, claims, settings) -> list[tuple]:
     """The first screen for one device: claims as sentences, then what to deploy."""
     v, perf, mem, keys = (tables_[k] for k in ("verdicts", "performance", "memory", "keys"))
     out = [("h2", f"{device}: the answer")]
-    out += claim_paragraphs(headline.claim_sentences(v, perf, groups, claims["claims"]))
+    out += claim_paragraphs(headline.claim_sentences(v, perf, groups, verdicts.scheme_claims(claims["claims"])))
     rec = tables_["recommendations"]
     rec = rec[[headline.group_key(r) in groups for _, r in rec.iterrows()]] if len(rec) else rec
     if len(rec):
@@ -45,14 +45,14 @@ def device_body(device, groups, all_groups, tables_, claims, formats, folder) ->
            ("p", "Throughput change vs bf16 of the same group [95% interval], accuracy change per task (relative, "
                  "paired interval), weights (change vs bf16) and KV capacity; each with its claim's verdict."),
            ("table", tables.grid_display(v, perf, acc, mem, all_groups), f"{stem}-grid")]
-    made = [plots.speedup(folder, stem, all_groups, perf, claims["claims"], formats),
-            plots.memory(folder, stem, all_groups, mem), plots.accuracy(folder, stem, all_groups, acc, claims["claims"], formats),
+    made = [plots.speedup(folder, stem, all_groups, perf, verdicts.scheme_claims(claims["claims"]), formats),
+            plots.memory(folder, stem, all_groups, mem), plots.accuracy(folder, stem, all_groups, acc, verdicts.scheme_claims(claims["claims"]), formats),
             plots.frontier(folder, stem, all_groups, perf)]
     out += [("h2", f"{device}: plots")] + [("img", *m) for m in made if m]
     rest = [g for g in all_groups if g not in groups]
     if rest:
         out.append(("h2", f"{device}: claims at other settings"))
-        out += claim_paragraphs(headline.claim_sentences(v, perf, rest, claims["claims"]))
+        out += claim_paragraphs(headline.claim_sentences(v, perf, rest, verdicts.scheme_claims(claims["claims"])))
         rec = tables_["recommendations"]
         rec = rec[[headline.group_key(r) in rest for _, r in rec.iterrows()]] if len(rec) else rec
         if len(rec):
@@ -106,6 +106,13 @@ def blocks(name, ledger_path, tables_, unsupported, env, settings, claims, forma
                       "config was tuned for the device; `variants` are the same cells measured with another "
                       "`moe_backend`, which separates the kernel from the format."),
                 ("table", tables.findings_display(found), "findings")]
+    out += [("h2", "The guide's other claims"),
+            ("p", "Active experts, expert count, FFN width, pruning, batch size, speculative decoding, fused kernels and "
+                  "single-GPU fit (issue 12): a variant of a model against the same model differing only there "
+                  "(top-k or expert count set through `hf_overrides`, a pruned model against its base), a batch "
+                  "sweep's recommended batch, or, where nothing here measures the claim yet, the plan that would. "
+                  "Speed on a device with no roofline (a CPU) is shown with no verdict."),
+            ("table", tables.other_claims_display(tables_["verdicts"], claims["claims"]), "other-claims")]
     out += [("h2", "Every table, per group"),
             ("p", "Per group: engine settings and caveats, a summary per scheme, every perf cell with its roofline "
                   "and flag, every accuracy task.")]

@@ -11,7 +11,10 @@ from moeq.evaluate.report import headline
 from moeq.evaluate.report.verdicts import BASELINE, FLAGGED, GROUP
 
 QUANTITY = {"throughput": "throughput change", "accuracy_loss": "accuracy loss (relative)",
-            "memory": "weights-memory reduction", "weights_gb": "weights held (GB)"}
+            "memory": "weights-memory reduction", "weights_gb": "weights held (GB)",
+            "weights_change": "weights change", "recommended_batch": "recommended batch", "speedup": "speedup",
+            "acceptance_rate": "draft acceptance rate", "min_gpu_memory_gb": "smallest GPU memory (GB)",
+            "best_expert_count": "best expert count"}
 MISSING = "—"
 
 
@@ -62,19 +65,36 @@ def baseline_first(df: pd.DataFrame, then: list[str], first: bool = False) -> pd
     return df.assign(not_base=df.scheme != BASELINE).sort_values(by).drop(columns="not_base")
 
 
+def _measured(q, x, lo, hi, unit) -> str:
+    if q == "weights_gb":
+        return fmt(x, ".1f", suffix=" GB")
+    if q == "memory" or (q == "weights_change" and lo == hi):  # an exact count: no interval shown
+        return fmt_pct(x, np.nan, np.nan)
+    if isinstance(unit, str) and unit not in ("%", "GB"):  # a batch, a count, a ratio
+        return MISSING if pd.isna(x) else f"{x:g}" + (f" [{lo:g}, {hi:g}]" if pd.notna(lo) and lo != hi else "")
+    return fmt_pct(x, lo, hi)
+
+
+def _bound(side, b, u, lo_stated, hi_stated) -> str:
+    if side == "within":
+        return f"{lo_stated:g} to {hi_stated:g}" + ("" if u in ("%", None) else f" ({u})")
+    if not isinstance(side, str):
+        return ""
+    return ("≥ " if side == "min" else "≤ ") + fmt(b, "+g" if u == "%" and side == "min" else "g",
+                                                  suffix=" GB" if u == "GB" else "%" if u == "%" else f" {u}")
+
+
 def verdict_display(v: pd.DataFrame) -> pd.DataFrame:
+    v = v.reindex(columns=list(v.columns) + [c for c in ("variant", "reference") if c not in v.columns])
     return pd.DataFrame({
         "Claim": v.text.fillna(""), "Scheme": v.scheme,
         "Where": v.model + " · " + v.provenance + " · " + v.backend + " · " + v.device + " · settings " + v.settings,
         "Cell / task": v.cell.fillna(""), "Quantity": v.quantity.map(QUANTITY).fillna(""),
+        "Variant vs reference": [f"{a} vs {b}" if isinstance(a, str) else "" for a, b in zip(v.variant, v.reference)],
         # memory is an exact count: its degenerate interval is not shown
-        "Measured [95% CI]": [fmt(x, ".1f", suffix=" GB") if q == "weights_gb" else fmt_pct(x, np.nan, np.nan)
-                              if q == "memory" else fmt_pct(x, lo, hi)
-                              for q, x, lo, hi in zip(v.quantity, v.value, v.lo, v.hi)],
-        "Bound": [("≥ " if side == "min" else "≤ ") + fmt(b, "+g" if u == "%" and side == "min" else "g",
-                                                           suffix=" GB" if u == "GB" else "%")
-                  if isinstance(side, str) else "" for side, b, u in zip(v.bound_side, v.bound, v.unit)],
-        "Stated": [f"{a:g} to {b:g}{' GB' if u == 'GB' else '%'}" if pd.notna(a) else ""
+        "Measured [95% CI]": [_measured(*r) for r in zip(v.quantity, v.value, v.lo, v.hi, v.unit)],
+        "Bound": [_bound(*r) for r in zip(v.bound_side, v.bound, v.unit, v.range_low, v.range_high)],
+        "Stated": [f"{a:g} to {b:g}{' GB' if u == 'GB' else '%' if u == '%' else ' ' + str(u)}" if pd.notna(a) else ""
                    for a, b, u in zip(v.range_low, v.range_high, v.unit)],
         "Position": v.position.fillna(""),
         "Verdict": v.verdict,
@@ -201,6 +221,8 @@ def grid_display(v, perf, acc, mem, groups) -> pd.DataFrame:
     for g in groups:
         gkey = dict(zip(GROUP, g))
         gp, ga, gv = in_group(perf, gkey), in_group(acc, gkey), in_group(v, gkey)
+        if "reference" in gv:  # a comparison of variants (compare.py) is no verdict on a scheme against bf16
+            gv = gv[gv.reference.isna()]
         gm = in_group(mem, gkey).drop_duplicates("scheme").set_index("scheme")
         verdict = {(r.scheme, r.quantity, r.cell): (r.verdict, r.note) for r in gv.itertuples()}
         shape = headline.modal_shape(gp)
@@ -253,4 +275,31 @@ def recommendation_display(rec: pd.DataFrame) -> pd.DataFrame:
             f"{headline.CONTEXT}-token sequences (bf16)": fmt(seqs, ",.0f") + f" ({fmt(base, ',.0f')})" + (
                 f", ×{seqs / base:.2f}" if pd.notna(seqs) and base > 0 else ""),
             "Accuracy": tput.accuracy, "Caveats": tput.caveats.replace(" | ", "; ")})
+    return pd.DataFrame(rows)
+
+
+def other_claims_display(v: pd.DataFrame, claims: list[dict]) -> pd.DataFrame:
+    """One row per claim of compare.py (issue 12): where it was measured, the verdicts and the values, or
+    the plan that would measure it, or why it cannot be tested as written."""
+    from moeq.evaluate.report import compare
+    rows = []
+    for c in claims:
+        if compare.kind(c) == "scheme":
+            continue
+        r = v[v.claim == c["id"]]
+        measured = r[r.model.notna()] if "model" in r else r.iloc[:0]
+        unit = c.get("unit", "%")
+        values = [_measured(c["quantity"], x, lo, hi, unit) for x, lo, hi in zip(measured.value, measured.lo, measured.hi)
+                  if pd.notna(x)]
+        where = sorted({f"{m} ({x})" if isinstance(x, str) else str(m)
+                        for m, x in zip(measured.model, measured.get("variant", pd.Series(index=measured.index, dtype=object)))})
+        rows.append({
+            "Claim": c["text"], "Quantity": QUANTITY.get(c["quantity"], c["quantity"]),
+            "Bound": _bound(next(iter(c["bound"])), next(iter(c["bound"].values())), unit,
+                            *(c.get("range") or c["bound"].get("within") or [np.nan, np.nan])),
+            "Measured on": "; ".join(where) or MISSING,
+            "Verdicts": ", ".join(f"{n} {k}" for k, n in r.verdict.value_counts().items()) or MISSING,
+            "Values": (", ".join(values[:6]) + (f" (+{len(values) - 6} more)" if len(values) > 6 else "")) or MISSING,
+            "What measures it / why not": "; ".join(sorted({n for n in r.note.dropna() if not len(measured)}))
+            or c.get("plan") or ""})
     return pd.DataFrame(rows)

@@ -29,7 +29,11 @@ RULES = {
                   "scheme whose format is unknown (no recipe)",
     FLAGGED: "the cell fails a physics check (faster than the device's bytes and FLOPs allow, or a speedup larger "
              "than the bytes and FLOPs of the two formats allow): a finding to explain, not evidence for or "
-             "against the claim"}
+             "against the claim; for a claim comparing variants of one model, also a cell on a device with no roofline",
+    "not testable as written": "the guide's recipe cannot run as written on the vLLM measured (its own error is "
+                               "quoted); the nearest testable form is a claim of its own"}
+# A two-sided bound {within: [a, b]} (a recommended batch): holds if a <= lo and hi <= b, fails if hi < a or
+# lo > b, else inconclusive (compare.py).
 METHODS = (f"Intervals are {LEVEL:.0%} percentile-bootstrap intervals ({N_BOOT} resamples, seed {SEED}). "
            "Throughput: the timed repeats of the scheme and of BF16 are resampled independently and the "
            "ratio of their medians taken. Accuracy: the items both were scored on are resampled together "
@@ -38,7 +42,13 @@ METHODS = (f"Intervals are {LEVEL:.0%} percentile-bootstrap intervals ({N_BOOT} 
 
 def load_claims(path: Path = CLAIMS_FILE) -> dict:
     doc = yaml.safe_load(Path(path).read_text())
+    ids = [c.get("id") for c in doc["claims"]]
+    if dup := sorted({i for i in ids if ids.count(i) > 1}):
+        raise UserError(f"{path}: claim id {dup[0]!r} is used twice")
     for c in doc["claims"]:
+        if "covers" not in c or "compare" in c or "batch" in c or c.get("quantity") not in QUANTITIES:
+            check_other_claim(c, path)  # issue 12's claims: compare.py
+            continue
         missing = {"id", "text", "covers", "quantity", "bound", "range"} - set(c)
         if (missing or c["quantity"] not in QUANTITIES or len(set(c["bound"]) & {"min", "max"}) != 1
                 or not isinstance(c["covers"], dict) or set(c["covers"]) - set(FORMAT_KEYS)):
@@ -46,6 +56,39 @@ def load_claims(path: Path = CLAIMS_FILE) -> dict:
                             f"{', '.join(FORMAT_KEYS)}), quantity (one of {', '.join(QUANTITIES)}), "
                             "bound {min: x} or {max: x} and range [lo, hi]")
     return doc
+
+
+OTHER_QUANTITIES = ("throughput", "accuracy_loss", "memory", "weights_change", "recommended_batch", "speedup",
+                    "acceptance_rate", "min_gpu_memory_gb", "best_expert_count")
+AXES = ("top_k", "num_experts", "ffn_width", "keep")
+
+
+def check_other_claim(c: dict, path):
+    """A claim compared across variants of one model (`compare: {axis, variant, reference}`), about a batch
+    sweep (`batch: {share: 0.9}` or `{itl_p99_ms: x}`), or not yet measurable (`plan:` names what would
+    measure it; `not_testable: {reason, measured, nearest}` when the guide's recipe cannot run as written)."""
+    problem = None
+    bound = c.get("bound") or {}
+    if {"id", "text", "quantity", "bound"} - set(c):
+        problem = "needs id, text, quantity and bound"
+    elif c["quantity"] not in OTHER_QUANTITIES:
+        problem = f"quantity must be one of {', '.join(OTHER_QUANTITIES)}"
+    elif len(set(bound) & {"min", "max", "within"}) != 1 or ("within" in bound and len(bound["within"]) != 2):
+        problem = "bound must be {min: x}, {max: x} or {within: [lo, hi]}"
+    elif "compare" in c and (c["compare"].get("axis") not in AXES or {"variant", "reference"} - set(c["compare"])):
+        problem = f"compare needs axis (one of {', '.join(AXES)}), variant and reference"
+    elif "compare" not in c and "batch" not in c and not c.get("plan") and not c.get("not_testable"):
+        problem = "a claim no ledger quantity measures needs plan: (what would measure it) or not_testable:"
+    elif c.get("not_testable") and {"reason", "measured"} - set(c["not_testable"]):
+        problem = "not_testable needs reason and measured (the message the recipe got)"
+    if problem:
+        raise UserError(f"{path}: claim {c.get('id')!r}: {problem}")
+
+
+def scheme_claims(claims: list[dict]) -> list[dict]:
+    """The claims about a scheme against BF16 of the same model (this module's verdict table)."""
+    return [c for c in claims if "compare" not in c and "batch" not in c and c.get("quantity") in QUANTITIES
+            and "covers" in c]
 
 
 def covers(claim: dict, fmt: dict | None, model: str) -> bool:
@@ -141,7 +184,7 @@ def verdict_table(claims: dict, formats: dict, keys: pd.DataFrame, perf, acc, me
     rows = []
     for g, in_group in keys.groupby(GROUP):
         gkey, present = dict(zip(GROUP, g)), set(in_group.scheme)
-        for claim in claims["claims"]:
+        for claim in scheme_claims(claims["claims"]):
             bound, absolute = claim["bound"], claim["quantity"] == "weights_gb"
             (side, limit), = bound.items()
             # the schemes this group measured (BF16 too, for an absolute claim)

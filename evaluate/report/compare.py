@@ -1,0 +1,270 @@
+"""Verdicts on the claims that compare a model with a variant of itself rather than a scheme with BF16
+(claims.yaml entries with `compare:`, `batch:` or none of the ledger's quantities: issue 12).
+
+Every group (verdicts.GROUP) gets coordinates: its top-k, expert count and expert FFN width (the base
+model's registry config, then the settings' `hf_overrides`, which is how a variant is run: `--engine-arg
+hf_overrides={"num_experts_per_tok": 1}`), and the fraction of experts kept (a pruned model is a model of
+its own, `<base>-keep<NN>`, moeq.pruned). A `compare:` claim pairs a variant group with the reference
+group that differs only on the claim's axis: same base model, scheme, provenance, backend, device,
+routing, warm-up and every other engine argument. Throughput, accuracy and weights are then compared the
+way verdicts.py compares a scheme with BF16 (bootstrap of repeats; paired items). A `batch:` claim is a
+statement about one group's batch sweep. A claim no ledger row can speak of yet says so and names what
+would measure it (`plan:`); one whose recipe cannot run as written says so with the reason measured
+(`not_testable:`).
+"""
+import json
+
+import numpy as np
+import pandas as pd
+
+from moeq import pruned, registry
+from moeq.evaluate.report import verdicts
+from moeq.evaluate.report.verdicts import FLAGGED, GROUP, INCONCLUSIVE, NOT_MEASURED, SEED, N_BOOT
+
+NOT_TESTABLE = "not testable as written"
+AXES = {  # coordinate -> the config keys that set it, first found wins (hf_overrides use the same keys)
+    "top_k": ("num_experts_per_tok",),
+    "num_experts": ("num_local_experts", "num_experts", "n_routed_experts"),
+    "ffn_width": ("moe_intermediate_size", "intermediate_size"),
+}
+COORDINATES = (*AXES, "keep")
+LINKED = {"keep": "num_experts", "num_experts": "keep"}  # one follows from the other
+NO_ROOFLINE = ("no roofline for this device: whether a cell times the model or the host cannot be told, and the "
+               "claim speaks of GPU serving; the value is shown, with no verdict")
+
+
+def _native(config: dict, axis: str):
+    return next((config[k] for k in AXES[axis] if config.get(k) is not None), None)
+
+
+def coordinates(model: str, record: dict, facts: dict | None = None) -> dict:
+    """Top-k, expert count, FFN width and kept fraction of a group (each with whether an hf_override set
+    it), and the settings minus the overrides that set them (`rest`, what a pair must share)."""
+    base, keep = pruned.parse(model)
+    config = dict((registry.registry().get(base) or {}).get("config") or {})
+    facts = facts or {}
+    overrides = dict((record.get("llm") or {}).get("hf_overrides") or {})
+    out = {"base": base}
+    for axis, keys in AXES.items():
+        native = _native(config, axis)
+        if native is None and axis in ("top_k", "num_experts"):  # not in the registry: what the engine ran
+            native = facts.get(axis)
+        if axis == "num_experts" and native is not None and keep < 1:
+            out["num_experts_native"] = native
+            native = round(native * keep)
+        given = next((overrides[k] for k in keys if k in overrides), None)
+        out[axis], out[f"{axis}_given"] = (given if given is not None else native), given is not None
+    full = out.get("num_experts_native", _native(config, "num_experts"))
+    out["keep"] = round(out["num_experts"] / full, 4) if full and out["num_experts"] else keep
+    out["keep_given"] = keep < 1 or out["num_experts_given"]
+    llm = {k: v for k, v in (record.get("llm") or {}).items() if k != "hf_overrides"}
+    rest = {k: v for k, v in overrides.items() if not any(k in keys for keys in AXES.values())}
+    out["rest"] = json.dumps({"llm": llm, "hf_overrides": rest, "routing": record.get("routing"),
+                              "warmup_tokens": record.get("warmup_tokens")}, sort_keys=True, default=str)
+    return out
+
+
+def kind(claim: dict) -> str:
+    """scheme (vs BF16, verdicts.py), compare, batch, or planned (no ledger quantity yet)."""
+    if "compare" in claim:
+        return "compare"
+    if "batch" in claim:
+        return "batch"
+    if claim.get("quantity") in verdicts.QUANTITIES and "covers" in claim:
+        return "scheme"
+    return "planned"
+
+
+def within(point, lo, hi, bound: dict) -> str:
+    """A two-sided bound {within: [a, b]}: holds if the interval is inside it, fails if wholly outside."""
+    a, b = bound["within"]
+    if pd.isna(point):
+        return NOT_MEASURED
+    if pd.isna(lo) or pd.isna(hi):
+        return INCONCLUSIVE
+    return verdicts.HOLDS if a <= lo and hi <= b else verdicts.FAILS if hi < a or lo > b else INCONCLUSIVE
+
+
+def judge(point, lo, hi, bound: dict) -> str:
+    return within(point, lo, hi, bound) if "within" in bound else verdicts.judge(point, lo, hi, bound)
+
+
+def _group_table(keys: pd.DataFrame, settings: dict, configs: dict) -> pd.DataFrame:
+    rows = []
+    for g in keys[GROUP + ["scheme"]].drop_duplicates().itertuples(index=False):
+        gkey = dict(zip(GROUP + ["scheme"], g))
+        facts = configs.get(tuple(gkey[k] for k in ("model", "scheme", "provenance", "backend", "device", "settings")))
+        rows.append(gkey | coordinates(gkey["model"], settings.get(gkey["settings"], {}), facts))
+    return pd.DataFrame(rows, columns=GROUP + ["scheme", "base", *COORDINATES, *(f"{c}_given" for c in COORDINATES),
+                                               "rest"])
+
+
+def _matches(row, spec) -> bool:
+    """A coordinate spec: a value, a list of values, or {min: x, max: y}."""
+    if isinstance(spec, dict):
+        return row is not None and spec.get("min", -np.inf) <= row <= spec.get("max", np.inf)
+    return row in (spec if isinstance(spec, list) else [spec])
+
+
+def pairs(groups: pd.DataFrame, claim: dict) -> list[tuple[pd.Series, pd.Series]]:
+    """(variant, reference) group pairs for a compare claim."""
+    spec = claim["compare"]
+    axis = spec["axis"]
+    others = [c for c in COORDINATES if c not in (axis, LINKED.get(axis))]
+    share = ["base", "scheme", "provenance", "backend", "device", "rest", *others]
+    out = []
+    for _, v in groups.iterrows():
+        if not _matches(v[axis], spec["variant"]) or (claim.get("models") and v.base not in claim["models"]) \
+                or not all(_matches(v[k], x) for k, x in (claim.get("where") or {}).items()):
+            continue
+        for _, r in groups.iterrows():
+            native = spec["reference"] == "native"
+            if (not r[f"{axis}_given"] if native else _matches(r[axis], spec["reference"])) \
+                    and all(r[k] == v[k] for k in share) \
+                    and not (r.model == v.model and r.settings == v.settings):
+                out.append((v, r))
+    return out
+
+
+def _sel(df: pd.DataFrame, g: pd.Series) -> pd.DataFrame:
+    return df[np.logical_and.reduce([df[k] == g[k] for k in GROUP + ["scheme"]])] if len(df) else df
+
+
+def _repeats(r) -> list[float]:
+    return json.loads(r.repeats) if isinstance(r.repeats, str) else [r.throughput]
+
+
+def _flag(r) -> str | None:
+    if isinstance(r.flag, str) and not r.flag.startswith("baseline: "):
+        return r.flag
+    if not isinstance(r.roofline, str) or r.roofline.startswith("no roofline"):
+        return NO_ROOFLINE
+    return None
+
+
+def measured_pair(quantity: str, v, r, perf, items, acc, mem) -> list[dict]:
+    if quantity == "throughput":
+        pv, pr = _sel(perf, v).set_index("cell"), _sel(perf, r).set_index("cell")
+        out = []
+        for cell in [c for c in pv.sort_values("batch").index if c in pr.index]:
+            a, b = pv.loc[cell], pr.loc[cell]
+            point, lo, hi = verdicts.ratio_of_medians(_repeats(a), _repeats(b))
+            flag = _flag(a) or _flag(b)
+            out.append({"cell": cell, "value": point, "lo": lo, "hi": hi} | ({"flag": flag, "note": flag} if flag else {}))
+        return out
+    if quantity == "accuracy_loss":
+        out = []
+        for a in _sel(acc, v).query("primary").itertuples():
+            iv = items[np.logical_and.reduce([items[k] == v[k] for k in GROUP + ["scheme"]])
+                       & (items.task == a.task) & (items.metric == a.metric)].set_index("item").value
+            ir = items[np.logical_and.reduce([items[k] == r[k] for k in GROUP + ["scheme"]])
+                       & (items.task == a.task) & (items.metric == a.metric)].set_index("item").value
+            both = pd.concat([iv, ir], axis=1, join="inner")
+            if len(both):
+                point, lo, hi = verdicts.paired_ratio_of_means(both.iloc[:, 0], both.iloc[:, 1])
+                note = f"{a.metric}, {len(both)} paired items"
+            else:
+                ref = acc[(acc.task == a.task) & (acc.metric == a.metric)
+                          & np.logical_and.reduce([acc[k] == r[k] for k in GROUP + ["scheme"]])]
+                if ref.empty:
+                    continue
+                point, lo, hi, note = 100 * (a.value / ref.value.iloc[0] - 1), np.nan, np.nan, f"{a.metric}: no items to pair"
+            out.append({"cell": a.task, "value": -point, "lo": -hi, "hi": -lo, "note": note})
+        return out
+    wv, wr = _sel(mem, v).weights_bytes, _sel(mem, r).weights_bytes
+    if wv.empty or wr.empty:
+        return []
+    change = 100 * (wv.iloc[0] / wr.iloc[0] - 1)
+    value = change if quantity == "weights_change" else -change  # memory: a reduction, as verdicts.py
+    return [{"cell": "engine", "value": value, "lo": value, "hi": value, "note": "weights held by the engine, exact"}]
+
+
+def recommended_batch(perf: pd.DataFrame, rule: dict) -> tuple[float, float, float, str]:
+    """One group's batch sweep -> (batch, lo, hi, note): the smallest batch whose median throughput is at
+    least `share` of the sweep's best (`rule: {share: 0.9}`), or the largest whose ITL p99 stays under
+    `itl_p99_ms`; the interval resamples each batch's timed repeats (bootstrap)."""
+    sweep = perf.dropna(subset=["batch"]).sort_values("batch")
+    if sweep.batch.nunique() < 3:
+        return np.nan, np.nan, np.nan, "fewer than three batch sizes measured"
+    batches = sweep.batch.to_numpy()
+    top, measured = batches.max(), ", ".join(f"{b:g}" for b in batches)
+    open_end = (f"; it is the largest batch measured, so the answer may lie above it (upper end open: the sweep "
+                f"must go further, to 512 or the KV limit)")
+    if "itl_p99_ms" in rule:
+        itl = sweep.itl_p99.to_numpy() * 1e3
+        if np.isnan(itl).all():
+            return np.nan, np.nan, np.nan, "no per-gap ITL p99 recorded (rows before it was)"
+        ok = batches[itl < rule["itl_p99_ms"]]
+        point = ok.max() if len(ok) else np.nan
+        note = f"largest batch with ITL p99 under {rule['itl_p99_ms']:g} ms (an SLO of ours), of {measured}"
+        return point, point, np.inf if point == top else point, note + (open_end if point == top else "")
+    reps = [np.asarray(_repeats(r), float) for r in sweep.itertuples()]
+    pick = lambda med: batches[np.argmax(med >= rule["share"] * med.max())]
+    point = pick(np.array([np.median(x) for x in reps]))
+    rng = np.random.default_rng(SEED)
+    boots = [pick(np.array([np.median(rng.choice(x, len(x))) for x in reps])) for _ in range(N_BOOT // 4)]
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    note = f"smallest batch reaching {rule['share']:.0%} of the sweep's best throughput, of {measured}"
+    if hi == top:  # the best may lie beyond the sweep: then so may 90% of it
+        return float(point), float(lo), np.inf, note + open_end
+    return float(point), float(lo), float(hi), note
+
+
+def _row(claim: dict, **fields) -> dict:
+    bound = claim.get("bound") or {}
+    side = next(iter(bound), None)
+    return {"claim": claim["id"], "text": claim["text"], "quantity": claim.get("quantity"),
+            "bound_side": side, "bound": bound[side] if side in ("min", "max") else np.nan,
+            "range_low": (claim.get("range") or [np.nan, np.nan])[0],
+            "range_high": (claim.get("range") or [np.nan, np.nan])[1],
+            "unit": claim.get("unit", "%"), "plan": claim.get("plan"), **fields}
+
+
+def comparison_table(claims: dict, keys: pd.DataFrame, perf, items, acc, mem, settings: dict,
+                     configs: dict) -> pd.DataFrame:
+    """One row per claim x (variant, reference) pair x cell or task; claims nothing in this ledger speaks
+    of yet get one row, `not measured` (with the plan that would measure them) or `not testable as written`."""
+    groups = _group_table(keys, settings, configs)
+    rows = []
+    for claim in claims["claims"]:
+        k = kind(claim)
+        if k == "scheme":
+            continue
+        found = []
+        if k == "compare":
+            for v, r in pairs(groups, claim):
+                ref = f"{r.model} · settings {r.settings}" + (f" ({claim['compare']['axis']} {r[claim['compare']['axis']]})")
+                for f in measured_pair(claim["quantity"], v, r, perf, items, acc, mem) or [{"note": "no data"}]:
+                    found.append({**{g: v[g] for g in GROUP}, "scheme": v.scheme, "reference": ref,
+                                  "variant": f"{claim['compare']['axis']} {v[claim['compare']['axis']]}", **f})
+        elif k == "batch":
+            for _, g in groups.iterrows():
+                if (claim.get("models") and g.base not in claim["models"]) or \
+                        not all(_matches(g[c], x) for c, x in (claim.get("where") or {}).items()):
+                    continue
+                p = _sel(perf, g)
+                if p.empty:
+                    continue
+                shape = p.dropna(subset=["batch"]).groupby(["input_len", "output_len"]).size().idxmax()
+                p = p[(p.input_len == shape[0]) & (p.output_len == shape[1])]
+                point, lo, hi, note = recommended_batch(p, claim["batch"])
+                flags = {f for f in map(_flag, p.itertuples()) if f}
+                f = {"value": point, "lo": lo, "hi": hi, "note": note}
+                if flags:
+                    f |= {"flag": sorted(flags)[0], "note": note + "; " + sorted(flags)[0]}
+                found.append({**{c: g[c] for c in GROUP}, "scheme": g.scheme, "cell": f"b* ({shape[0]:g} in, {shape[1]:g} out)", **f})
+        for f in found:
+            rows.append(_row(claim, **f, verdict=FLAGGED if f.get("flag") else judge(
+                f.get("value", np.nan), f.get("lo", np.nan), f.get("hi", np.nan), claim["bound"]),
+                position=verdicts.range_position(f.get("value", np.nan), claim["range"]) if claim.get("range") else ""))
+        if not found:
+            if claim.get("not_testable"):
+                nt = claim["not_testable"]
+                note = f"{nt['reason']} ({nt['measured']})" + (f"; nearest testable form: {nt['nearest']}" if nt.get("nearest") else "")
+                rows.append(_row(claim, verdict=NOT_TESTABLE, note=note))
+            else:
+                rows.append(_row(claim, verdict=NOT_MEASURED,
+                                 note="no rows in this ledger; measured by " + (claim.get("plan") or "no plan yet")))
+    cols = ["claim", "text", "quantity", *GROUP, "scheme", "variant", "reference", "cell", "value", "lo", "hi", "unit",
+            "bound_side", "bound", "range_low", "range_high", "position", "verdict", "flag", "plan", "note"]
+    return pd.DataFrame(rows, columns=cols)

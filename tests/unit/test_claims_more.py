@@ -1,0 +1,172 @@
+"""Issue 12's claims without a ledger: every claim of the guide has an entry; variants of one model are
+paired only with the group that differs on the claim's axis; a batch sweep's recommended batch; the
+pruning selection; the guide's use_v2_block_manager answer re-checked against the installed vLLM."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from moeq import pruned
+from moeq.errors import UserError
+from moeq.evaluate.report import compare, verdicts
+from moeq.quantize import prune
+
+GUIDE = {  # the issue's eight claims -> the entries that carry them
+    "active experts": ["active-single-expert", "topk1-vs-top2", "topk3-throughput", "topk3-quality"],
+    "expert count": [f"experts-{n}-{q}" for n in (16, 32, 64, 128) for q in ("throughput", "memory")]
+    + ["experts-8-32-optimal"],
+    "ffn width": ["ffn-4096-vs-2048", "ffn-8192-vs-4096"],
+    "pruning": ["prune50-throughput", "prune50-accuracy", "prune75-throughput", "prune75-accuracy"],
+    "batch size": ["batch-mixtral", "batch-mixtral-slo", "batch-small-moe", "batch-small-moe-slo",
+                   "batch-large-moe", "batch-large-moe-slo"],
+    "speculative decoding": ["spec-speedup", "spec-draft-size"],
+    "fused kernels": ["fused-v2-block-manager", "fused-kernel-throughput"],
+    "single gpu": ["mixtral-fp16-48gb", "mixtral-int8-24gb", "mixtral-min-gpu-fp16", "mixtral-min-gpu-int8",
+                   "mixtral-awq-fits"],
+}
+
+
+def test_every_claim_of_the_guide_has_an_entry():
+    claims = {c["id"]: c for c in verdicts.load_claims()["claims"]}
+    for topic, ids in GUIDE.items():
+        assert set(ids) <= set(claims), f"{topic}: missing {set(ids) - set(claims)}"
+    for c in claims.values():
+        if compare.kind(c) == "planned":  # nothing in a ledger measures it yet: it says what would
+            assert c.get("plan") or c.get("not_testable"), c["id"]
+
+
+def test_a_malformed_other_claim_is_refused(tmp_path):
+    bad = tmp_path / "claims.yaml"
+    bad.write_text("claims:\n  - {id: x, text: t, quantity: throughput, compare: {axis: colour, variant: 1, "
+                   "reference: 2}, bound: {min: 1}}\n")
+    with pytest.raises(UserError, match="axis"):
+        verdicts.load_claims(bad)
+
+
+def test_use_v2_block_manager_answer_is_what_vllm_says():
+    """The claim records vLLM's answer; if a vLLM ever accepts the flag again, this fails and the claim
+    must be measured instead of marked not testable."""
+    pytest.importorskip("vllm")
+    from moeq.evaluate import settings
+    claim = next(c for c in verdicts.load_claims()["claims"] if c["id"] == "fused-v2-block-manager")
+    with pytest.raises(UserError) as e:
+        settings.check_engine_args({"use_v2_block_manager": True})
+    assert str(e.value).split(";")[0] in claim["not_testable"]["measured"]
+    from vllm.engine.arg_utils import EngineArgs
+    with pytest.raises(TypeError) as e:
+        EngineArgs(model="x", use_v2_block_manager=True)
+    assert str(e.value) in claim["not_testable"]["measured"]
+
+
+def test_pruned_names_round_trip():
+    assert pruned.name("tiny", 0.5) == "tiny-keep50" and pruned.parse("tiny-keep50") == ("tiny", 0.5)
+    assert pruned.parse("tiny") == ("tiny", 1.0) and pruned.parse("a-keep100") == ("a-keep100", 1.0)
+
+
+def test_coordinates_of_variants():
+    top1 = compare.coordinates("tiny", {"llm": {"hf_overrides": {"num_experts_per_tok": 1}}, "routing": "model"})
+    plain = compare.coordinates("tiny", {"llm": {}, "routing": "model"})
+    assert (top1["top_k"], top1["top_k_given"], plain["top_k"], plain["top_k_given"]) == (1, True, 2, False)
+    assert top1["rest"] == plain["rest"]  # they differ only on the axis, so they pair
+    half = compare.coordinates("tiny-keep50", {"llm": {}, "routing": "model"})
+    assert (half["base"], half["num_experts"], half["keep"]) == ("tiny", 4, 0.5)
+    shape = compare.coordinates("mixtral", {"llm": {"hf_overrides": {"num_local_experts": 4}}, "routing": "x"})
+    assert (shape["num_experts"], shape["keep"], shape["ffn_width"]) == (4, 0.5, 14336)
+    qwen = compare.coordinates("qwen3moe", {"llm": {}})
+    assert (qwen["top_k"], qwen["num_experts"], qwen["ffn_width"]) == (8, 128, 768)
+
+
+def _frames(variants):
+    """keys/perf/items/acc/mem/settings for tiny with the given {settings id: hf_overrides}."""
+    keys, perf, items, acc, mem, settings = [], [], [], [], [], {}
+    for i, (sid, over) in enumerate(variants.items()):
+        g = {"model": "tiny", "provenance": "real", "backend": "vllm-cuda", "device": "NVIDIA H200", "settings": sid,
+             "scheme": "bf16"}
+        settings[sid] = {"llm": {"hf_overrides": over} if over else {}, "routing": "model"}
+        keys.append(g)
+        for b, rate in ((1, 100.0), (16, 1000.0), (64, 2000.0)):
+            speed = rate * (1 + 0.6 * (over.get("num_experts_per_tok") == 1))
+            perf.append(g | {"cell": f"b{b}-i512-o128", "batch": b, "input_len": 512, "output_len": 128,
+                             "throughput": speed, "repeats": json.dumps([speed * 0.99, speed, speed * 1.01]),
+                             "flag": None, "roofline": "NVIDIA H200", "itl_p99": 0.01 * b})
+        scores = np.r_[np.ones(80), np.zeros(20)] if not over else np.r_[np.ones(70), np.zeros(30)]
+        items += [g | {"task": "moeq_mc4", "metric": "acc", "item": j, "value": v} for j, v in enumerate(scores)]
+        acc.append(g | {"task": "moeq_mc4", "metric": "acc", "value": scores.mean(), "primary": True})
+        mem.append(g | {"weights_bytes": 1e9})
+    return (pd.DataFrame(keys), pd.DataFrame(perf), pd.DataFrame(items), pd.DataFrame(acc), pd.DataFrame(mem),
+            settings)
+
+
+def test_topk_variant_is_compared_with_its_native_group_only():
+    keys, perf, items, acc, mem, settings = _frames({"base": {}, "k1": {"num_experts_per_tok": 1},
+                                                     "other": {"num_experts_per_tok": 1, "rope_theta": 1.0}})
+    claims = {"claims": [c for c in verdicts.load_claims()["claims"] if c["id"] in ("active-single-expert", "spec-speedup")]}
+    v = compare.comparison_table(claims, keys, perf, items, acc, mem, settings, {})
+    rows = v[v.claim == "active-single-expert"]
+    assert set(rows.settings) == {"k1"}  # "other" differs beyond the axis: no reference to pair it with
+    assert np.allclose(rows.value, 60.0) and set(rows.verdict) == {verdicts.HOLDS}
+    assert (rows.reference.str.startswith("tiny · settings base")).all()
+    spec = v[v.claim == "spec-speedup"]
+    assert list(spec.verdict) == [verdicts.NOT_MEASURED] and "plan-spec" in spec.note.iloc[0]
+
+
+def test_accuracy_of_a_variant_is_paired_by_item():
+    keys, perf, items, acc, mem, settings = _frames({"base": {}, "k3": {"num_experts_per_tok": 3}})
+    claims = {"claims": [c for c in verdicts.load_claims()["claims"] if c["id"] == "topk3-quality"]}
+    v = compare.comparison_table(claims, keys, perf, items, acc, mem, settings, {})
+    r = v.iloc[0]
+    assert r.cell == "moeq_mc4" and r.value == pytest.approx(12.5)  # 1 - 0.70 / 0.80
+    assert r.lo <= r.value <= r.hi and r.verdict == verdicts.FAILS  # higher quality claimed: loss <= 0
+
+
+def test_speed_without_a_roofline_gets_no_verdict():
+    keys, perf, items, acc, mem, settings = _frames({"base": {}, "k1": {"num_experts_per_tok": 1}})
+    perf["roofline"] = "no roofline: no peak rates for this device in devices.yaml"
+    claims = {"claims": [c for c in verdicts.load_claims()["claims"] if c["id"] == "topk1-vs-top2"]}
+    v = compare.comparison_table(claims, keys, perf, items, acc, mem, settings, {})
+    assert set(v.verdict) == {verdicts.FLAGGED} and np.allclose(v.value, 60.0)
+
+
+def test_recommended_batch_and_its_open_end():
+    sweep = pd.DataFrame({"batch": [1.0, 16, 64, 128], "throughput": [100.0, 1000, 1900, 2000],
+                          "repeats": [json.dumps([x] * 3) for x in (100.0, 1000, 1900, 2000)],
+                          "itl_p99": [0.01, 0.02, 0.04, 0.08]})
+    point, lo, hi, _ = compare.recommended_batch(sweep, {"share": 0.9})
+    assert (point, lo, hi) == (64, 64, 64)
+    assert compare.within(point, lo, hi, {"within": [64, 128]}) == verdicts.HOLDS
+    assert compare.within(point, lo, hi, {"within": [128, 256]}) == verdicts.FAILS
+    point, lo, hi, note = compare.recommended_batch(sweep, {"itl_p99_ms": 50})
+    assert (point, hi) == (64, 64)
+    rising = sweep.assign(repeats=[json.dumps([x] * 3) for x in (100.0, 1000, 1500, 2000)])
+    point, lo, hi, note = compare.recommended_batch(rising, {"share": 0.9})
+    assert point == 128 and hi == np.inf and "open" in note
+    assert compare.within(point, lo, hi, {"within": [64, 128]}) == verdicts.INCONCLUSIVE
+
+
+def test_prune_keeps_the_most_routed_experts_per_layer():
+    routed = {"model.layers.0.mlp.gate": [5, 50, 7, 40], "model.layers.1.mlp.gate": [9, 9, 30, 1]}
+    assert prune.select(routed, 2) == {"model.layers.0.mlp.gate": [1, 3], "model.layers.1.mlp.gate": [0, 2]}
+    assert prune.kept_count(8, 0.5, 2) == 4 and prune.kept_count(128, 0.25, 8) == 32
+    with pytest.raises(UserError, match="fewer than the 2"):
+        prune.kept_count(8, 0.125, 2)
+    with pytest.raises(UserError, match="between 0 and 1"):
+        prune.kept_count(8, 1.0, 2)
+
+
+def test_prune_slices_experts_and_router_rows():
+    E, tensors = 4, {"model.layers.0.block_sparse_moe.gate.weight": torch.arange(4.0)[:, None].repeat(1, 3),
+                     "model.layers.0.self_attn.q_proj.weight": torch.ones(3, 3),
+                     "model.layers.0.mlp.experts.gate_up_proj": torch.arange(4.0)[:, None, None].repeat(1, 2, 3)}
+    for e in range(E):
+        tensors[f"model.layers.0.block_sparse_moe.experts.{e}.w1.weight"] = torch.full((2, 3), float(e))
+    out = prune.slice_tensors(tensors, prune.by_layer({"model.layers.0.mlp.gate": [1, 3]}), E)
+    assert out["model.layers.0.block_sparse_moe.gate.weight"][:, 0].tolist() == [1.0, 3.0]
+    assert out["model.layers.0.block_sparse_moe.experts.0.w1.weight"][0, 0] == 1.0
+    assert out["model.layers.0.block_sparse_moe.experts.1.w1.weight"][0, 0] == 3.0
+    assert "model.layers.0.block_sparse_moe.experts.2.w1.weight" not in out
+    assert out["model.layers.0.mlp.experts.gate_up_proj"][:, 0, 0].tolist() == [1.0, 3.0]
+    assert torch.equal(out["model.layers.0.self_attn.q_proj.weight"], torch.ones(3, 3))
+    with pytest.raises(UserError, match="layer the routing was not counted"):
+        prune.slice_tensors({"model.layers.5.mlp.experts.0.w1.weight": torch.ones(1)}, {0: [0]}, E)
