@@ -43,3 +43,15 @@ def checkpoints(tiny_model, tmp_path_factory) -> Path:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def small_spec(**train) -> dict:
+    """A registry entry for a two-layer, four-expert MoE the builder trains in seconds (train overrides)."""
+    return {"config": {"model_type": "mixtral", "vocab_size": 384, "hidden_size": 64, "intermediate_size": 64,
+                       "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32,
+                       "num_local_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 512,
+                       "router_aux_loss_coef": 0.02, "tie_word_embeddings": False},
+            "ignore": ["lm_head", "re:.*block_sparse_moe[.]gate$", "re:.*mlp[.]gate$"],
+            "train": {"device": "cpu", "dtype": "float32", "compile": False, "tokens": 8 * 4 * 64, "batch": 4,
+                      "seq_len": 64, "lr": 3e-3, "seed": 0, "eval_tokens": 2048, "max_ce_ratio": 10.0,
+                      "min_expert_share": 0.0, "tokenizer_chars": 200_000, **train}}

@@ -1,13 +1,12 @@
 """The GPU builder's CPU-side pieces (issue 10): the GPU-required error, MFU arithmetic, the corpus manifest,
 the outlier statistics, the expert-share check, and one CPU smoke run of the GPU code path."""
-import json
 import math
 
 import pytest
 import torch
 
+from conftest import small_spec
 from moeq import corpus, registry
-from moeq.atomic import is_complete
 from moeq.errors import UserError
 from moeq.quantize import coverage, gpubuild, outliers, tiny
 
@@ -118,17 +117,6 @@ def test_outlier_math_on_a_synthetic_tensor():
     assert outliers.kurtosis(laplace) == pytest.approx(6.0, abs=0.3)
 
 
-def small_spec(**train) -> dict:
-    return {"config": {"model_type": "mixtral", "vocab_size": 384, "hidden_size": 64, "intermediate_size": 64,
-                       "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32,
-                       "num_local_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 512,
-                       "router_aux_loss_coef": 0.02, "tie_word_embeddings": False},
-            "ignore": ["lm_head", "re:.*block_sparse_moe[.]gate$", "re:.*mlp[.]gate$"],
-            "train": {"device": "cpu", "dtype": "float32", "compile": False, "tokens": 8 * 4 * 64, "batch": 4,
-                      "seq_len": 64, "lr": 3e-3, "seed": 0, "eval_tokens": 2048, "max_ce_ratio": 10.0,
-                      "min_expert_share": 0.0, "tokenizer_chars": 200_000, **train}}
-
-
 def test_outlier_hooks_on_a_random_moe():
     from transformers import AutoModelForCausalLM
     spec = small_spec()
@@ -154,81 +142,3 @@ def test_expert_share_check():
     gpubuild.check_expert_shares({"layers.0.gate": 1.0}, 0.05)
     with pytest.raises(RuntimeError, match=r"layers.1.gate 4.0%"):
         gpubuild.check_expert_shares(shares, 0.05)
-
-
-@pytest.fixture(scope="module")
-def small_manifest():
-    """About 1 MB of the standard library, all three splits."""
-    m = corpus.collect([], stdlib=True, log=lambda s: None)
-    keep, budget = [], {"train": 900_000, "calibration": 50_000, "heldout": 120_000}
-    for e in m["files"]:
-        if e["path"].endswith(".py") and e["bytes"] < 30_000 and budget[e["split"]] > 0:
-            keep.append(e)
-            budget[e["split"]] -= e["bytes"]
-    return dict(m, files=keep)
-
-
-def test_gpu_path_smoke_on_cpu(tmp_path, monkeypatch, small_manifest):
-    """The GPU build's code path end to end on the CPU: a small override config, a few steps."""
-    monkeypatch.setenv("MOEQ_CACHE", str(tmp_path / "cache"))  # no tiny to compare with: skipped, said so
-    lines = []
-    out = tmp_path / "models" / "small"
-    stats = gpubuild.build("small", small_spec(), out, log=lines.append, manifest=small_manifest)
-    assert is_complete(out) and (out / "model.safetensors").is_file() and (out / "corpus-manifest.tsv.gz").is_file()
-    assert corpus.read_manifest(out / "corpus-manifest.tsv.gz") == small_manifest
-    assert stats["steps"] == 8 and stats["train_tokens_seen"] == 8 * 4 * 64 and stats["mfu"] is None
-    assert set(stats["bits_per_byte"]["model"]) == {"stdlib"} and "tiny" not in stats["bits_per_byte"]
-    row = stats["bits_per_byte"]["model"]["stdlib"]
-    assert 0 < row["bpb"] and 0 < row["unigram_bpb"] and row["bytes"] > 0
-    assert len(stats["expert_share_per_layer"]) == 2
-    assert json.loads((out / "moeq_build.json").read_text())["steps"] == 8
-    assert any("tok/s" in line for line in lines) and any("bits/byte" in line for line in lines)
-    # a build that fails its checks leaves no folder under the final name, only its numbers beside it
-    bad = tmp_path / "models" / "bad"
-    with pytest.raises(RuntimeError, match="did not learn enough"):
-        gpubuild.build("bad", small_spec(max_ce_ratio=0.0), bad, log=lines.append, manifest=small_manifest)
-    assert not bad.exists() and (tmp_path / "models" / "bad.build.json").is_file()
-    assert not [p for p in (tmp_path / "models").iterdir() if p.name.startswith(".tmp-")]
-
-
-def test_bf16_master_weights_path_on_cpu(tmp_path, monkeypatch, small_manifest):
-    """bf16 weights, fp32 master weights in AdamW, bf16 autocast: the GPU's precision path, on the CPU."""
-    monkeypatch.setenv("MOEQ_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "models" / "b"
-    stats = gpubuild.build("b", small_spec(dtype="bfloat16", tokens=4 * 4 * 64), out, log=lambda s: None,
-                           manifest=small_manifest)
-    assert stats["dtype"] == "bfloat16" and stats["steps"] == 4 and is_complete(out)
-    assert math.isfinite(stats["heldout_ce"])
-
-
-def test_a_killed_build_leaves_nothing_taken_as_complete(tmp_path, small_manifest):
-    """SIGKILL part-way (after the tokenizer, inside the staged folder): no folder under the final name, and
-    the leftover is the dead writer's, which the next write removes."""
-    import signal
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from moeq import atomic
-    corpus.write_manifest(small_manifest, tmp_path / "m.tsv.gz")
-    out = tmp_path / "models" / "k"
-    script = (f"import sys, time; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-              "from pathlib import Path\nfrom test_builder import small_spec\nfrom moeq import corpus\n"
-              "from moeq.quantize import gpubuild\n"
-              "def log(line):\n    print(line, flush=True)\n    if 'tokenizer:' in line: time.sleep(120)\n"
-              f"gpubuild.build('k', small_spec(), Path({str(out)!r}), log=log, "
-              f"manifest=corpus.read_manifest({str(tmp_path / 'm.tsv.gz')!r}))\n")
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                            env={**__import__("os").environ, "MOEQ_CACHE": str(tmp_path / "cache")})
-    try:
-        for line in proc.stdout:
-            if "tokenizer:" in line:
-                break
-        leftovers = [p for p in out.parent.iterdir() if p.name.startswith(f".tmp-k-{proc.pid}-")]
-        assert leftovers and (leftovers[0] / "tokenizer.json").is_file()
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert not out.exists() and not is_complete(out)
-    atomic.clean_stale(out, log=lambda s: None)
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(".tmp-k-")]
