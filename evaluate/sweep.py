@@ -14,7 +14,7 @@ from moeq.evaluate import parallel
 from moeq.evaluate.run import evaluate
 
 PLAN_KEYS = {"weights", "models", "schemes", "cells", "repeats", "engine_args", "routing", "warmup_tokens",
-             "restarts", "tasks", "layouts", "estimate"}
+             "restarts", "tasks", "layouts", "estimate", "variants"}
 
 
 def layouts(plan: dict, names=None) -> dict:
@@ -36,13 +36,21 @@ def sweep(plan: dict, ledger: Path, checkpoints: Path, models=None, schemes=None
     if unknown := set(plan) - PLAN_KEYS:
         raise UserError(f"plan key {sorted(unknown)[0]!r} is not one of {', '.join(sorted(PLAN_KEYS))}")
     rc = 0
-    for name, args in layouts(plan, layout_names).items():
+    # `variants` (name -> engine arguments over the plan's own, e.g. hf_overrides of top-k or expert count):
+    # each its own engine settings group, run one after another (issue 12's shape families)
+    variants = plan.get("variants") or {"": {}}
+    if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
+        raise UserError("plan key 'variants' must map a name to engine arguments, e.g. "
+                        "top1: {hf_overrides: {num_experts_per_tok: 1}}")
+    for (name, args), (variant, extra) in ((a, v) for a in layouts(plan, layout_names).items() for v in variants.items()):
         if plan.get("layouts"):
             log(f"[sweep] layout {name}")
+        if variant:
+            log(f"[sweep] variant {variant}: {extra}")
         rc = max(rc, evaluate(
             models=models or plan["models"], schemes=schemes or plan["schemes"], tasks=plan.get("tasks", []),
             cells=plan["cells"], repeats=plan.get("repeats", 3), ledger=ledger, checkpoints=checkpoints,
-            engine_args=parallel.merge(args, plan.get("engine_args") or {}), weights=plan.get("weights", "dummy"),
+            engine_args=parallel.merge(args, {**(plan.get("engine_args") or {}), **extra}), weights=plan.get("weights", "dummy"),
             routing=plan.get("routing"), warmup_tokens=plan.get("warmup_tokens"),
             restarts=plan.get("restarts", 1), log=log))
     return rc

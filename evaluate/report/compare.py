@@ -52,7 +52,9 @@ def coordinates(model: str, record: dict, facts: dict | None = None) -> dict:
         if axis == "num_experts" and native is not None and keep < 1:
             out["num_experts_native"] = native
             native = round(native * keep)
-        given = next((overrides[k] for k in keys if k in overrides), None)
+        # the model's own key first (a Qwen3 override of num_local_experts is not one vLLM's Qwen3 reads)
+        own = [k for k in keys if k in config] or list(keys)
+        given = next((overrides[k] for k in own if k in overrides), None)
         out[axis], out[f"{axis}_given"] = (given if given is not None else native), given is not None
     full = out.get("num_experts_native", _native(config, "num_experts"))
     out["keep"] = round(out["num_experts"] / full, 4) if full and out["num_experts"] else keep

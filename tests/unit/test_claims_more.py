@@ -109,7 +109,7 @@ def test_topk_variant_is_compared_with_its_native_group_only():
     assert np.allclose(rows.value, 60.0) and set(rows.verdict) == {verdicts.HOLDS}
     assert (rows.reference.str.startswith("tiny · settings base")).all()
     spec = v[v.claim == "spec-speedup"]
-    assert list(spec.verdict) == [verdicts.NOT_MEASURED] and "plan-spec" in spec.note.iloc[0]
+    assert list(spec.verdict) == [verdicts.NOT_MEASURED] and "PLAN-issue12" in spec.note.iloc[0]
 
 
 def test_accuracy_of_a_variant_is_paired_by_item():
@@ -170,3 +170,34 @@ def test_prune_slices_experts_and_router_rows():
     assert torch.equal(out["model.layers.0.self_attn.q_proj.weight"], torch.ones(3, 3))
     with pytest.raises(UserError, match="layer the routing was not counted"):
         prune.slice_tensors({"model.layers.5.mlp.experts.0.w1.weight": torch.ones(1)}, {0: [0]}, E)
+
+
+def test_issue12_plans_are_runnable_data():
+    """Every plan a claim names parses as a sweep plan; each variant is its own settings group, apart from
+    the reference rows' (plan.yaml's settings, which plan-batch.yaml shares so cells measured are skipped)."""
+    import re
+    from pathlib import Path
+    import yaml
+    from moeq.evaluate import settings, sweep
+    root = Path(__file__).resolve().parents[2]
+    named = {m for c in verdicts.load_claims()["claims"] for m in re.findall(r"reports/h200/[\w.-]+", str(c.get("plan", "")))}
+    assert named and all((root / n).is_file() for n in named), sorted(n for n in named if not (root / n).is_file())
+
+    def profile(plan, extra):
+        return settings.build(gpu=True, cells=[tuple(c) for c in plan["cells"]], shape_only=True,
+                              user_args={**plan["engine_args"], **extra}, routing=plan["routing"],
+                              warmup_tokens=plan["warmup_tokens"]).profile
+    base = yaml.safe_load((root / "reports/h200/plan.yaml").read_text())
+    reference = profile(base, {})
+    seen = {(m, reference) for m in base["models"]}  # a settings id is per model: pairs are (model, settings)
+    for name in sorted(n for n in named if n.endswith(".yaml")):
+        plan = yaml.safe_load((root / name).read_text())
+        assert set(plan) <= sweep.PLAN_KEYS, name
+        if name.endswith("plan-batch.yaml"):
+            assert profile(plan, {}) == reference
+            continue
+        for variant, extra in (plan.get("variants") or {"": {}}).items():
+            p = profile(plan, extra)
+            for m in plan["models"]:
+                assert (m, p) not in seen, (name, variant, m)
+                seen.add((m, p))
