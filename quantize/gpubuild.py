@@ -425,7 +425,8 @@ def build(name: str, spec: dict, out: Path, log=print, device: str | None = None
         routing = coverage.count_routing(model, windows, spec.get("ignore", []))
         shares = layer_shares(routing)
         timings["eval_s"] = round(time.time() - t, 1)
-        stats = {"model": name, "params": n_params, "active_params": n_active, "steps": step, "cut_short": cut,
+        stats = {"model": name, "spec_sha256": tiny.spec_sha256(spec), "params": n_params, "active_params": n_active,
+                 "steps": step, "cut_short": cut,
                  "planned_tokens": train.get("tokens"), "train_tokens_seen": seen,
                  "train_tokens_unique": len(train_ids), "epochs": round(seen / max(1, len(train_ids)), 3),
                  "tokens_per_s": round(steady_rate), "mfu": round(u, 4) if u else None,

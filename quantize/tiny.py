@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from moeq import corpus, registry
+from moeq import corpus, identity, registry
 from moeq.atomic import folder_lock, is_complete, staged_dir
 from moeq.quantize import coverage
 
@@ -165,7 +165,7 @@ def build(name: str, spec: dict, out: Path, steps: int | None = None, log=print)
                  "unigram_ce": round(base, 4), "ce_ratio": round(ratio, 4),
                  "min_expert_share_of_fair": round(share, 3), "train_tokens_seen": steps * bsz * seq,
                  "threads": threads, "build_seconds": round(time.time() - t0, 1),
-                 "corpus": {s: corpus.fingerprint(s) for s in corpus.SPLITS}}
+                 "corpus": {s: corpus.fingerprint(s) for s in corpus.SPLITS}, "spec_sha256": spec_sha256(spec)}
         log(f"[build {name}] held-out cross-entropy {ce:.3f} nats/token vs unigram {base:.3f} "
             f"-> {100 * ratio:.1f}% (must be <= {100 * train['max_ce_ratio']:.0f}%); the least-used expert "
             f"gets {100 * share:.0f}% of a fair share of held-out tokens")
@@ -176,15 +176,32 @@ def build(name: str, spec: dict, out: Path, steps: int | None = None, log=print)
     return stats
 
 
+def spec_sha256(spec: dict) -> str:
+    """What a build depends on in its registry entry: the architecture and the training recipe."""
+    return identity.text_sha256(json.dumps({k: spec.get(k) for k in ("config", "train")}, sort_keys=True))
+
+
+def stale_reason(model: registry.Model) -> str | None:
+    """Why a complete cached build no longer matches its registry entry, if it does not."""
+    record = model.path / "moeq_build.json"
+    built = json.loads(record.read_text()).get("spec_sha256") if record.is_file() else None
+    if built != spec_sha256(model.spec):
+        return "its registry entry (config or train) changed since it was built" if built else \
+            "it was built by a moeq that did not record its registry entry"
+    return None
+
+
 def ensure_built(model: registry.Model, log=print) -> Path:
-    """The checkpoint folder of `model`, building the embedded models on first use."""
-    if model.source != "built" or is_complete(model.path):
+    """The checkpoint folder of `model`, building the embedded models on first use and again whenever the
+    cached build was made from another registry entry (checkpoints made from it then no longer match it)."""
+    if model.source != "built" or (is_complete(model.path) and not stale_reason(model)):
         return model.path
     if model.spec["train"].get("device", "cpu") != "cpu":
         from moeq.quantize import gpubuild
         gpubuild.require_gpu(model.name, model.spec)  # before any folder or lock: no GPU, a clear error at once
     with folder_lock(model.path, wait=True):  # a second process waits for the first build instead of repeating it
-        if not is_complete(model.path):
-            log(f"[moeq] building {model.name} into {model.path} (once; cached)")
+        if not is_complete(model.path) or (reason := stale_reason(model)):
+            log(f"[moeq] building {model.name} into {model.path} (once; cached)" if not is_complete(model.path)
+                else f"[moeq] rebuilding {model.name}: {reason}")
             build(model.name, model.spec, model.path, log=log)
     return model.path

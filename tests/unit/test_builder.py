@@ -142,3 +142,16 @@ def test_expert_share_check():
     gpubuild.check_expert_shares({"layers.0.gate": 1.0}, 0.05)
     with pytest.raises(RuntimeError, match=r"layers.1.gate 4.0%"):
         gpubuild.check_expert_shares(shares, 0.05)
+
+
+def test_a_cached_build_of_another_registry_entry_is_stale(tmp_path):
+    spec = small_spec()
+    model = registry.Model("small", spec, tmp_path / "small", source="built")
+    model.path.mkdir()
+    assert "did not record" in tiny.stale_reason(model)  # a build from before moeq recorded its entry
+    (model.path / "moeq_build.json").write_text(__import__("json").dumps({"spec_sha256": tiny.spec_sha256(spec)}))
+    assert tiny.stale_reason(model) is None
+    changed = registry.Model("small", small_spec(tokens=16 * 4 * 64), model.path, source="built")
+    assert "registry entry (config or train) changed" in tiny.stale_reason(changed)
+    described = registry.Model("small", {**spec, "description": "reworded"}, model.path, source="built")
+    assert tiny.stale_reason(described) is None  # only what the build depends on counts
