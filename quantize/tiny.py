@@ -16,6 +16,7 @@ import torch
 
 from moeq import corpus, identity, registry
 from moeq.atomic import folder_lock, is_complete, staged_dir
+from moeq.env import env_number
 from moeq.quantize import coverage
 
 SPECIAL = ["<s>", "</s>", "<pad>"]
@@ -115,7 +116,7 @@ def build(name: str, spec: dict, out: Path, steps: int | None = None, log=print)
     train = dict(spec["train"])
     steps = train["steps"] if steps is None else steps
     torch.manual_seed(train["seed"])
-    threads = int(os.environ.get("MOEQ_THREADS", 0)) or idle_cores()
+    threads = env_number("THREADS", 0, kind=int) or idle_cores()
     torch.set_num_threads(threads)
     t0 = time.time()
     with staged_dir(out) as tmp:
