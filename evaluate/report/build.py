@@ -260,7 +260,8 @@ def build_report(ledger_path: Path, name: str = "default", out_root: Path = Path
     keys = results[KEY + ["env_id"]].drop_duplicates()  # which schemes each group has, and its env records
     verdict = verdicts.verdict_table(claims, formats, keys, perf, acc, mem, unsupported)
     # the guide's other claims (issue 12): variants of one model against each other, batch sweeps, plans
-    others = compare.comparison_table(claims, keys, perf, items, acc, mem, settings, model_configs(results))
+    checkpoints = results.dropna(subset=["checkpoint"]).groupby(KEY).checkpoint.agg(set).to_dict()
+    others = compare.comparison_table(claims, keys, perf, items, acc, mem, settings, model_configs(results), checkpoints)
     verdict = pd.concat([verdict, others], ignore_index=True) if len(verdict) else others
     groups = [tuple(g) for g in keys[GROUP].drop_duplicates().itertuples(index=False)]
     tables = {"summary": headline.numbers(perf, acc, mem), "verdicts": verdict, "performance": perf, "accuracy": acc,

@@ -6,7 +6,8 @@ model's registry config, then the settings' `hf_overrides`, which is how a varia
 hf_overrides={"num_experts_per_tok": 1}`), and the fraction of experts kept (a pruned model is a model of
 its own, `<base>-keep<NN>`, moeq.pruned). A `compare:` claim pairs a variant group with the reference
 group that differs only on the claim's axis: same base model, scheme, provenance, backend, device,
-routing, warm-up and every other engine argument. Throughput, accuracy and weights are then compared the
+routing, warm-up and every other engine argument, and, for two settings of one model, the same
+checkpoint identity (a model rebuilt between the two runs is no pair). Throughput, accuracy and weights are then compared the
 way verdicts.py compares a scheme with BF16 (bootstrap of repeats; paired items). A `batch:` claim is a
 statement about one group's batch sweep. A claim no ledger row can speak of yet says so and names what
 would measure it (`plan:`); one whose recipe cannot run as written says so with the reason measured
@@ -91,14 +92,15 @@ def judge(point, lo, hi, bound: dict) -> str:
     return within(point, lo, hi, bound) if "within" in bound else verdicts.judge(point, lo, hi, bound)
 
 
-def _group_table(keys: pd.DataFrame, settings: dict, configs: dict) -> pd.DataFrame:
+def _group_table(keys: pd.DataFrame, settings: dict, configs: dict, checkpoints: dict) -> pd.DataFrame:
     rows = []
     for g in keys[GROUP + ["scheme"]].drop_duplicates().itertuples(index=False):
         gkey = dict(zip(GROUP + ["scheme"], g))
-        facts = configs.get(tuple(gkey[k] for k in ("model", "scheme", "provenance", "backend", "device", "settings")))
-        rows.append(gkey | coordinates(gkey["model"], settings.get(gkey["settings"], {}), facts))
+        key = tuple(gkey[k] for k in ("model", "scheme", "provenance", "backend", "device", "settings"))
+        rows.append(gkey | coordinates(gkey["model"], settings.get(gkey["settings"], {}), configs.get(key))
+                    | {"checkpoint": ",".join(sorted(checkpoints.get(key) or []))})
     return pd.DataFrame(rows, columns=GROUP + ["scheme", "base", *COORDINATES, *(f"{c}_given" for c in COORDINATES),
-                                               "rest"])
+                                               "rest", "checkpoint"])
 
 
 def _matches(row, spec) -> bool:
@@ -123,7 +125,8 @@ def pairs(groups: pd.DataFrame, claim: dict) -> list[tuple[pd.Series, pd.Series]
             native = spec["reference"] == "native"
             if (not r[f"{axis}_given"] if native else _matches(r[axis], spec["reference"])) \
                     and all(r[k] == v[k] for k in share) \
-                    and not (r.model == v.model and r.settings == v.settings):
+                    and not (r.model == v.model and r.settings == v.settings) \
+                    and (r.model != v.model or r.checkpoint == v.checkpoint):  # one model: the same weights
                 out.append((v, r))
     return out
 
@@ -223,10 +226,10 @@ def _row(claim: dict, **fields) -> dict:
 
 
 def comparison_table(claims: dict, keys: pd.DataFrame, perf, items, acc, mem, settings: dict,
-                     configs: dict) -> pd.DataFrame:
+                     configs: dict, checkpoints: dict | None = None) -> pd.DataFrame:
     """One row per claim x (variant, reference) pair x cell or task; claims nothing in this ledger speaks
     of yet get one row, `not measured` (with the plan that would measure them) or `not testable as written`."""
-    groups = _group_table(keys, settings, configs)
+    groups = _group_table(keys, settings, configs, checkpoints or {})
     rows = []
     for claim in claims["claims"]:
         k = kind(claim)

@@ -87,8 +87,9 @@ def _bound(side, b, u, lo_stated, hi_stated) -> str:
 def verdict_display(v: pd.DataFrame) -> pd.DataFrame:
     v = v.reindex(columns=list(v.columns) + [c for c in ("variant", "reference") if c not in v.columns])
     return pd.DataFrame({
-        "Claim": v.text.fillna(""), "Scheme": v.scheme,
-        "Where": v.model + " · " + v.provenance + " · " + v.backend + " · " + v.device + " · settings " + v.settings,
+        "Claim": v.text.fillna(""), "Scheme": v.scheme.fillna(""),
+        "Where": (v.model + " · " + v.provenance + " · " + v.backend + " · " + v.device + " · settings "
+                  + v.settings).fillna("nothing measured here"),
         "Cell / task": v.cell.fillna(""), "Quantity": v.quantity.map(QUANTITY).fillna(""),
         "Variant vs reference": [f"{a} vs {b}" if isinstance(a, str) else "" for a, b in zip(v.variant, v.reference)],
         # memory is an exact count: its degenerate interval is not shown

@@ -201,3 +201,12 @@ def test_issue12_plans_are_runnable_data():
             for m in plan["models"]:
                 assert (m, p) not in seen, (name, variant, m)
                 seen.add((m, p))
+
+
+def test_two_settings_of_a_rebuilt_model_are_no_pair():
+    keys, perf, items, acc, mem, settings = _frames({"base": {}, "k1": {"num_experts_per_tok": 1}})
+    claims = {"claims": [c for c in verdicts.load_claims()["claims"] if c["id"] == "topk1-vs-top2"]}
+    key = lambda sid: ("tiny", "bf16", "real", "vllm-cuda", "NVIDIA H200", sid)
+    same = compare.comparison_table(claims, keys, perf, items, acc, mem, settings, {}, {key("base"): {"a"}, key("k1"): {"a"}})
+    rebuilt = compare.comparison_table(claims, keys, perf, items, acc, mem, settings, {}, {key("base"): {"a"}, key("k1"): {"b"}})
+    assert set(same.verdict) == {verdicts.HOLDS} and list(rebuilt.verdict) == [verdicts.NOT_MEASURED]
