@@ -262,7 +262,8 @@ def build_report(ledger_path: Path, name: str = "default", out_root: Path = Path
     # the guide's other claims (issue 12): variants of one model against each other, batch sweeps, plans
     checkpoints = results.dropna(subset=["checkpoint"]).groupby(KEY).checkpoint.agg(set).to_dict()
     others = compare.comparison_table(claims, keys, perf, items, acc, mem, settings, model_configs(results), checkpoints)
-    verdict = pd.concat([verdict, others], ignore_index=True) if len(verdict) else others
+    columns = list(dict.fromkeys([*verdict.columns, *others.columns]))  # either may be empty
+    verdict = pd.concat([d for d in (verdict, others) if len(d)] or [verdict], ignore_index=True).reindex(columns=columns)
     groups = [tuple(g) for g in keys[GROUP].drop_duplicates().itertuples(index=False)]
     tables = {"summary": headline.numbers(perf, acc, mem), "verdicts": verdict, "performance": perf, "accuracy": acc,
               "memory": mem, "findings": precision_findings(perf, formats, settings),
