@@ -96,18 +96,25 @@ def fused_experts(model) -> dict[str, torch.nn.Module]:
             and isinstance(getattr(m, "down_proj", None), torch.nn.Parameter)}
 
 
-def weight_stats(model, ignore: list[str]) -> dict[int, dict]:
-    """Kurtosis per layer: each Linear's weight; fused experts' per expert (mean and max over experts)."""
-    out: dict[int, dict] = {}
+def measured_modules(model, ignore: list[str]):
+    """(name, module, layer, kind, is_fused) for every projection of a decoder layer that is not ignored:
+    Linear layers, and fused expert modules (3D gate_up_proj / down_proj parameters)."""
     fused = fused_experts(model)
     for name, m in model.named_modules():
         lk = _layer_and_kind(name)
         if lk is None or _skipped(name, ignore):
             continue
-        layer, kind = lk
-        if isinstance(m, torch.nn.Linear):
+        if isinstance(m, torch.nn.Linear) or name in fused:
+            yield (name, m, *lk, name in fused)
+
+
+def weight_stats(model, ignore: list[str]) -> dict[int, dict]:
+    """Kurtosis per layer: each Linear's weight; fused experts' per expert (mean and max over experts)."""
+    out: dict[int, dict] = {}
+    for name, m, layer, kind, is_fused in measured_modules(model, ignore):
+        if not is_fused:
             out.setdefault(layer, {})[kind] = {"kurtosis": round(kurtosis(m.weight), 3)}
-        elif name in fused:
+        else:
             for pname in ("gate_up_proj", "down_proj"):
                 p = getattr(m, pname)
                 ks = [kurtosis(p[e]) for e in range(p.shape[0])]
@@ -145,13 +152,8 @@ def activation_stats(model, samples: list[list[int]], ignore: list[str], batch: 
         return fn
 
     seen_shared: dict[int, str] = {}
-    fused = fused_experts(model)
-    for name, m in model.named_modules():
-        lk = _layer_and_kind(name)
-        if lk is None or _skipped(name, ignore):
-            continue
-        layer, kind = lk
-        if isinstance(m, torch.nn.Linear):
+    for name, m, layer, kind, is_fused in measured_modules(model, ignore):
+        if not is_fused:
             # q, k and v read one input: measure it once, as the attention input
             if re.search(r"(^|\.)(q|k|v)_proj$", kind):
                 if seen_shared.get(layer) is not None:
@@ -159,7 +161,7 @@ def activation_stats(model, samples: list[list[int]], ignore: list[str], batch: 
                 seen_shared[layer] = kind
                 kind = re.sub(r"(q|k|v)_proj$", "qkv_proj", kind)
             handles.append(m.register_forward_pre_hook(linear_hook(layer, kind)))
-        elif name in fused:
+        else:
             handles.append(m.register_forward_pre_hook(experts_hook(layer, kind), with_kwargs=True))
     device = next(model.parameters()).device
     try:

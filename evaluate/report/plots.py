@@ -57,6 +57,22 @@ def _in(df, g):
     return df[np.logical_and.reduce([df[k] == v for k, v in zip(GROUP, g)])] if len(df) else df
 
 
+def _grid(rows, groups, keep):
+    """A figure with one panel per group whose rows `keep` accepts, and (axis, group) pairs; None if none."""
+    drawn = [g for g in groups if keep(_in(rows, g))]
+    if not drawn:
+        return None, []
+    fig, axes = _panels(len(drawn))
+    return fig, list(zip(axes, drawn))
+
+
+def _at_main_shape(p):
+    """The rows of the group's most measured (input, output) shape, and that shape: one line per scheme
+    across batches."""
+    shape = modal_shape(p)
+    return p[(p.input_len == shape[0]) & (p.output_len == shape[1])], shape
+
+
 def _colours(schemes) -> dict:
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     return {s: cycle[i % len(cycle)] for i, s in enumerate(sorted(set(schemes) - {BASELINE}))} | {BASELINE: "black"}
@@ -64,15 +80,13 @@ def _colours(schemes) -> dict:
 
 def speedup(folder, stem, groups, perf, claims, formats):
     """Throughput over BF16 vs batch (log x), the 1.0 line, each claim's stated band shaded."""
-    drawn = [g for g in groups if (_in(perf, g).scheme != BASELINE).any() and _in(perf, g).delta_pct.notna().any()]
-    if not drawn:
+    fig, panels = _grid(perf, groups, lambda d: (d.scheme != BASELINE).any() and d.delta_pct.notna().any())
+    if fig is None:
         return None
-    fig, axes = _panels(len(drawn))
     colour = _colours(perf.scheme)
-    for ax, g in zip(axes, drawn):
-        p = _in(perf, g).dropna(subset=["delta_pct", "batch"])
-        shape = modal_shape(p)
-        p = p[(p.input_len == shape[0]) & (p.output_len == shape[1]) & (p.scheme != BASELINE)]
+    for ax, g in panels:
+        p, shape = _at_main_shape(_in(perf, g).dropna(subset=["delta_pct", "batch"]))
+        p = p[p.scheme != BASELINE]
         for claim in (c for c in claims if c["quantity"] == "throughput"):
             if any(verdicts.covers(claim, formats.get(s), g[0]) for s in p.scheme.unique()):
                 lo, hi = claim["range"]
@@ -156,15 +170,12 @@ def accuracy(folder, stem, groups, acc, claims, formats):
 
 def frontier(folder, stem, groups, perf):
     """Inter-token latency against throughput across the batch sweep: lower right is better."""
-    drawn = [g for g in groups if _in(perf, g).throughput.notna().any()]
-    if not drawn:
+    fig, panels = _grid(perf, groups, lambda d: d.throughput.notna().any())
+    if fig is None:
         return None
-    fig, axes = _panels(len(drawn))
     colour = _colours(perf.scheme)
-    for ax, g in zip(axes, drawn):
-        p = _in(perf, g).dropna(subset=["batch", "throughput"])
-        shape = modal_shape(p)
-        p = p[(p.input_len == shape[0]) & (p.output_len == shape[1])]
+    for ax, g in panels:
+        p, _ = _at_main_shape(_in(perf, g).dropna(subset=["batch", "throughput"]))
         for s, q in p.sort_values("batch").groupby("scheme"):
             itl = q.itl_p50.fillna(q.itl_mean) * 1e3
             ax.plot(q.throughput, itl, marker="o", ms=4, color=colour[s], label=s)
