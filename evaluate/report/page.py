@@ -52,11 +52,13 @@ def device_body(device, groups, all_groups, tables_, claims, formats, folder) ->
     rest = [g for g in all_groups if g not in groups]
     if rest:
         out.append(("h2", f"{device}: claims at other settings"))
-        out += claim_paragraphs(headline.claim_sentences(v, perf, rest, verdicts.scheme_claims(claims["claims"])))
+        inner = claim_paragraphs(headline.claim_sentences(v, perf, rest, verdicts.scheme_claims(claims["claims"])))
         rec = tables_["recommendations"]
         rec = rec[[headline.group_key(r) in rest for _, r in rec.iterrows()]] if len(rec) else rec
         if len(rec):
-            out.append(("table", tables.recommendation_display(rec), f"{stem}-deploy-other"))
+            inner.append(("table", tables.recommendation_display(rec), f"{stem}-deploy-other"))
+        out.append(("details", "The same sentences and picks for the groups measured at other engine settings: "
+                    + ", ".join(sorted({g[GROUP.index("settings")] for g in rest})), f"{stem}-other-settings", inner))
     return out
 
 
@@ -112,7 +114,9 @@ def blocks(name, ledger_path, tables_, unsupported, env, settings, claims, forma
                   "(top-k or expert count set through `hf_overrides`, a pruned model against its base), a batch "
                   "sweep's recommended batch, or, where nothing here measures the claim yet, the plan that would. "
                   "Speed on a device with no roofline (a CPU) is shown with no verdict."),
-            ("table", tables.other_claims_display(tables_["verdicts"], claims["claims"]), "other-claims")]
+            ("details", "One row per claim and model: verdict, interval, or the plan that would measure it",
+             "other-claims", [("table", tables.other_claims_display(tables_["verdicts"], claims["claims"]),
+                               "other-claims")])]
     out += [("h2", "Every table, per group"),
             ("p", "Per group: engine settings and caveats, a summary per scheme, every perf cell with its roofline "
                   "and flag, every accuracy task.")]
