@@ -29,3 +29,13 @@ def test_runs_merge_cells_with_one_verdict():
                          "note": [np.nan] * 3, "quantity": ["throughput"] * 3})
     labels = {"b1": "b1", "b16": "b16", "b64": "b64"}
     assert headline._runs(rows, labels) == ["fails at b1 (-20.0% [-21.0, -19.0])", "holds at b16–b64 (+24 to +33%)"]
+
+
+def test_committed_h200_report_reads_in_one_sitting():
+    """Issue 11: the published report's README stays under 30 KB; everything else is one link away."""
+    from pathlib import Path
+    readme = Path(__file__).resolve().parents[2] / "reports" / "h200" / "report" / "README.md"
+    text = readme.read_text()
+    assert len(text.encode()) < 30_000 and "## NVIDIA H200: the answer" in text.split("## Contents")[0]
+    for link in __import__("re").findall(r"\]\(([\w.-]+\.md)\)", text):
+        assert (readme.parent / link).is_file(), link
