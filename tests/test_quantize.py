@@ -1,7 +1,6 @@
 """Issue: every scheme quantizes the MoE into compressed-tensors, gates and lm_head stay BF16, every
 expert is counted, outputs stay close to BF16, and bad input fails cleanly leaving nothing behind."""
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -133,7 +132,8 @@ def test_quantize_verbs_name_their_environment(args):
     """The suite runs in the serve environment, which has no llm-compressor."""
     proc = moeq(*args, python=sys.executable, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert f"this verb runs in the quantize environment: .venv/quant/bin/moeq {' '.join(args)}" in proc.stderr
+    assert f"`moeq {args[0]}` runs in the quantize environment (llmcompressor is not installed in" in proc.stderr
+    assert proc.stderr.rstrip().endswith(f": .venv/quant/bin/moeq {' '.join(args)}")
 
 
 def test_malformed_recipe_fails_before_any_work(tiny_model, tmp_path):
@@ -162,15 +162,11 @@ def test_help_on_every_verb_in_both_environments():
             assert proc.returncode == 0 and "usage: moeq" in proc.stdout, (python, verb, proc.stderr[-500:])
 
 
-def test_a_verb_from_the_wrong_environment_names_the_right_one(tmp_path):
-    env = {**os.environ, "MOEQ_QUANT_PYTHON": QUANT_PYTHON}
-    proc = subprocess.run([sys.executable, "-m", "moeq.cli", "quantize", "--model", "tiny", "--out", tmp_path],
-                          capture_output=True, text=True, cwd=ROOT, env=env)
-    assert proc.returncode == 2 and "runs in the quantize environment" in proc.stderr
-    assert str(Path(QUANT_PYTHON).with_name("moeq").relative_to(ROOT)) in proc.stderr and "Traceback" not in proc.stderr
+def test_a_serve_verb_from_the_quantize_environment_names_the_serve_one(tmp_path):
     proc = subprocess.run([QUANT_PYTHON, "-m", "moeq.cli", "eval", "--ledger", tmp_path / "l.sqlite"],
                           capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 2 and "runs in the serve environment" in proc.stderr and not list(tmp_path.iterdir())
+    assert proc.returncode == 2 and "`moeq eval` runs in the serve environment" in proc.stderr
+    assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
 
 
 def test_second_architecture_qwen3_moe(tmp_path):
