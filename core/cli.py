@@ -13,7 +13,7 @@ from moeq.errors import UserError
 
 VERBS = ["moeq.quantize.verbs." + v for v in ("list", "build", "corpus", "quantize", "dequantize", "verify", "shape",
                                              "outliers", "prune")] + \
-        ["moeq.evaluate.verbs." + v for v in ("eval", "sweep", "report", "ledger", "routing")]
+        ["moeq.evaluate.verbs." + v for v in ("eval", "sweep", "estimate", "report", "ledger", "routing")]
 # per environment: the library it has and the other lacks, and its folder under .venv (README, "Why two environments")
 ENVIRONMENTS = {"quantize": ("llmcompressor", "quant"), "serve": ("lm_eval", "serve")}
 

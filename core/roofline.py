@@ -60,6 +60,33 @@ def kv_bytes_per_token(cfg, kv_cache_dtype: str = "auto") -> int:
     return 2 * cfg.num_hidden_layers * kv_heads * head_dim * width
 
 
+def architecture(cfg, kv_cache_dtype: str = "auto") -> dict:
+    """What the roofline needs of an architecture, from its transformers config: shape, KV bytes per token
+    and parameter counts (a model on the meta device: no memory), with `params_kept`, the parameters every
+    recipe leaves in BF16 (embeddings, lm_head, router gates, norms)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moeq.registry import experts_per_layer
+    with torch.device("meta"):
+        params = {n: p.numel() for n, p in AutoModelForCausalLM.from_config(cfg).named_parameters()}
+    experts = sum(v for n, v in params.items() if ".experts." in n)
+    total = sum(params.values())
+    moe_layers = len({n.split(".experts.")[0] for n in params if ".experts." in n})
+    n_experts, top_k = experts_per_layer(cfg), cfg.num_experts_per_tok
+    per_expert = experts // (n_experts * moe_layers)
+    kept = sum(v for n, v in params.items() if "embed" in n or "lm_head" in n or n.endswith("gate.weight")
+               or "norm" in n or ".gate." in n and ".experts." not in n)
+    return {"model_type": cfg.model_type, "hidden_size": cfg.hidden_size, "num_layers": cfg.num_hidden_layers,
+            "num_experts": n_experts, "top_k": top_k, "vocab_size": cfg.vocab_size,
+            "num_kv_heads": getattr(cfg, "num_key_value_heads", cfg.num_attention_heads),
+            "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+            "kv_bytes_per_token": kv_bytes_per_token(cfg, kv_cache_dtype),
+            "params_total": total, "params_dense": total - experts, "params_per_expert": per_expert,
+            "moe_layers": moe_layers, "params_active": total - experts + per_expert * top_k * moe_layers,
+            "params_kept": kept}
+
+
 def floors(config: dict, device: dict, batch: int, input_len: int, output_len: int,
            kv_per_token: float | None = None, routing: str = "uniform_random") -> dict:
     c = config

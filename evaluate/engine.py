@@ -93,30 +93,15 @@ def peak_memory(on_gpu: bool) -> tuple[int, str]:
 
 
 def model_facts(path: Path, weights_bytes: int, fmt: dict, llm_args: dict) -> dict:
-    """Parameter counts of the architecture (from its config, on the meta device) for the roofline."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """The roofline's view of the architecture that ran (hf_overrides applied: top-k, expert count), with
+    the bits per weight and activation the engine held."""
+    from transformers import AutoConfig
     cfg = AutoConfig.from_pretrained(path)
-    for key, value in (llm_args.get("hf_overrides") or {}).items():  # the shape the engine ran (top-k, experts)
+    for key, value in (llm_args.get("hf_overrides") or {}).items():
         setattr(cfg, key, value)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
-    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    total = sum(p.numel() for p in model.parameters())
-    from moeq.registry import experts_per_layer
-    n_experts = experts_per_layer(cfg)
-    moe_layers = len({n.split(".experts.")[0] for n, _ in model.named_parameters() if ".experts." in n})
-    top_k = cfg.num_experts_per_tok
-    per_expert = experts // (n_experts * moe_layers)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return {"model_type": cfg.model_type, "hidden_size": cfg.hidden_size, "num_layers": cfg.num_hidden_layers,
-            "num_experts": n_experts, "top_k": top_k, "vocab_size": cfg.vocab_size,
-            "num_kv_heads": getattr(cfg, "num_key_value_heads", cfg.num_attention_heads), "head_dim": head_dim,
-            "kv_bytes_per_token": roofline.kv_bytes_per_token(cfg, llm_args.get("kv_cache_dtype", "auto")),
-            "params_total": total, "params_dense": total - experts, "params_per_expert": per_expert,
-            "moe_layers": moe_layers, "params_active": total - experts + per_expert * top_k * moe_layers,
-            "weight_bits": round(8 * weights_bytes / total, 3), "activation_bits": fmt.get("activation_bits", 16),
-            "format": fmt}
+    facts = roofline.architecture(cfg, llm_args.get("kv_cache_dtype", "auto"))
+    return {**facts, "weight_bits": round(8 * weights_bytes / facts["params_total"], 3),
+            "activation_bits": fmt.get("activation_bits", 16), "format": fmt}
 
 
 class KernelLog(logging.Handler):

@@ -17,6 +17,7 @@ import json
 import os
 from pathlib import Path
 
+from moeq.env import FALSE, TRUE
 from moeq.errors import UserError
 
 # flag -> (vLLM argument, vLLM's default)
@@ -24,7 +25,6 @@ FLAGS = {"tp": ("tensor_parallel_size", 1), "ep": ("enable_expert_parallel", Fal
          "dp": ("data_parallel_size", 1), "pp": ("pipeline_parallel_size", 1)}
 DEFAULTS = dict(FLAGS.values())
 BACKEND = "distributed_executor_backend"  # None: vLLM's default (one process per rank on one node)
-TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
 def engine_args(tp=None, ep=None, dp=None, pp=None) -> dict:

@@ -20,7 +20,7 @@ from moeq import identity, registry, schemes
 from moeq.atomic import is_complete
 from moeq.env import env_flag, env_number
 from moeq.errors import UserError
-from moeq.evaluate import settings as engine_settings
+from moeq.evaluate import parallel, settings as engine_settings
 from moeq.evaluate.engine import Job, job_json
 from moeq.evaluate.ledger import Ledger, lock
 
@@ -271,7 +271,7 @@ def evaluate(models=None, schemes=None, tasks=None, batches=None, input_lens=(51
     acc_settings = tasks and engine_settings.build(gpu=gpu, cells=[], shape_only=shape_only, user_args=engine_args,
                                                    routing=routing, warmup_tokens=warmup_tokens, tasks=tasks)
     targets = (shape_only_targets if shape_only else find_targets)(models, schemes, Path(checkpoints))
-    engine_settings.check_layout(settings, [(f"{t.model} / {t.scheme}", t.path) for t in targets], gpu)
+    parallel.check_targets(settings.llm, [(f"{t.model} / {t.scheme}", t.path) for t in targets], gpu)
     log(f"[eval] {len(targets)} targets x {len(cells)} cells, tasks: {', '.join(tasks) or 'none'}; "
         f"settings {settings.profile} (non-default: {json.dumps(settings.non_default()) or 'none'})")
     failures = []

@@ -149,11 +149,5 @@ def build(*, gpu: bool, cells: list[tuple], shape_only: bool, quantization: str 
     return EngineSettings(llm=llm, routing=routing, warmup_tokens=warmup_tokens)
 
 
-def check_layout(settings: EngineSettings, targets, gpu: bool):
-    """The parallel layout against every target's config.json (heads, KV heads, layers, quantization
-    groups), before any engine starts; targets: (name, checkpoint folder) pairs."""
-    parallel.check_targets(settings.llm, targets, gpu)
-
-
 def from_record(rec: dict) -> EngineSettings:
     return EngineSettings(llm=rec["llm"], routing=rec["routing"], warmup_tokens=rec.get("warmup_tokens"))

@@ -75,10 +75,6 @@ def memory_table(results: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def _repeats(text, value) -> list[float]:
-    return json.loads(text) if isinstance(text, str) else [value]
-
-
 def kernel_table(results: pd.DataFrame) -> pd.DataFrame:
     """Per engine: the MoE kernel vLLM logged, and whether its Triton config was tuned for the device
     (summarised anew from the recorded log lines)."""
@@ -95,7 +91,7 @@ def perf_table(results: pd.DataFrame, mem: pd.DataFrame, settings: dict) -> pd.D
     shape = df.cell.str.extract(r"^b(\d+)-i(\d+)-o(\d+)$").astype(float)
     df[["batch", "input_len", "output_len"]] = shape.to_numpy()
     df = with_baseline(df, ["cell"], ["throughput", "repeats"])
-    deltas = [verdicts.ratio_of_medians(_repeats(r.repeats, r.throughput), _repeats(r.repeats_bf16, r.throughput_bf16))
+    deltas = [verdicts.ratio_of_medians(verdicts.repeats_of(r.repeats, r.throughput), verdicts.repeats_of(r.repeats_bf16, r.throughput_bf16))
               if pd.notna(r.throughput) and pd.notna(r.throughput_bf16) else (np.nan,) * 3 for r in df.itertuples()]
     df[["delta_pct", "delta_lo", "delta_hi"]] = np.array(deltas, float).reshape(-1, 3)
     configs = model_configs(results)

@@ -135,10 +135,6 @@ def _sel(df: pd.DataFrame, g: pd.Series) -> pd.DataFrame:
     return df[np.logical_and.reduce([df[k] == g[k] for k in GROUP + ["scheme"]])] if len(df) else df
 
 
-def _repeats(r) -> list[float]:
-    return json.loads(r.repeats) if isinstance(r.repeats, str) else [r.throughput]
-
-
 def _flag(r) -> str | None:
     if isinstance(r.flag, str) and not r.flag.startswith("baseline: "):
         return r.flag
@@ -153,7 +149,7 @@ def measured_pair(quantity: str, v, r, perf, items, acc, mem) -> list[dict]:
         out = []
         for cell in [c for c in pv.sort_values("batch").index if c in pr.index]:
             a, b = pv.loc[cell], pr.loc[cell]
-            point, lo, hi = verdicts.ratio_of_medians(_repeats(a), _repeats(b))
+            point, lo, hi = verdicts.ratio_of_medians(*(verdicts.repeats_of(x.repeats, x.throughput) for x in (a, b)))
             flag = _flag(a) or _flag(b)
             out.append({"cell": cell, "value": point, "lo": lo, "hi": hi} | ({"flag": flag, "note": flag} if flag else {}))
         return out
@@ -193,7 +189,7 @@ def recommended_batch(perf: pd.DataFrame, rule: dict) -> tuple[float, float, flo
         return np.nan, np.nan, np.nan, "fewer than three batch sizes measured"
     batches = sweep.batch.to_numpy()
     top, measured = batches.max(), ", ".join(f"{b:g}" for b in batches)
-    open_end = (f"; it is the largest batch measured, so the answer may lie above it (upper end open: the sweep "
+    open_end = ("; it is the largest batch measured, so the answer may lie above it (upper end open: the sweep "
                 f"must go further, to 512 or the KV limit)")
     if "itl_p99_ms" in rule:
         itl = sweep.itl_p99.to_numpy() * 1e3
@@ -203,7 +199,7 @@ def recommended_batch(perf: pd.DataFrame, rule: dict) -> tuple[float, float, flo
         point = ok.max() if len(ok) else np.nan
         note = f"largest batch with ITL p99 under {rule['itl_p99_ms']:g} ms (an SLO of ours), of {measured}"
         return point, point, np.inf if point == top else point, note + (open_end if point == top else "")
-    reps = [np.asarray(_repeats(r), float) for r in sweep.itertuples()]
+    reps = [np.asarray(verdicts.repeats_of(r.repeats, r.throughput), float) for r in sweep.itertuples()]
     pick = lambda med: batches[np.argmax(med >= rule["share"] * med.max())]
     point = pick(np.array([np.median(x) for x in reps]))
     rng = np.random.default_rng(SEED)

@@ -4,6 +4,7 @@ A verdict compares the 95% interval [lo, hi] of the measured quantity with the c
 percent: RULES below says exactly how. The position says whether the point estimate lies in, above or
 below the claim's stated range.
 """
+import json
 from pathlib import Path
 
 import numpy as np
@@ -214,3 +215,8 @@ def verdict_table(claims: dict, formats: dict, keys: pd.DataFrame, perf, acc, me
     cols = ["claim", "text", "quantity", *GROUP, "scheme", "cell", "value", "lo", "hi", "unit", "bound_side", "bound",
             "range_low", "range_high", "position", "verdict", "checkpoint_reduction", "flag", "note"]
     return pd.DataFrame(rows, columns=cols)
+
+
+def repeats_of(text, value) -> list[float]:
+    """A cell's timed repeats as the ledger stores them (JSON), or its one value when none were kept."""
+    return json.loads(text) if isinstance(text, str) else [value]
