@@ -79,15 +79,27 @@ def env_record(device: str) -> dict:
     except OSError:
         commit = None
     commit = commit or os.environ.get("MOEQ_GIT_COMMIT")  # a copy of the code outside its repository
-    return {"libraries": libs, "device": device, "python": platform.python_version(),
-            "platform": platform.platform(), "git_commit": commit, "ld_preload": os.environ.get("LD_PRELOAD")}
+    record = {"libraries": libs, "device": device, "python": platform.python_version(),
+              "platform": platform.platform(), "git_commit": commit, "ld_preload": os.environ.get("LD_PRELOAD")}
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):  # which GPU of a several-GPU host measured the row
+        record["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
+    return record
+
+
+def visible_gpu(pynvml):
+    """NVML's handle of the first GPU this process sees. NVML numbers GPUs by PCI bus and ignores
+    CUDA_VISIBLE_DEVICES, so index 0 would be another process's GPU when streams share a host."""
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    if first.startswith(("GPU-", "MIG-")):
+        return pynvml.nvmlDeviceGetHandleByUUID(first)
+    return pynvml.nvmlDeviceGetHandleByIndex(int(first) if first.isdigit() else 0)
 
 
 def peak_memory(on_gpu: bool) -> tuple[int, str]:
     if on_gpu:
         import pynvml
         pynvml.nvmlInit()
-        used = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used
+        used = pynvml.nvmlDeviceGetMemoryInfo(visible_gpu(pynvml)).used
         return int(used), "nvml: device memory in use after the sweep (engine reserves it up front)"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss: peak resident set of the engine process"
 

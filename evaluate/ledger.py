@@ -180,6 +180,49 @@ class Ledger:
             self.db.execute(f"DELETE FROM results WHERE {match}", args)
             self.db.execute(f"DELETE FROM items WHERE {match.replace('cell', 'task')}", args)
 
+    def merge(self, other: Path) -> tuple[int, int]:
+        """Take in the cells another ledger measured (e.g. a second GPU's stream, or another machine's copy):
+        a cell missing here, or measured there later than here, replaces this ledger's rows for that cell,
+        in one transaction with its items and engine settings; environment ids are matched by content.
+        Returns (cells taken, cells kept as they were)."""
+        src = Ledger(other, readonly=True)
+        env = {}
+        for row in src.db.execute("SELECT id, digest, record FROM env"):
+            with self.db:
+                self.db.execute("INSERT OR IGNORE INTO env (digest, record) VALUES (?, ?)", (row["digest"], row["record"]))
+            env[row["id"]] = self.db.execute("SELECT id FROM env WHERE digest = ?", (row["digest"],)).fetchone()[0]
+        settings = dict(self.db.execute("SELECT id, record FROM settings").fetchall())
+        match = " AND ".join(f"{k} = ?" for k in KEY) + " AND cell = ?"
+        taken = kept = 0
+        cells = src.db.execute(f"SELECT {', '.join(KEY)}, cell, MAX(created) AS created FROM results GROUP BY {', '.join(KEY)}, cell")
+        for cell in cells.fetchall():
+            args = tuple(cell[k] for k in (*KEY, "cell"))
+            here = self.db.execute(f"SELECT MAX(created) FROM results WHERE {match}", args).fetchone()[0]
+            if here is not None and here >= cell["created"]:
+                kept += 1
+                continue
+            record = src.db.execute("SELECT record FROM settings WHERE id = ?", (cell["settings"],)).fetchone()
+            if record and cell["settings"] in settings and json.loads(settings[cell["settings"]]) != json.loads(record[0]):
+                raise UserError(f"settings {cell['settings']} differ between {self.path} and {other}; nothing was merged "
+                                "from that cell on")
+            rows = [dict(r) for r in src.db.execute(f"SELECT * FROM results WHERE {match}", args)]
+            items = src.db.execute(f"SELECT * FROM items WHERE {match.replace('cell', 'task')}", args).fetchall()
+            with self.writing(f"cell {cell['cell']}"), self.db:
+                if record:
+                    self.db.execute("INSERT OR IGNORE INTO settings VALUES (?, ?)", (cell["settings"], record[0]))
+                    settings[cell["settings"]] = record[0]
+                self.db.execute(f"DELETE FROM results WHERE {match}", args)
+                for r in rows:
+                    r["env_id"] = env.get(r["env_id"])
+                    self.db.execute(f"INSERT INTO results ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
+                                    tuple(r[c] for c in COLUMNS))
+                if items:
+                    self.db.execute(f"DELETE FROM items WHERE {match.replace('cell', 'task')}", args)
+                    self.db.executemany("INSERT INTO items VALUES (?,?,?,?,?,?,?,?,?,?)", [tuple(i) for i in items])
+            taken += 1
+        src.close()
+        return taken, kept
+
     def close(self):
         self.db.close()
 

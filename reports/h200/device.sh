@@ -8,16 +8,22 @@
 #          | build=MODEL | wait=MODEL | outliers=MODEL
 # Everything finished is copied to $OUT at exit, also after a timeout: the ledger gets one transaction
 # per cell, so a cut-off step loses only its cell in flight, and the next call resumes from the ledger.
+# On a host of several GPUs, streams run side by side, one per GPU, each with its own ledger copy, log
+# and results (merged here afterwards: `moeq ledger merge --ledger reports/h200/ledger.sqlite --from ...`); keep every scheme of a model on one
+# GPU so its ratios to BF16 are measured side by side on one device:
+#   CUDA_VISIBLE_DEVICES=1 TAG=-gpu1 bash reports/h200/device.sh sweep=qwen3moe/fp8-block &
 set -u
-W=/tmp/h200; OUT=${OUT:-$W/out}; mkdir -p "$W" "$OUT"
+W=/tmp/h200; OUT=${OUT:-$W/out}; TAG=${TAG:-}; mkdir -p "$W" "$OUT"
 export PYTHONPATH=/tmp/site:$W/pkg VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-export MOEQ_CACHE=$W/cache
-PLAN=reports/h200/plan.yaml LEDGER=$W/ledger.sqlite CKPT=$W/checkpoints
-trap 'cp -f $LEDGER "$OUT"/ 2>/dev/null; (cd $W && tar cf "$OUT/results.tar" *.json 2>/dev/null)' EXIT
+export MOEQ_CACHE=$W/cache CUDA_DEVICE_ORDER=PCI_BUS_ID  # CUDA's GPU numbers = NVML's (memory is read by NVML)
+SRC=${SRC:-.}  # the moeq that runs: the tree, or a clean `git archive` of a commit carried beside it
+PLAN=$SRC/reports/h200/plan.yaml LEDGER=$W/ledger$TAG.sqlite CKPT=$W/checkpoints
+[ -f $LEDGER ] || [ ! -f $W/ledger.sqlite ] || cp $W/ledger.sqlite $LEDGER  # a new stream starts from the committed ledger
+trap 'cp -f $LEDGER "$OUT"/ 2>/dev/null; (cd $W && tar cf "$OUT/results$TAG.tar" *.json 2>/dev/null)' EXIT
 END=$((SECONDS + ${BUDGET:-560}))  # every step stops in time for the trap to run inside the call's limit
 left() { echo $((END - SECONDS > 5 ? END - SECONDS : 5)); }
 # moeq's own lines and vLLM's kernel choice on the console; everything in $OUT/device.log
-show() { tee -a "$OUT/device.log" | grep --line-buffered -E '^\[(eval|sweep)\]|run [0-9]/|MoE backend|MoE config|Throughput|Error|error:|Traceback' ; }
+show() { tee -a "$OUT/device$TAG.log" | grep --line-buffered -E '^\[(eval|sweep)\]|run [0-9]/|MoE backend|MoE config|Throughput|Error|error:|Traceback' ; }
 
 step_chunk() { mkdir -p /tmp/chunks && cp .device/p*/part* /tmp/chunks/ && ls /tmp/chunks | tr '\n' ' '; }
 
@@ -26,11 +32,12 @@ step_install() {
   cat /tmp/chunks/part* | tar x -C /tmp && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/whl/*.whl || return 1
   # a frozen copy of moeq: later calls run the code this call brought, whatever the tree holds then
   # laid out as pyproject.toml installs it: core/ is the package moeq, the rest its subpackages
-  rm -rf $W/pkg && mkdir -p $W/pkg && cp -r core $W/pkg/moeq && cp -r quantize evaluate recipes $W/pkg/moeq/
+  rm -rf $W/pkg && mkdir -p $W/pkg && cp -r $SRC/core $W/pkg/moeq && (cd $SRC && cp -r quantize evaluate recipes $W/pkg/moeq/)
   # carried paths are gone from the next call's copy of the repository: keep them under /tmp
   mkdir -p $CKPT && cp -r checkpoints/.shape-only $CKPT/ && cp -r .h200/tokenizer $W/tokenizer
   # the committed ledger goes on: cells it already holds (same settings, same checkpoint) are skipped
-  cp reports/h200/ledger.sqlite $LEDGER && chmod u+w $LEDGER
+  cp reports/h200/ledger.sqlite $W/ledger.sqlite && chmod u+w $W/ledger.sqlite
+  [ $LEDGER = $W/ledger.sqlite ] || cp $W/ledger.sqlite $LEDGER
   python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)" 2>&1 | tail -1
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 }
@@ -68,7 +75,7 @@ step_bench() {  # vLLM's own tool at its defaults on cells moeq measured: bench=
 # so it outlives a call's 10-minute limit; `wait=` in the next call (within the machine's 30 s warm time)
 # follows it. Its corpus is this image's Python 3.12 standard library and installed packages, pinned by the
 # manifest it writes (core/corpora/moe-500m.tsv.gz: bring it back from $OUT and commit it).
-freeze() { [ -d $W/pkg/moeq ] || { mkdir -p $W/pkg && cp -r core $W/pkg/moeq && cp -r quantize evaluate recipes $W/pkg/moeq/; }; }
+freeze() { [ -d $W/pkg/moeq ] || { mkdir -p $W/pkg && cp -r $SRC/core $W/pkg/moeq && (cd $SRC && cp -r quantize evaluate recipes $W/pkg/moeq/); }; }
 step_build() {  # build=moe-500m
   freeze
   # tiny, built on a CPU and carried (.h200/tiny), only for the bits-per-byte comparison
