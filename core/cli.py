@@ -13,7 +13,8 @@ from moeq.errors import UserError
 
 VERBS = ["moeq.quantize.verbs." + v for v in ("list", "build", "corpus", "quantize", "dequantize", "verify", "shape",
                                              "outliers", "prune")] + \
-        ["moeq.evaluate.verbs." + v for v in ("eval", "sweep", "estimate", "report", "ledger", "routing")]
+        ["moeq.evaluate.verbs." + v for v in ("eval", "sweep", "serve_bench", "estimate", "report", "ledger",
+                                                "routing")]
 # per environment: the library it has and the other lacks, and its folder under .venv (README, "Why two environments")
 ENVIRONMENTS = {"quantize": ("llmcompressor", "quant"), "serve": ("lm_eval", "serve")}
 
@@ -38,7 +39,7 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for name in VERBS:
         verb = importlib.import_module(name)
-        p = sub.add_parser(name.rsplit(".", 1)[1], help=verb.HELP, description=verb.HELP)
+        p = sub.add_parser(name.rsplit(".", 1)[1].replace("_", "-"), help=verb.HELP, description=verb.HELP)
         verb.add_args(p)
         p.set_defaults(verb_module=verb)
     args = parser.parse_args(argv)

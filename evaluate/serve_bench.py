@@ -1,0 +1,292 @@
+"""`moeq serve-bench`: each checkpoint served as users serve it, under load, into the ledger (kind "serve").
+
+Per (model, scheme): vLLM's OpenAI-compatible server (`vllm serve`, server.py) on the checkpoint, with the
+engine settings `moeq eval` would use (settings.build: same settings id, so serve rows share a group with
+the scheme's offline rows and with its bf16 baseline); then vLLM's own load generator (`vllm bench serve`,
+run in this process with the arguments a user would type, saving its JSON with every request's timings)
+at a ladder of Poisson request rates, stopping at the first rate the server cannot keep up with, and at a
+sweep of fixed concurrencies. Prompts: real weights get windows of the held-out corpus split (text the
+model never trained or calibrated on) of mixed token lengths; shape-only weights get vLLM's random-token
+prompts. Output lengths are fixed (EOS ignored). Each rate's metrics are one ledger transaction.
+"""
+import contextlib
+import json
+import math
+import os
+import shlex
+import statistics
+import zlib
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from moeq import registry
+from moeq.errors import UserError
+from moeq.evaluate import kernels, parallel, perf, run, serve_load, settings as engine_settings
+from moeq.evaluate.ledger import Ledger, lock
+from moeq.evaluate.server import Server, ServerFailed, server_flags, sigterm_as_interrupt
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+@dataclass
+class Load:
+    """What each run sends: prompt lengths, rates or concurrencies, and how long each runs."""
+    input_len: int = 512
+    input_spread: float = 0.5  # input lengths uniform in input_len x [1 - spread, 1 + spread]
+    output_len: int = 128
+    rates: list[float] | None = None  # None: the automatic ladder
+    rate_start: float = 1.0
+    rate_factor: float = 2.0
+    max_rates: int = 8
+    concurrency: list[int] = field(default_factory=lambda: [1, 4, 16])
+    seconds: float = 30.0  # per rate: prompts = rate x seconds, within [min_prompts, max_prompts]
+    min_prompts: int = 32
+    max_prompts: int = 2000
+    repeats: int = 1
+    slo: dict = field(default_factory=lambda: serve_load.parse_slo(serve_load.DEFAULT_SLO))
+    warmups: int = 2
+
+    @property
+    def longest_input(self) -> int:
+        return math.ceil(self.input_len * (1 + self.input_spread))
+
+    def ladder(self) -> list[float]:
+        return sorted(self.rates) if self.rates else serve_load.auto_ladder(self.rate_start, self.rate_factor,
+                                                                           self.max_rates)
+
+    def cell(self, rate: float | None = None, concurrency: int | None = None) -> str:
+        shape = f"serve-i{self.input_len}~{round(100 * self.input_spread)}-o{self.output_len}"
+        return f"{shape}-r{rate:g}" if rate is not None else f"{shape}-c{concurrency}"
+
+    def prompts(self, rate: float | None = None, concurrency: int | None = None) -> int:
+        want = rate * self.seconds if rate is not None else 8 * concurrency
+        return int(min(self.max_prompts, max(self.min_prompts, math.ceil(want))))
+
+
+def tokenizer_for(target: run.Target) -> str:
+    """A folder with the model's tokenizer: the checkpoint's own, else (shape-only) the registry model's
+    built folder or its hub snapshot's tokenizer files. The server detokenizes like any deployment."""
+    candidates = [Path(target.path)]
+    if target.provenance.startswith("shape-only"):
+        model = registry.resolve(target.model, need_weights=False)
+        if model.path:
+            candidates.append(Path(model.path))
+        if hub := model.spec.get("hub_id"):
+            with contextlib.suppress(Exception):
+                from huggingface_hub import snapshot_download
+                candidates.append(Path(snapshot_download(hub, local_files_only=True)))
+    for folder in candidates:
+        if any((folder / f).is_file() for f in TOKENIZER_FILES):
+            return str(folder)
+    hub = registry.registry().get(target.model, {}).get("hub_id", "<hub id>")
+    raise UserError(f"no tokenizer for {target.model} (looked in {', '.join(map(str, candidates))}): the server needs "
+                    f"one. Shape-only runs need only its files (a few MB): hf download {hub} --include 'tokenizer*' "
+                    "'*.json' '*.txt' '*.model' --exclude '*.safetensors*'")
+
+
+@lru_cache(maxsize=4)
+def heldout_ids(tokenizer: str) -> tuple:
+    from transformers import AutoTokenizer
+    from moeq import corpus
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    return tok, tuple(tok("\n".join(corpus.texts("heldout")), add_special_tokens=False).input_ids)
+
+
+def write_corpus_prompts(path: Path, tokenizer: str, n: int, load: Load, seed: str):
+    """n windows of held-out text, token lengths uniform in the load's range, at random offsets (so no two
+    runs share a prefix the server's prefix cache could serve)."""
+    import numpy as np
+    tok, ids = heldout_ids(tokenizer)
+    rng = np.random.default_rng(zlib.crc32(seed.encode()))
+    low = max(1, math.floor(load.input_len * (1 - load.input_spread)))
+    lengths = rng.integers(low, load.longest_input + 1, n)
+    with open(path, "w") as f:
+        for length in lengths:
+            start = int(rng.integers(0, len(ids) - length))
+            f.write(json.dumps({"prompt": tok.decode(ids[start:start + int(length)])}) + "\n")
+
+
+def client_args(server: Server, model_path: str, tokenizer: str, load: Load, rate, concurrency, n: int, seed: int,
+                dataset: Path | None, out: Path) -> list[str]:
+    """`vllm bench serve` arguments, as a user would type them."""
+    args = ["--backend", "openai", "--host", "127.0.0.1", "--port", str(server.port), "--model", str(model_path),
+            "--tokenizer", tokenizer, "--num-prompts", str(n), "--seed", str(seed), "--temperature", "0",
+            "--ignore-eos", "--num-warmups", str(load.warmups), "--percentile-metrics", "ttft,tpot,itl,e2el",
+            "--metric-percentiles", "50,99", "--save-result", "--save-detailed", "--disable-tqdm",
+            "--result-dir", str(out.parent), "--result-filename", out.name,
+            "--request-rate", "inf" if rate is None else f"{rate:g}"]
+    if concurrency is not None:
+        args += ["--max-concurrency", str(concurrency)]
+    if dataset is not None:  # held-out text, sent as is (completions, no chat template)
+        return args + ["--dataset-name", "custom", "--dataset-path", str(dataset), "--skip-chat-template",
+                       "--custom-output-len", str(load.output_len)]
+    return args + ["--dataset-name", "random", "--random-input-len", str(load.input_len), "--random-output-len",
+                   str(load.output_len), "--random-range-ratio", json.dumps({"input": load.input_spread, "output": 0})]
+
+
+def bench(argv: list[str], log_file: Path) -> dict:
+    """One run of vLLM's client, in this process (vLLM imported once for every run); its JSON, as saved."""
+    from vllm.benchmarks.serve import add_cli_args, main
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    args = parser.parse_args(argv)
+    with open(log_file, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        print(f"$ vllm bench serve {shlex.join(argv)}", flush=True)
+        main(args)
+    return json.loads((Path(args.result_dir) / args.result_filename).read_text())
+
+
+def measure(run_once, load: Load, label: str, closed_loop: bool, log=print) -> tuple[list[dict], dict]:
+    """`repeats` runs of one rate or concurrency: ledger metrics (median over runs, the runs kept) and the
+    medians used for the ladder."""
+    runs = []
+    for rep in range(load.repeats):
+        runs.append(serve_load.run_metrics(run_once(rep), load.slo))
+        m = runs[-1]
+        log(f"[serve]  {label}: {m['request_throughput']:.3g} req/s done, TTFT p99 {1e3 * m['ttft_p99']:.0f} ms, "
+            f"ITL p99 {1e3 * m['itl_p99']:.1f} ms, goodput {m['goodput']:.3g} req/s"
+            + ("" if closed_loop else f", arrivals {m['arrival_rate']:.3g}/s, completions {m['completion_rate']:.3g}/s")
+            + (f", {m['failed']:.0f} failed" if m["failed"] else ""))
+    # a closed loop (fixed concurrency) sends as fast as requests complete: arrivals say nothing there
+    skip = ("arrival_rate", "completion_rate", "saturated") if closed_loop else ()
+    median = {k: float(statistics.median([r[k] for r in runs])) for k in runs[0]
+              if runs[0][k] is not None and k not in skip}
+    if not closed_loop:
+        median["saturated"] = float(serve_load.saturated(median["arrival_rate"], median["completion_rate"]))
+    median["slo_met"] = float(all(median.get(f"{k}_p99", math.inf) <= b for k, b in load.slo.items()))
+    units = {"request_throughput": "req/s", "goodput": "req/s", "arrival_rate": "req/s", "completion_rate": "req/s",
+             "output_throughput": "tok/s", "throughput": "tok/s", "input_tokens": "tokens"}
+    metrics = []
+    for name, value in median.items():
+        if name in ("saturated", "slo_met"):
+            metrics.append({"metric": name, "value": value, "n": len(runs)})
+        elif name.split("_")[-1] in ("mean", "p50", "p99") or name == "duration":
+            metrics.append(perf.summarize(name, "s", [r[name] for r in runs]))
+        else:
+            metrics.append(perf.summarize(name, units.get(name, "requests"), [r[name] for r in runs]))
+    return metrics, median
+
+
+def target_key(target, settings, device_backend) -> dict:
+    backend, device = device_backend
+    return {"model": target.model, "scheme": target.scheme, "provenance": target.provenance, "backend": backend,
+            "device": device, "settings": settings.profile}
+
+
+def refusal(log_tail: str) -> str | None:
+    """The backend's refusal of the scheme's kernel, in vLLM's own words (the last exception in its log)."""
+    errors = [line.strip() for line in log_tail.splitlines() if ("Error:" in line or "Exception:" in line)]
+    return errors[-1][:500] if errors and kernels.REFUSALS.search(errors[-1]) else None
+
+
+def bench_target(target, settings, load: Load, ledger_path: Path, port: int, force: bool, start_timeout: float,
+                 log=print) -> dict:
+    """Every rate and concurrency of one (model, scheme); returns the ladder's outcome."""
+    from moeq.evaluate.engine import device_name, env_record
+    job = run.job_for(target, ledger_path, settings, [], 1, [], None, force)  # identity, as `moeq eval` records it
+    settings = engine_settings.from_record(job.settings)  # fp8-online: quantization=fp8 in the server's arguments
+    device = device_name()
+    key = target_key(target, settings, device)
+    ledger = Ledger(ledger_path)
+    ledger.add_settings(settings.profile, {**settings.shared(), "non_default": settings.non_default()})
+    folder = ledger_path.parent / "serve" / target.model / target.scheme / settings.profile
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = tokenizer_for(target)
+    shape_only = target.provenance.startswith("shape-only")
+    extra = {"load_format": "dummy", "tokenizer": tokenizer} if shape_only else {}
+    flags = server_flags(target.path, settings.llm, extra)
+    env = {**run.engine_env(), **settings.environment()}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # set for moeq eval's in-process engines; a server forks its own
+    stack = contextlib.ExitStack()
+    server = None
+
+    def start():
+        nonlocal server
+        if server is None:
+            log(f"[serve] {target.model} / {target.scheme}: vllm serve {target.path} {shlex.join(flags)}")
+            server = stack.enter_context(Server(target.path, flags, folder / "server.log", port, env, start_timeout, log))
+        return server
+
+    def cell(name, rate, concurrency, label):
+        """One rate (or concurrency): measured and written in one transaction, or read back from the ledger."""
+        if not force and ledger.has(key, name, job.checkpoint):
+            rows = {r["metric"]: r["value"] for r in ledger.rows(cell=name, **key)}
+            log(f"[serve]  {label}: already measured")
+            return rows
+        srv = start()
+
+        def run_once(rep):
+            seed = zlib.crc32(f"{name}-{rep}".encode()) % 2**31
+            n = load.prompts(rate, concurrency)
+            data = None
+            if not shape_only:
+                data = folder / f"{name}-{rep}.prompts.jsonl"
+                write_corpus_prompts(data, tokenizer, n + load.warmups, load, f"{name}-{rep}")
+            argv = client_args(srv, target.path, tokenizer, load, rate, concurrency, n, seed, data,
+                               folder / f"{name}-{rep}.json")
+            return bench(argv, folder / "client.log")
+        metrics, median = measure(run_once, load, label, closed_loop=rate is None, log=log)
+        spec = {"request_rate": rate, "max_concurrency": concurrency, "prompts": load.prompts(rate, concurrency),
+                "repeats": load.repeats, "input_len": load.input_len, "input_spread": load.input_spread,
+                "output_len": load.output_len, "dataset": "random tokens" if shape_only else "held-out corpus",
+                "slo_s": load.slo, "server_flags": flags, "tokenizer": tokenizer, "client": "vllm bench serve"}
+        ledger.write(key, "serve", name, metrics + [{"metric": "load", "value": None, "note": json.dumps(spec)}],
+                     env_id=env_id, recipe_sha=job.recipe_sha, checkpoint=job.checkpoint)
+        return median
+
+    env_id = ledger.env_id(env_record(device[1]))
+    try:
+        with stack:
+            points = []
+            for rate in load.ladder():
+                m = cell(load.cell(rate=rate), rate, None, f"rate {rate:g} req/s")
+                points.append((rate, bool(m.get("saturated")), bool(m.get("slo_met"))))
+                if m.get("saturated"):
+                    break  # beyond saturation only the queue grows
+            for c in load.concurrency:
+                cell(load.cell(concurrency=c), None, c, f"concurrency {c}")
+    except ServerFailed as e:
+        if reason := refusal(e.log_tail):
+            reason = f"unsupported on {device[0]}: {reason}"
+            log(f"[serve] {target.model} / {target.scheme}: {reason}")
+            ledger.write(key, "status", "serve-status", [{"metric": "supported", "value": 0, "status": "unsupported",
+                                                          "note": reason}], env_id=env_id, checkpoint=job.checkpoint)
+            return {"text": reason}
+        raise
+    finally:
+        ledger.close()
+    outcome = serve_load.ladder_outcome(points)
+    log(f"[serve] {target.model} / {target.scheme}: {outcome['text']} ({serve_load.slo_text(load.slo)})")
+    return outcome
+
+
+def serve_bench(models=None, schemes=None, weights="real", routing=None, engine_args=None, load: Load | None = None,
+                ledger=Path("results/ledger.sqlite"), checkpoints=Path("checkpoints"), port=8000, force=False,
+                start_timeout=900, log=print) -> int:
+    load = load or Load()
+    if weights not in ("real", "dummy"):
+        raise UserError(f"unknown WEIGHTS {weights!r}; valid: real, dummy")
+    if routing and routing.startswith("zipf"):
+        raise UserError("zipf routing is installed inside moeq's own engine process; a server cannot take it "
+                        "(use a vLLM strategy, e.g. uniform_random)")
+    gpu = run.on_gpu()
+    shape_only = weights == "dummy"
+    settings = engine_settings.build(gpu=gpu, cells=[(1, load.longest_input, load.output_len)], shape_only=shape_only,
+                                     user_args=engine_args, routing=routing)
+    targets = (run.shape_only_targets if shape_only else run.find_targets)(models, schemes, Path(checkpoints))
+    parallel.check_targets(settings.llm, [(f"{t.model} / {t.scheme}", t.path) for t in targets], gpu)
+    log(f"[serve] {len(targets)} targets; settings {settings.profile}; load {json.dumps(asdict(load))}")
+    failures = []
+    with lock(Path(ledger)), sigterm_as_interrupt():
+        Ledger(ledger).close()  # an unusable ledger is an error before any server starts
+        for target in targets:
+            try:
+                bench_target(target, settings, load, Path(ledger), port, force, start_timeout, log)
+            except ServerFailed as e:
+                log(f"[serve] ERROR: {target.model} / {target.scheme}: {e}")
+                failures.append(f"{target.model} / {target.scheme}")
+    if failures:
+        log(f"[serve] {len(failures)} of {len(targets)} servers failed: {', '.join(failures)}")
+    return 1 if failures else 0

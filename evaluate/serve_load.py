@@ -1,0 +1,142 @@
+"""Load on a served model, in numbers: the SLO, goodput, saturation and the rate ladder (pure functions).
+
+vLLM's `bench serve` client measures each run and saves it as JSON (with --save-detailed, every request's
+TTFT, inter-token gaps, latency and send time); this module only reads that JSON. What the client does
+not compute is computed here from its per-request lists:
+
+- goodput under an SLO that includes inter-token latency: vLLM's own `--goodput` takes ttft, tpot and
+  e2el only. A request is good when every SLO key holds for it: its TTFT, its own p99 inter-token gap,
+  its TPOT or its end-to-end latency;
+- saturation: the server keeps up when requests complete as fast as they arrive. Arrival rate = requests
+  over the span of send times, completion rate = requests over the span of completion times; the span
+  of completions is used rather than the run's duration so that the last requests' drain does not count
+  as overload. A run completing at under SUSTAINED of its arrival rate is saturated (its queue grew).
+"""
+import math
+
+import numpy as np
+
+from moeq.errors import UserError
+
+# SLO keys: the run-level statistic each bounds (p99 over requests, or over every gap for itl) and how a
+# single request is judged against it
+SLO_KEYS = ("ttft", "itl", "tpot", "e2el")
+DEFAULT_SLO = "ttft:2000,itl:100"
+SUSTAINED = 0.9  # completion rate / arrival rate at or above which a rate is sustained
+
+
+def parse_slo(text: str) -> dict[str, float]:
+    """'ttft:2000,itl:100' (milliseconds, vLLM's --goodput notation) -> {key: seconds}."""
+    slo = {}
+    for part in str(text or "").replace(" ", ",").split(","):
+        if not part:
+            continue
+        key, _, value = part.partition(":")
+        try:
+            ms = float(value)
+        except ValueError:
+            ms = -1.0
+        if key not in SLO_KEYS or not 0 < ms < math.inf:
+            raise UserError(f"SLO {part!r}: expected KEY:MILLISECONDS with KEY one of {', '.join(SLO_KEYS)} and "
+                            f"a positive number, e.g. {DEFAULT_SLO}")
+        slo[key] = ms / 1000
+    if not slo:
+        raise UserError(f"SLO {text!r} is empty; e.g. {DEFAULT_SLO}")
+    return slo
+
+
+def slo_text(slo: dict[str, float]) -> str:
+    """'TTFT p99 ≤ 2 s, ITL p99 ≤ 100 ms'."""
+    def dur(s):
+        return f"{s:g} s" if s >= 1 else f"{s * 1e3:g} ms"
+    return ", ".join(f"{k.upper()} p99 ≤ {dur(v)}" for k, v in slo.items())
+
+
+def _requests(run: dict) -> list[dict]:
+    """The successful requests of a saved run, one dict each (vLLM keeps per-request lists)."""
+    keys = ("ttfts", "itls", "latencies", "start_times", "output_lens", "errors")
+    if missing := [k for k in keys[:4] if k not in run]:
+        raise ValueError(f"the saved run has no {missing[0]!r}: it must be saved with --save-detailed")
+    n = len(run["ttfts"])
+    errors = run.get("errors") or [""] * n
+    return [{"ttft": run["ttfts"][i], "itl": run["itls"][i], "latency": run["latencies"][i],
+             "start": run["start_times"][i], "output_len": (run.get("output_lens") or [0] * n)[i]}
+            for i in range(n) if not errors[i] and run["latencies"][i] > 0]
+
+
+def request_meets(req: dict, slo: dict[str, float]) -> bool:
+    """One request against the SLO: its TTFT, its own p99 inter-token gap, TPOT, end-to-end latency."""
+    tpot = (req["latency"] - req["ttft"]) / (req["output_len"] - 1) if req["output_len"] > 1 else 0.0
+    own = {"ttft": req["ttft"], "itl": float(np.percentile(req["itl"], 99)) if req["itl"] else 0.0,
+           "tpot": tpot, "e2el": req["latency"]}
+    return all(own[k] <= bound for k, bound in slo.items())
+
+
+def goodput(run: dict, slo: dict[str, float]) -> tuple[int, float]:
+    """(good requests, good requests per second of the run's duration)."""
+    good = sum(request_meets(r, slo) for r in _requests(run))
+    return good, good / run["duration"]
+
+
+def rates(run: dict) -> tuple[float, float]:
+    """(arrival rate, completion rate) in requests per second, from send and completion times."""
+    reqs = _requests(run)
+    if len(reqs) < 2:
+        return math.nan, math.nan
+    starts = sorted(r["start"] for r in reqs)
+    ends = sorted(r["start"] + r["latency"] for r in reqs)
+    span = lambda t: t[-1] - t[0]
+    arrival = (len(reqs) - 1) / span(starts) if span(starts) > 0 else math.inf
+    return arrival, (len(reqs) - 1) / span(ends) if span(ends) > 0 else math.inf
+
+
+def saturated(arrival: float, completion: float) -> bool:
+    return completion < SUSTAINED * arrival
+
+
+def run_metrics(run: dict, slo: dict[str, float]) -> dict[str, float]:
+    """The ledger's metrics of one saved run: vLLM's own statistics (ms converted to seconds) and what
+    this module adds (goodput under the SLO with ITL, arrival and completion rates, saturation)."""
+    out = {"request_throughput": run["request_throughput"], "output_throughput": run["output_throughput"],
+           "throughput": run["total_token_throughput"], "completed": run["completed"], "failed": run["failed"],
+           "duration": run["duration"], "input_tokens": run["total_input_tokens"],
+           "max_concurrent_requests": run.get("max_concurrent_requests")}
+    for metric in ("ttft", "itl", "tpot", "e2el"):
+        for q in ("mean", "p50", "p99"):
+            if (value := run.get(f"{q}_{metric}_ms")) is not None:
+                out[f"{metric}_{q}"] = value / 1000
+    good, per_s = goodput(run, slo)
+    arrival, completion = rates(run)
+    out |= {"goodput": per_s, "good_requests": good, "arrival_rate": arrival, "completion_rate": completion,
+            "saturated": float(saturated(arrival, completion)),
+            "slo_met": float(all(out.get(f"{k}_p99", math.inf) <= bound for k, bound in slo.items()))}
+    return out
+
+
+def auto_ladder(start: float, factor: float, steps: int) -> list[float]:
+    """start, start x factor, ... : the rates tried in order until one saturates."""
+    if not start > 0 or not factor > 1 or steps < 1:
+        raise UserError(f"rate ladder: start {start} must be > 0, factor {factor} > 1, steps {steps} >= 1")
+    return [round(start * factor ** i, 6) for i in range(steps)]
+
+
+def ladder_outcome(points: list[tuple[float, bool, bool]]) -> dict:
+    """From (offered rate, saturated, SLO met) per rate tried, in increasing order: the highest rate
+    sustained under the SLO (None if none), and whether the ladder ever saturated. A ladder that never
+    saturated gives a lower bound only; the statement says so instead of inventing a maximum."""
+    points = sorted(points)
+    ok = [r for r, sat, met in points if met and not sat]
+    first_sat = next((r for r, sat, _ in points if sat), None)
+    top = points[-1][0] if points else None
+    best = max(ok) if ok else None
+    if not points:
+        text = "not measured"
+    elif first_sat is None:
+        text = (f"never saturated: the server kept up at every rate up to {top:g} req/s, the ladder's top; "
+                + (f"≥ {best:g} req/s under the SLO (a lower bound)" if best == top else
+                   f"{best:g} req/s is the highest under the SLO" if best else "no rate met the SLO"))
+    else:
+        text = (f"saturated at {first_sat:g} req/s; "
+                + (f"{best:g} req/s is the highest sustained under the SLO" if best else "no rate met the SLO"))
+    return {"max_rate_under_slo": best, "saturated_at": first_sat, "top_rate": top,
+            "lower_bound": first_sat is None and best is not None and best == top, "text": text}
