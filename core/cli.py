@@ -15,8 +15,9 @@ VERBS = ["moeq.quantize.verbs." + v for v in ("list", "build", "corpus", "quanti
                                              "outliers", "prune")] + \
         ["moeq.evaluate.verbs." + v for v in ("eval", "sweep", "serve_bench", "estimate", "report", "ledger",
                                                 "routing")]
-# per environment: the library it has and the other lacks, and its folder under .venv (README, "Why two environments")
-ENVIRONMENTS = {"quantize": ("llmcompressor", "quant"), "serve": ("lm_eval", "serve")}
+# per environment: the library it has and the other lacks, and its folder under .venv (README, "Why two environments").
+# vLLM marks the serve environment: a GPU machine with vLLM alone (no lm-eval) still runs perf sweeps.
+ENVIRONMENTS = {"quantize": ("llmcompressor", "quant"), "serve": ("vllm", "serve")}
 
 
 def check_environment(verb: str, environment: str | None):
