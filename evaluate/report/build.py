@@ -13,7 +13,7 @@ import pandas as pd
 
 from moeq import roofline
 from moeq.evaluate import kernels
-from moeq.evaluate.report import compare, headline, render, verdicts
+from moeq.evaluate.report import compare, headline, render, serving, verdicts
 from moeq.evaluate.ledger import KEY as LEDGER_KEY, LEGACY, LEGACY_RECORD
 from moeq.evaluate.report.verdicts import BASELINE, GROUP
 from moeq.atomic import staged_dir
@@ -264,6 +264,9 @@ def build_report(ledger_path: Path, name: str = "default", out_root: Path = Path
     tables = {"summary": headline.numbers(perf, acc, mem), "verdicts": verdict, "performance": perf, "accuracy": acc,
               "memory": mem, "findings": precision_findings(perf, formats, settings),
               "recommendations": headline.recommendations(verdict, perf, mem, keys, settings, groups), "keys": keys}
+    serve = serving.serve_table(results)  # issue 17: `moeq serve-bench` rows
+    tables |= {"serving": serve, "serving_capacity": serving.capacity_table(serve),
+               "serving_claims": serving.claim_table(serve, verdicts.scheme_claims(claims["claims"]), formats)}
     with staged_dir(final) as tmp:
         render.write_all(tmp, name, ledger_path, tables, unsupported, env, settings, claims, formats, log)
     counts = verdict.verdict.value_counts().to_dict()

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 import pandas as pd
 
 from moeq import roofline
-from moeq.evaluate.report import headline, plots, tables, verdicts
+from moeq.evaluate.report import headline, plots, serving, tables, verdicts
 from moeq.evaluate.report.tables import group_title, in_group, scheme_order, settings_text, slug
 from moeq.evaluate.report.verdicts import GROUP
 
@@ -94,7 +94,8 @@ def blocks(name, ledger_path, tables_, unsupported, env, settings, claims, forma
         out += answer(d, [g for g in headline_groups if g[3] == d], tables_, claims, settings)
     contents = [f"{d}: models × schemes" for d in devices] + [f"{d}: plots" for d in devices]
     contents += ["Findings: one precision, two speeds"] * bool(len(found)) + [
-        "Every table, per group", "Every verdict", "Methods", "Provenance"]
+        "Serving under load", "Every table, per group", "Every verdict", "Methods",
+        "Provenance"]
     out += [("h2", "Contents"), ("toc", contents)]
     for d in devices:
         # the first screen's groups first, then the others (e.g. legacy settings)
@@ -117,6 +118,7 @@ def blocks(name, ledger_path, tables_, unsupported, env, settings, claims, forma
             ("details", "One row per claim and model: verdict, interval, or the plan that would measure it",
              "other-claims", [("table", tables.other_claims_display(tables_["verdicts"], claims["claims"]),
                                "other-claims")])]
+    out += serving.section(tables_, folder, "report")
     out += [("h2", "Every table, per group"),
             ("p", "Per group: engine settings and caveats, a summary per scheme, every perf cell with its roofline "
                   "and flag, every accuracy task.")]

@@ -4,6 +4,8 @@ speedup over BF16 vs batch, memory and KV capacity, accuracy recovery, ITL vs th
 Each function returns (file name, caption) or None when the device has nothing to draw; the caption is
 the image's alt text as well.
 """
+import json
+
 import matplotlib
 
 matplotlib.use("Agg")  # no display on CI machines
@@ -190,3 +192,35 @@ def frontier(folder, stem, groups, perf):
     caption = ("Inter-token latency (p50, ms) against throughput (tok/s) over the batch sweep, log-log, one panel "
                "per model and settings group; points are batch sizes (labelled on bf16), lower right is better")
     return _save(fig, folder, f"{stem}-frontier.png", caption)
+
+
+def serving(folder, stem, serve):
+    """Latency against achieved request rate under Poisson load, one row of panels per model, settings group
+    and prompt shape (TTFT p99 left, ITL p99 right), one line per scheme, the SLO's bounds dashed."""
+    ladders = serve[serve["mode"] == "rate"].dropna(subset=["request_throughput"])
+    keys = list(ladders.groupby(GROUP + ["input_len", "output_len"]).groups)
+    if not keys:
+        return None
+    fig, axes = plt.subplots(len(keys), 2, figsize=(10, 3.2 * len(keys) + 0.4), squeeze=False)
+    colour = _colours(ladders.scheme)
+    for (left, right), key in zip(axes, keys):
+        rows = ladders[np.logical_and.reduce([ladders[k] == v for k, v in zip(GROUP + ["input_len", "output_len"], key)])]
+        for s, q in rows.sort_values("level").groupby("scheme"):
+            for ax, metric in ((left, "ttft_p99"), (right, "itl_p99")):
+                ax.plot(q.request_throughput, q[metric] * 1e3, marker="o", ms=4, color=colour[s], label=s)
+                sat = q[q.saturated == 1]
+                ax.scatter(sat.request_throughput, sat[metric] * 1e3, s=90, facecolors="none", edgecolors="red",
+                           zorder=3, label="saturated" if len(sat) else None)
+        slo = json.loads(rows.slo.iloc[0] or "null") or {}
+        for ax, k, name in ((left, "ttft", "TTFT p99, ms"), (right, "itl", "ITL p99, ms")):
+            if k in slo:
+                ax.axhline(slo[k] * 1e3, ls="--", lw=0.8, color="red", label=f"SLO {slo[k] * 1e3:g} ms")
+            _plain_log(ax, "x")
+            _plain_log(ax, "y")
+            ax.set(xlabel="achieved requests/s", ylabel=name)
+            ax.set_title(f"{key[0]} · {key[1]} · settings {key[4]} · {key[5]:.0f} in / {key[6]:.0f} out", fontsize=8)
+            _legend(ax)
+    caption = ("Serving under Poisson load: TTFT p99 and ITL p99 (ms, log) against the request rate the server "
+               "achieved (log), one line per scheme over the rate ladder; red rings mark saturated rates (requests "
+               "completed under 90% as fast as they arrived), the dashed line the SLO's bound")
+    return _save(fig, folder, f"{stem}-serving.png", caption)

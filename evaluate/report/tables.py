@@ -86,6 +86,8 @@ def _bound(side, b, u, lo_stated, hi_stated) -> str:
 
 def verdict_display(v: pd.DataFrame) -> pd.DataFrame:
     v = v.reindex(columns=list(v.columns) + [c for c in ("variant", "reference") if c not in v.columns])
+    # object columns: a ledger whose only rows are not verdicts (e.g. serve rows) has all-NaN float ones
+    v = v.astype({k: object for k in ("model", "provenance", "backend", "device", "settings")})
     return pd.DataFrame({
         "Claim": v.text.fillna(""), "Scheme": v.scheme.fillna(""),
         "Where": (v.model + " · " + v.provenance + " · " + v.backend + " · " + v.device + " · settings "

@@ -1,0 +1,218 @@
+"""Serving under load (`moeq serve-bench`, ledger kind "serve"): the rate ladder and concurrency sweep per
+scheme, the request rate each scheme sustains under its SLO, and the throughput claims restated there.
+
+Capacity under the SLO: at each ladder rate, the headroom is the smallest of bound / p99 over the SLO's
+keys and (completions / arrivals) / SUSTAINED; a rate is inside when it is >= 1. The capacity is the
+achieved request throughput where the headroom crosses 1, interpolated (in log headroom) between the
+last rate inside and the first outside. A ladder that never left the SLO gives a lower bound, one
+outside from its first rate an upper bound: neither is turned into a number. With 2+ runs per rate, each
+point's runs are resampled (a run's metrics together) for a 95% bootstrap interval of the ratio.
+"""
+import json
+import re
+
+import numpy as np
+import pandas as pd
+
+from moeq import roofline
+from moeq.evaluate.ledger import KEY as LEDGER_KEY
+from moeq.evaluate.report import verdicts
+from moeq.evaluate.report.verdicts import BASELINE, GROUP, INCONCLUSIVE, NOT_MEASURED
+from moeq.evaluate.serve_load import SUSTAINED, ladder_outcome, slo_text
+
+KEY = list(LEDGER_KEY)
+CELL = re.compile(r"^serve-i(\d+)~(\d+)-o(\d+)-([rc])([0-9.e+-]+)$")
+SHAPE = ["input_len", "input_spread", "output_len"]
+METRICS = ["request_throughput", "output_throughput", "throughput", "goodput", "ttft_p50", "ttft_p99", "itl_p50",
+           "itl_p99", "tpot_p99", "e2el_p50", "e2el_p99", "arrival_rate", "completion_rate", "saturated", "slo_met",
+           "completed", "failed"]
+NO_ROOFLINE = "no verdict: speed on a device with no roofline (a CPU)"
+
+
+def serve_table(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per (group, scheme, cell): shape, mode (rate or concurrency), level, metrics, SLO, runs."""
+    s = results[results.kind == "serve"]
+    cols = KEY + ["cell", *SHAPE, "mode", "level", *METRICS, "slo", "runs"]
+    if s.empty:
+        return pd.DataFrame(columns=cols)
+    df = s.pivot_table(index=KEY + ["cell"], columns="metric", values="value", aggfunc="first").reset_index()
+    df = df.reindex(columns=KEY + ["cell"] + METRICS)
+    shape = df.cell.str.extract(CELL.pattern)
+    df["input_len"], df["input_spread"], df["output_len"] = shape[0].astype(float), shape[1].astype(float) / 100, shape[2].astype(float)
+    df["mode"] = shape[3].map({"r": "rate", "c": "concurrency"})
+    df["level"] = shape[4].astype(float)
+    loads = {tuple(r[k] for k in KEY + ["cell"]): json.loads(r["note"]) for _, r in s[s.metric == "load"].iterrows()}
+    df["slo"] = [json.dumps(loads.get(tuple(r[k] for k in KEY + ["cell"]), {}).get("slo_s")) for _, r in df.iterrows()]
+    runs = {}
+    for _, r in s[s.repeats.notna()].iterrows():
+        runs.setdefault(tuple(r[k] for k in KEY + ["cell"]), {})[r["metric"]] = json.loads(r["repeats"])
+    df["runs"] = [json.dumps(runs.get(tuple(r[k] for k in KEY + ["cell"]), {})) for _, r in df.iterrows()]
+    return df.reindex(columns=cols).sort_values(KEY + ["mode", "level"]).reset_index(drop=True)
+
+
+def headroom(point: dict, slo: dict) -> float:
+    """min(bound / p99 per SLO key, (completions / arrivals) / SUSTAINED): >= 1 inside the SLO."""
+    ratios = [bound / point[f"{k}_p99"] if point.get(f"{k}_p99") else np.inf for k, bound in slo.items()]
+    if point.get("arrival_rate") and point.get("completion_rate"):
+        ratios.append(point["completion_rate"] / point["arrival_rate"] / SUSTAINED)
+    return float(min(ratios))
+
+
+def capacity(points: list[tuple[float, float]]) -> tuple[float, str]:
+    """From (achieved req/s, headroom) in ladder order: (req/s where the headroom crosses 1, how known):
+    'at' (interpolated), 'lower bound' (never outside), 'upper bound' (outside from the first rate)."""
+    inside = [i for i, (_, h) in enumerate(points) if h >= 1]
+    if not points:
+        return np.nan, "not measured"
+    if not inside or inside[0] != 0:
+        return points[0][0], "upper bound"
+    last = next((i for i in range(len(points)) if points[i][1] < 1), None)
+    if last is None:
+        return points[-1][0], "lower bound"
+    (x0, h0), (x1, h1) = points[last - 1], points[last]
+    t = np.log(h0) / (np.log(h0) - np.log(h1))
+    return float(x0 + t * (x1 - x0)), "at"
+
+
+def _point(row, slo, run: int | None = None) -> tuple[float, float]:
+    runs = json.loads(row.runs) if isinstance(row.runs, str) else {}
+    value = lambda m: runs[m][run] if run is not None and m in runs else getattr(row, m)
+    p = {m: value(m) for m in ("request_throughput", "arrival_rate", "completion_rate", "ttft_p99", "itl_p99",
+                               "tpot_p99", "e2el_p99")}
+    return p["request_throughput"], headroom(p, slo)
+
+
+def ladder_rows(serve: pd.DataFrame) -> dict:
+    """(group..., scheme, input_len, input_spread, output_len) -> that ladder's rate rows, by rate."""
+    rates = serve[serve["mode"] == "rate"].sort_values("level")
+    return {k: g for k, g in rates.groupby(GROUP + ["scheme", *SHAPE])}
+
+
+def capacity_table(serve: pd.DataFrame) -> pd.DataFrame:
+    """Per ladder: the highest rate sustained under the SLO, saturation, and the interpolated capacity."""
+    rows = []
+    for key, g in ladder_rows(serve).items():
+        slo = json.loads(g.slo.iloc[0] or "null") or {}
+        outcome = ladder_outcome([(r.level, bool(r.saturated), bool(r.slo_met)) for r in g.itertuples()])
+        cap, how = capacity([_point(r, slo) for r in g.itertuples()])
+        rows.append({**dict(zip(GROUP + ["scheme", *SHAPE], key)), "slo": slo_text(slo) if slo else "",
+                     "rates": ", ".join(f"{x:g}" for x in g.level), "max_rate_under_slo": outcome["max_rate_under_slo"],
+                     "saturated_at": outcome["saturated_at"], "capacity": cap, "capacity_kind": how,
+                     "outcome": outcome["text"], "runs_per_rate": int(min(len(json.loads(r.runs).get(
+                         "request_throughput", [0])) for r in g.itertuples()))})
+    return pd.DataFrame(rows)
+
+
+def capacity_ratio(base: pd.DataFrame, other: pd.DataFrame, slo: dict) -> tuple[float, float, float]:
+    """Percent more requests/s the other ladder sustains than the base under the SLO, with a bootstrap
+    interval when every point has 2+ runs (NaN interval otherwise)."""
+    cap = lambda g, pick=None: capacity([_point(r, slo, pick(r) if pick else None) for r in g.itertuples()])
+    (b, bk), (o, ok) = cap(base), cap(other)
+    if bk != "at" or ok != "at":
+        return np.nan, np.nan, np.nan
+    point = 100 * (o / b - 1)
+    n_runs = lambda g: [len(json.loads(r.runs).get("request_throughput", [])) for r in g.itertuples()]
+    if min(n_runs(base) + n_runs(other)) < 2:
+        return point, np.nan, np.nan
+    rng = np.random.default_rng(verdicts.SEED)
+    reps = []
+    for _ in range(verdicts.N_BOOT // 4):  # each replicate re-interpolates two ladders: a quarter of the resamples
+        pick = lambda r: int(rng.integers(len(json.loads(r.runs)["request_throughput"])))
+        (rb, kb), (ro, ko) = cap(base, pick), cap(other, pick)
+        if kb == ko == "at":
+            reps.append(100 * (ro / rb - 1))
+    return (point, *verdicts.interval(reps)) if len(reps) > 10 else (point, np.nan, np.nan)
+
+
+def claim_table(serve: pd.DataFrame, claims: list[dict], formats: dict) -> pd.DataFrame:
+    """The throughput claims at equal SLO: per claim, group, shape and covered scheme, the change in
+    requests/s sustained under the SLO against bf16's ladder of the same group and shape."""
+    ladders = ladder_rows(serve)
+    rows = []
+    for claim in (c for c in claims if c["quantity"] == "throughput"):
+        found = False
+        for key, g in ladders.items():
+            gkey = dict(zip(GROUP + ["scheme", *SHAPE], key))
+            if gkey["scheme"] == BASELINE or not verdicts.covers(claim, formats.get(gkey["scheme"]), gkey["model"]):
+                continue
+            found = True
+            base = ladders.get((*key[:len(GROUP)], BASELINE, *key[len(GROUP) + 1:]))
+            slo = json.loads(g.slo.iloc[0] or "null") or {}
+            pct, lo, hi = capacity_ratio(base, g, slo) if base is not None else (np.nan,) * 3
+            if base is None:
+                verdict, why = NOT_MEASURED, "no bf16 ladder in this group and shape"
+            elif np.isnan(pct):
+                verdict, why = INCONCLUSIVE, "a capacity is only bounded (a ladder never left, or never entered, the SLO)"
+            elif roofline.match_device(gkey["device"]) is None:
+                verdict, why = NO_ROOFLINE, ""
+            else:
+                verdict = verdicts.judge(pct, lo, hi, claim["bound"])
+                why = "" if pd.notna(lo) else "one run per rate: no interval"
+            rows.append({"claim": claim["text"], **gkey, "slo": slo_text(slo) if slo else "", "change_pct": pct,
+                         "low": lo, "high": hi, "verdict": verdict, "why": why})
+        if not found:
+            rows.append({"claim": claim["text"], "verdict": NOT_MEASURED,
+                         "why": "no serve rows of a scheme it covers (`make serve-bench`)"})
+    return pd.DataFrame(rows)
+
+
+def sentence(r) -> str:
+    """'fp8 serves +23.0% [+15.2, +31.0] requests per second vs bf16 at the same p99 latency (...)'."""
+    if r.verdict == NOT_MEASURED and pd.isna(r.get("scheme")):
+        return f"{r.claim}: not measured under load ({r.why})"
+    head = f"{r.claim}, under load on {r.model} ({r.device}): {r.scheme}"
+    if pd.isna(r.change_pct):
+        return f"{head}: {r.verdict} ({r.why})"
+    interval = f" [{r.low:+.1f}, {r.high:+.1f}]" if pd.notna(r.low) else ""
+    return (f"{head} serves {r.change_pct:+.1f}%{interval} requests per second vs bf16 at the same p99 latency "
+            f"({r.slo}): {r.verdict}" + (f" ({r.why})" if r.why else ""))
+
+
+def _ms(x) -> str:
+    return "—" if pd.isna(x) else f"{1e3 * x:,.1f}"
+
+
+def capacity_display(cap: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({
+        "Model": cap.model, "Weights": cap.provenance, "Device": cap.device, "Settings": cap.settings, "Scheme": cap.scheme,
+        "Prompt tokens (in ± spread / out)": [f"{r.input_len:.0f} ± {100 * r.input_spread:.0f}% / {r.output_len:.0f}"
+                                             for r in cap.itertuples()],
+        "SLO": cap.slo, "Rates tried, req/s": cap.rates,
+        "Capacity under the SLO, req/s": [("≥ " if r.capacity_kind == "lower bound" else "< " if r.capacity_kind ==
+                                           "upper bound" else "") + f"{r.capacity:.3g}" for r in cap.itertuples()],
+        "Ladder": cap.outcome, "Runs per rate": cap.runs_per_rate})
+
+
+def rows_display(serve: pd.DataFrame) -> pd.DataFrame:
+    s = serve.sort_values(GROUP + ["scheme", "mode", "level"], ascending=[True] * len(GROUP) + [True, False, True])
+    return pd.DataFrame({
+        "Model": s.model, "Settings": s.settings, "Scheme": s.scheme,
+        "Load": [f"{r.level:g} req/s" if r.mode == "rate" else f"{r.level:g} in flight" for r in s.itertuples()],
+        "Done, req/s": s.request_throughput.map(lambda x: f"{x:.3g}"), "Out tok/s": s.output_throughput.map(lambda x: f"{x:,.0f}"),
+        "Goodput, req/s": s.goodput.map(lambda x: f"{x:.3g}"), "TTFT p50 / p99, ms": [f"{_ms(a)} / {_ms(b)}" for a, b in zip(s.ttft_p50, s.ttft_p99)],
+        "ITL p50 / p99, ms": [f"{_ms(a)} / {_ms(b)}" for a, b in zip(s.itl_p50, s.itl_p99)],
+        "E2E p99, ms": s.e2el_p99.map(_ms),
+        "Saturated": s.saturated.map({1.0: "yes", 0.0: "no"}).fillna("—"), "SLO met": s.slo_met.map({1.0: "yes", 0.0: "no"}).fillna("—")})
+
+
+def section(tables_: dict, folder, stem: str) -> list[tuple]:
+    """The README's short paragraph and the serving page (its own Markdown page, folded in index.html)."""
+    from moeq.evaluate.report import plots
+    serve, cap, claims = tables_["serving"], tables_["serving_capacity"], tables_["serving_claims"]
+    out = [("h2", "Serving under load")]
+    if serve.empty:
+        return out + [("p", "Not measured: this ledger has no serve rows (`make serve-bench MODEL= SCHEME=`), so "
+                            "the throughput claims are not restated at equal SLO.")]
+    counts = claims.verdict.value_counts().to_dict() if len(claims) else {}
+    out.append(("p", f"vLLM's OpenAI-compatible server under Poisson load (`moeq serve-bench`): {len(cap)} rate "
+                     f"ladders and {int((serve['mode'] == 'concurrency').sum())} fixed-concurrency runs. The "
+                     "throughput claims at equal SLO: " + (", ".join(f"{n} {v}" for v, n in counts.items()) or "none")
+                + "."))
+    inner = [("p", __doc__.split("\n\n", 1)[1].replace("\n", " ").strip()),
+             ("h3", "The throughput claims at equal SLO")]
+    inner += [("p", sentence(r) + ".") for _, r in claims.iterrows()]
+    inner += [("h3", "Capacity under the SLO, per scheme"), ("table", capacity_display(cap), "serving-capacity")]
+    if made := plots.serving(folder, stem, serve):
+        inner.append(("img", *made))
+    inner += [("h3", "Every run"), ("table", rows_display(serve), "serving-runs")]
+    return out + [("details", "Serving: rate ladders, capacity under the SLO, the claims at equal SLO", "serving", inner)]
