@@ -14,13 +14,14 @@ TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 SERVE_EXTRA     := $(if $(GPU),serve-gpu,serve-cpu)
 export MOEQ_QUANT_PYTHON := $(abspath $(QUANT))/bin/python
 
-.PHONY: demo test setup build quantize eval report list clean-checkpoints
+.PHONY: demo test setup build quantize eval serve-bench report list clean-checkpoints
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make demo                         set up, then build, quantize (every scheme), evaluate and report on the embedded model"
 	@echo "make test                         set up, then run the test suite"
 	@echo "make quantize MODEL=tiny SCHEME=fp8   one checkpoint (SCHEME=all: every recipe; FORCE=1 redoes)"
+	@echo "make serve-bench MODEL=tiny SCHEME=bf16   vLLM's OpenAI server under a Poisson rate ladder (TTFT/ITL p99, goodput)"
 	@echo "make eval | make report | make list | make setup [GPU=1]"
 
 setup: $(QUANT)/.ready $(SERVE)/.ready
@@ -63,6 +64,18 @@ quantize: $(QUANT)/.ready
 
 eval: setup
 	$(SERVE)/bin/moeq eval $(EVAL_FLAGS)
+
+# serve-bench: vLLM's OpenAI-compatible server under Poisson load per checkpoint (README, "Serving under load")
+SERVE_FLAGS = $(call flag,MODEL,model) $(call flag,SCHEME,scheme) $(call flag,WEIGHTS,weights) $(call flag,ROUTING,routing) \
+  $(call flag,INPUT_LEN,input-len) $(call flag,INPUT_SPREAD,input-spread) $(call flag,OUTPUT_LEN,output-len) \
+  $(call flag,RATES,rates) $(call flag,RATE_START,rate-start) $(call flag,MAX_RATES,max-rates) \
+  $(call flag,CONCURRENCY,concurrency) $(call flag,SECONDS,seconds) $(call flag,REPEATS,repeats) $(call flag,SLO,slo) \
+  $(call flag,PORT,port) $(call flag,LEDGER,ledger) $(call flag,CHECKPOINTS,checkpoints) \
+  $(call flag,TP,tp) $(call flag,EP,ep) $(call flag,DP,dp) $(call flag,PP,pp) \
+  $(if $(filter 1 true yes,$(FORCE)),--force) $(foreach a,$(ENGINE_ARGS),--engine-arg $(a))
+
+serve-bench: setup
+	$(SERVE)/bin/moeq serve-bench $(SERVE_FLAGS)
 
 report: $(SERVE)/.ready
 	$(SERVE)/bin/moeq report $(call flag,LEDGER,ledger) $(call flag,NAME,name) $(call flag,REPORTS,out)
