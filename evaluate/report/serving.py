@@ -52,8 +52,9 @@ def serve_table(results: pd.DataFrame) -> pd.DataFrame:
 
 def headroom(point: dict, slo: dict) -> float:
     """min(bound / p99 per SLO key, (completions / arrivals) / SUSTAINED): >= 1 inside the SLO."""
-    ratios = [bound / point[f"{k}_p99"] if point.get(f"{k}_p99") else np.inf for k, bound in slo.items()]
-    if point.get("arrival_rate") and point.get("completion_rate"):
+    known = lambda m: point.get(m) is not None and pd.notna(point[m]) and point[m] > 0
+    ratios = [bound / point[f"{k}_p99"] if known(f"{k}_p99") else np.inf for k, bound in slo.items()]
+    if known("arrival_rate") and known("completion_rate"):
         ratios.append(point["completion_rate"] / point["arrival_rate"] / SUSTAINED)
     return float(min(ratios))
 
@@ -76,7 +77,7 @@ def capacity(points: list[tuple[float, float]]) -> tuple[float, str]:
 
 def _point(row, slo, run: int | None = None) -> tuple[float, float]:
     runs = json.loads(row.runs) if isinstance(row.runs, str) else {}
-    value = lambda m: runs[m][run] if run is not None and m in runs else getattr(row, m)
+    value = lambda m: runs[m][run] if run is not None and m in runs else getattr(row, m, None)
     p = {m: value(m) for m in ("request_throughput", "arrival_rate", "completion_rate", "ttft_p99", "itl_p99",
                                "tpot_p99", "e2el_p99")}
     return p["request_throughput"], headroom(p, slo)

@@ -1,0 +1,159 @@
+"""Fast tier for serve-bench (issue 17): the SLO, per-request goodput, saturation, the rate ladder's outcome,
+the capacity under the SLO and the claims restated at equal SLO, on runs shaped like vLLM's saved JSON."""
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from moeq.errors import UserError
+from moeq.evaluate import serve_load
+from moeq.evaluate.report import serving
+from moeq.evaluate.serve_bench import Load
+from moeq.evaluate.verbs import serve_bench as verb
+
+
+def saved_run(ttfts, itls, starts, latencies, duration=None, out=16) -> dict:
+    """The per-request lists `vllm bench serve --save-detailed` writes, and its totals."""
+    n = len(ttfts)
+    duration = duration or max(s + lat for s, lat in zip(starts, latencies)) - min(starts)
+    return {"ttfts": ttfts, "itls": itls, "latencies": latencies, "start_times": starts, "output_lens": [out] * n,
+            "errors": [""] * n, "duration": duration, "completed": n, "failed": 0, "request_throughput": n / duration,
+            "output_throughput": n * out / duration, "total_token_throughput": 2 * n * out / duration,
+            "total_input_tokens": n * out, "p99_ttft_ms": 1e3 * float(np.percentile(ttfts, 99)),
+            "p99_itl_ms": 1e3 * float(np.percentile([g for i in itls for g in i], 99))}
+
+
+def test_slo_parses_vllm_notation_and_rejects_bad_values():
+    assert serve_load.parse_slo(serve_load.DEFAULT_SLO) == {"ttft": 2.0, "itl": 0.1}
+    assert serve_load.parse_slo("e2el:5000 tpot:50") == {"e2el": 5.0, "tpot": 0.05}
+    assert serve_load.slo_text({"ttft": 2.0, "itl": 0.1}) == "TTFT p99 ≤ 2 s, ITL p99 ≤ 100 ms"
+    for bad in ("ttft", "ttft:0", "ttft:-1", "ttft:nan", "ttft:inf", "latency:100", "", "ttft:2s"):
+        with pytest.raises(UserError):
+            serve_load.parse_slo(bad)
+
+
+def test_goodput_counts_each_requests_own_ttft_and_itl():
+    slo = {"ttft": 1.0, "itl": 0.1}
+    gaps = [[0.01] * 15, [0.01] * 14 + [0.5], [0.01] * 15, [0.09] * 15]  # 2nd: one stall of 500 ms
+    run = saved_run([0.2, 0.2, 1.5, 1.0], gaps, [0, 1, 2, 3], [0.4, 0.9, 1.7, 2.4], duration=10)
+    good, per_s = serve_load.goodput(run, slo)
+    assert good == 2 and per_s == pytest.approx(0.2)  # 2nd: a 500 ms gap; 3rd: TTFT 1.5 s; 4th: on both bounds
+    assert serve_load.request_meets({"ttft": 1.0, "itl": [0.1] * 3, "latency": 1.3, "output_len": 4}, slo)
+    assert not serve_load.request_meets({"ttft": 1.0001, "itl": [0.1] * 3, "latency": 1.3, "output_len": 4}, slo)
+    with pytest.raises(ValueError, match="save-detailed"):
+        serve_load.goodput({k: v for k, v in run.items() if k != "itls"}, slo)
+
+
+def test_saturation_is_read_from_completions_against_arrivals():
+    starts = list(np.arange(20) * 0.1)  # 10 req/s arriving
+    kept_up = saved_run([0.05] * 20, [[0.01] * 15] * 20, starts, [0.3] * 20)
+    arrival, completion = serve_load.rates(kept_up)
+    assert arrival == pytest.approx(10) and completion == pytest.approx(10)
+    assert not serve_load.saturated(arrival, completion)
+    # a server finishing one request every 0.2 s: the queue grows, latency with it
+    queued = saved_run([0.05] * 20, [[0.01] * 15] * 20, starts, [0.3 + 0.1 * i for i in range(20)])
+    arrival, completion = serve_load.rates(queued)
+    assert completion == pytest.approx(5) and serve_load.saturated(arrival, completion)
+    # a long drain at the end of a short run is not overload (the duration would say 5 req/s)
+    assert not serve_load.saturated(*serve_load.rates(saved_run([0.05] * 20, [[0.01] * 15] * 20, starts, [2.0] * 20)))
+
+
+def test_run_metrics_in_seconds_with_goodput_and_flags():
+    run = saved_run([0.05] * 20, [[0.01] * 15] * 20, list(np.arange(20) * 0.1), [0.3] * 20)
+    m = serve_load.run_metrics(run, {"ttft": 2.0, "itl": 0.1})
+    assert m["ttft_p99"] == pytest.approx(0.05) and m["itl_p99"] == pytest.approx(0.01)
+    assert m["goodput"] == pytest.approx(m["request_throughput"]) and m["slo_met"] == 1.0 and m["saturated"] == 0.0
+    assert serve_load.run_metrics(run, {"ttft": 0.04})["slo_met"] == 0.0
+
+
+def test_ladder_outcome_never_invents_a_maximum():
+    assert serve_load.auto_ladder(1, 2, 4) == [1, 2, 4, 8]
+    with pytest.raises(UserError):
+        serve_load.auto_ladder(0, 2, 3)
+    saturating = serve_load.ladder_outcome([(1, False, True), (2, False, True), (4, False, False), (8, True, False)])
+    assert saturating["max_rate_under_slo"] == 2 and saturating["saturated_at"] == 8 and not saturating["lower_bound"]
+    never = serve_load.ladder_outcome([(1, False, True), (2, False, True)])
+    assert never["saturated_at"] is None and never["lower_bound"] and "never saturated" in never["text"]
+    assert "≥ 2 req/s" in never["text"] and "lower bound" in never["text"]
+    assert serve_load.ladder_outcome([(1, False, False)])["max_rate_under_slo"] is None
+    assert serve_load.ladder_outcome([])["text"] == "not measured"
+
+
+def test_load_cells_prompts_and_flags():
+    load = Load(input_len=256, input_spread=0.25, output_len=32, seconds=10, min_prompts=16, max_prompts=100)
+    assert load.cell(rate=2.5) == "serve-i256~25-o32-r2.5" and load.cell(concurrency=4) == "serve-i256~25-o32-c4"
+    assert serving.CELL.match(load.cell(rate=2.5)) and load.longest_input == 320
+    assert [load.prompts(rate=r) for r in (0.5, 5, 50)] == [16, 50, 100] and load.prompts(concurrency=4) == 32
+    assert Load(rates=[4, 1, 2]).ladder() == [1, 2, 4]
+    parser = __import__("argparse").ArgumentParser()
+    verb.add_args(parser)
+    args = parser.parse_args(["--rates", "1,2", "--concurrency", "none", "--slo", "ttft:500"])
+    parsed = verb.load_from(args)
+    assert parsed.rates == [1.0, 2.0] and parsed.concurrency == [] and parsed.slo == {"ttft": 0.5}
+    for bad in (["--rates", "0"], ["--rates", "x"], ["--input-spread", "1"], ["--min-prompts", "50", "--max-prompts", "10"]):
+        with pytest.raises(UserError):
+            verb.load_from(parser.parse_args(bad))
+
+
+def ladder(scheme, points, device="NVIDIA H200", runs=None) -> list[dict]:
+    """Serve-table rows of one ladder: (rate, achieved, ttft_p99, saturated) per point."""
+    rows = []
+    for i, (rate, done, ttft, sat) in enumerate(points):
+        rows.append({"model": "m", "provenance": "shape-only", "backend": "vllm-cuda", "device": device, "settings": "s",
+                     "scheme": scheme, "cell": f"serve-i512~50-o128-r{rate:g}", "input_len": 512, "input_spread": 0.5,
+                     "output_len": 128, "mode": "rate", "level": rate, "request_throughput": done, "ttft_p99": ttft,
+                     "itl_p99": 0.02, "arrival_rate": rate, "completion_rate": rate * (0.5 if sat else 1.0),
+                     "saturated": float(sat), "slo_met": float(ttft <= 2 and not sat),
+                     "slo": json.dumps({"ttft": 2.0, "itl": 0.1}), "runs": json.dumps(runs[i] if runs else {})})
+    return rows
+
+
+def test_capacity_interpolates_where_the_slo_is_crossed_and_keeps_bounds():
+    assert serving.capacity([(1, 4.0), (2, 2.0), (4, 0.5)]) == (pytest.approx(2 + 2 * math.log(2) / math.log(4)), "at")
+    assert serving.capacity([(1, 4.0), (2, 2.0)]) == (2, "lower bound")
+    assert serving.capacity([(1, 0.9), (2, 0.5)]) == (1, "upper bound")
+    assert serving.headroom({"ttft_p99": 1.0, "itl_p99": 0.05}, {"ttft": 2.0, "itl": 0.1}) == 2.0
+    assert serving.headroom({"ttft_p99": 1.0, "arrival_rate": 10, "completion_rate": 4.5}, {"ttft": 2.0}) == 0.5
+
+
+def test_claims_restated_at_equal_slo():
+    claims = [{"text": "FP8 raises throughput by 20-30%", "quantity": "throughput", "bound": {"min": 20},
+               "covers": {"weight_type": ["float"], "weight_bits": [8]}}]
+    formats = {"fp8": {"weight_type": "float", "weight_bits": 8}, "bf16": {"weight_type": "float", "weight_bits": 16}}
+    base = ladder("bf16", [(1, 1, 0.5, False), (2, 2, 1.0, False), (4, 3, 4.0, False), (8, 3, 9.0, True)])
+    fp8 = ladder("fp8", [(1, 1, 0.25, False), (2, 2, 0.5, False), (4, 4, 1.0, False), (8, 5, 4.0, True)])
+    serve = pd.DataFrame(base + fp8)
+    table = serving.claim_table(serve, claims, formats)
+    row = table.iloc[0]
+    # the last rates inside have headroom 1/0.9 (kept up), the first outside 0.5 (TTFT 4 s): bf16 crosses 1 at
+    # 2 + t req/s, fp8 at 4 + t; one run per rate, so no interval
+    t = math.log(1 / 0.9) / (math.log(1 / 0.9) - math.log(0.5))
+    assert row.change_pct == pytest.approx(100 * ((4 + t) / (2 + t) - 1)) and row.change_pct == pytest.approx(93.8, abs=0.1)
+    assert row.verdict == "inconclusive" and "no interval" in row.why
+    assert "serves +93.8% requests per second vs bf16 at the same p99 latency" in serving.sentence(row)
+    cap = serving.capacity_table(serve).set_index("scheme")
+    assert cap.loc["bf16", "max_rate_under_slo"] == 2 and cap.loc["bf16", "saturated_at"] == 8
+    # a CPU row: numbers, no verdict; a scheme with no bf16 ladder: not measured; none at all: said so
+    cpu = pd.DataFrame(ladder("bf16", [(1, 1, .5, 0), (2, 2, 4, 0)], "cpu: x") + ladder("fp8", [(1, 1, .5, 0), (2, 2, 3, 0)], "cpu: x"))
+    assert serving.claim_table(cpu, claims, formats).verdict.iloc[0] == serving.NO_ROOFLINE
+    assert serving.claim_table(pd.DataFrame(fp8), claims, formats).verdict.iloc[0] == "not measured"
+    none = serving.claim_table(serving.serve_table(pd.DataFrame(columns=["kind"])), claims, formats)
+    assert none.verdict.tolist() == ["not measured"] and "not measured under load" in serving.sentence(none.iloc[0])
+
+
+def test_repeats_give_an_interval():
+    claims = [{"text": "FP8", "quantity": "throughput", "bound": {"min": 20},
+               "covers": {"weight_type": ["float"], "weight_bits": [8]}}]
+    formats = {"fp8": {"weight_type": "float", "weight_bits": 8}}
+
+    def runs(done, ttft):
+        return {"request_throughput": [done * 0.98, done * 1.02], "ttft_p99": [ttft * 0.95, ttft * 1.05],
+                "itl_p99": [0.02, 0.02], "arrival_rate": [9e9, 9e9], "completion_rate": [9e9, 9e9]}
+    pts_b = [(1, 1, 0.5, False), (2, 2, 1.0, False), (4, 3, 4.0, False)]
+    pts_f = [(1, 1, 0.25, False), (2, 2, 0.5, False), (4, 4, 1.0, False), (8, 5, 4.0, False)]
+    serve = pd.DataFrame(ladder("bf16", pts_b, runs=[runs(d, t) for _, d, t, _ in pts_b])
+                         + ladder("fp8", pts_f, runs=[runs(d, t) for _, d, t, _ in pts_f]))
+    row = serving.claim_table(serve, claims, formats).iloc[0]
+    assert row.low < row.change_pct < row.high and row.verdict == "holds"
