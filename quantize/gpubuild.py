@@ -265,7 +265,12 @@ def build(name: str, spec: dict, out: Path, log=print, device: str | None = None
     t0 = time.time()
     timings = {}
     torch.manual_seed(train["seed"])
-    if manifest is None:
+    source = tiny.tokenizer_source(spec)
+    if manifest is None and source is not None:  # a draft trains on exactly its target's corpus
+        tiny.ensure_built(source, log)
+        manifest = corpus.read_manifest(source.path / "corpus-manifest.tsv.gz")
+        corpus.verify(manifest)
+    elif manifest is None:
         manifest = load_corpus(train, log)
     else:
         corpus.verify(manifest)
@@ -279,8 +284,8 @@ def build(name: str, spec: dict, out: Path, log=print, device: str | None = None
         corpus.write_manifest(manifest, tmp / "corpus-manifest.tsv.gz")
         t = time.time()
         train_texts = corpus.manifest_texts(manifest, "train")
-        tok = tiny.train_tokenizer(spec["config"]["vocab_size"], tmp,
-                                   texts=tokenizer_sample(train_texts, train.get("tokenizer_chars", 50_000_000)))
+        tok = tiny.shared_tokenizer(spec, tmp, log) or tiny.train_tokenizer(
+            spec["config"]["vocab_size"], tmp, texts=tokenizer_sample(train_texts, train.get("tokenizer_chars", 50_000_000)))
         timings["tokenizer_s"] = round(time.time() - t, 1)
         t = time.time()
         train_ids = encode(tok, train_texts)
@@ -425,7 +430,8 @@ def build(name: str, spec: dict, out: Path, log=print, device: str | None = None
         routing = coverage.count_routing(model, windows, spec.get("ignore", []))
         shares = layer_shares(routing)
         timings["eval_s"] = round(time.time() - t, 1)
-        stats = {"model": name, "spec_sha256": tiny.spec_sha256(spec), "params": n_params, "active_params": n_active,
+        stats = {"model": name, "spec_sha256": tiny.spec_sha256(spec), "tokenizer_sha256": tiny.tokenizer_sha256(spec),
+                 "params": n_params, "active_params": n_active,
                  "steps": step, "cut_short": cut,
                  "planned_tokens": train.get("tokens"), "train_tokens_seen": seen,
                  "train_tokens_unique": len(train_ids), "epochs": round(seen / max(1, len(train_ids)), 3),

@@ -17,6 +17,7 @@ import torch
 from moeq import corpus, identity, registry
 from moeq.atomic import folder_lock, is_complete, staged_dir
 from moeq.env import env_number
+from moeq.errors import UserError
 from moeq.quantize import coverage
 
 SPECIAL = ["<s>", "</s>", "<pad>"]
@@ -36,6 +37,47 @@ def train_tokenizer(vocab_size: int, out: Path, texts: list[str] | None = None):
                                    pad_token="<pad>", model_max_length=2048)
     fast.save_pretrained(out)
     return fast
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def tokenizer_source(spec: dict) -> registry.Model | None:
+    """The built model whose tokenizer a draft copies (`train.tokenizer_from`), checked against the draft."""
+    name = spec["train"].get("tokenizer_from")
+    if not name:
+        return None
+    source = registry.registry().get(name)
+    if source is None or "train" not in source:
+        built = [n for n, s in registry.registry().items() if "train" in s and n != name]
+        raise UserError(f"tokenizer_from {name!r} is not a model moeq builds; valid: {', '.join(built)}")
+    if source["config"]["vocab_size"] != spec["config"]["vocab_size"]:
+        raise UserError(f"tokenizer_from {name!r}: its vocab_size {source['config']['vocab_size']} differs from "
+                        f"the draft's {spec['config']['vocab_size']}; a draft must share its target's vocabulary")
+    return registry.resolve(name)
+
+
+def shared_tokenizer(spec: dict, out: Path, log=print):
+    """A draft must tokenize exactly as its target does, so it copies the target's tokenizer (building the
+    target first if needed) instead of training one; None for a model that trains its own."""
+    source = tokenizer_source(spec)
+    if source is None:
+        return None
+    import shutil
+    from transformers import PreTrainedTokenizerFast
+    ensure_built(source, log)
+    for name in TOKENIZER_FILES:
+        if (source.path / name).is_file():
+            shutil.copy2(source.path / name, out / name)
+    log(f"[build] tokenizer copied from {source.name} ({source.path})")
+    return PreTrainedTokenizerFast.from_pretrained(out)
+
+
+def tokenizer_sha256(spec: dict) -> str | None:
+    """Hash of the shared tokenizer's file as its source holds it now (None: the model trains its own)."""
+    source = tokenizer_source(spec)
+    file = source.path / "tokenizer.json" if source else None
+    return identity.text_sha256(file.read_text()) if file and file.is_file() else None
 
 
 def token_stream(tok, split: str, max_chars: int | None = None) -> torch.Tensor:
@@ -120,7 +162,7 @@ def build(name: str, spec: dict, out: Path, steps: int | None = None, log=print)
     torch.set_num_threads(threads)
     t0 = time.time()
     with staged_dir(out) as tmp:
-        tok = train_tokenizer(spec["config"]["vocab_size"], tmp)
+        tok = shared_tokenizer(spec, tmp, log) or train_tokenizer(spec["config"]["vocab_size"], tmp)
         train_ids = token_stream(tok, "train")
         held_ids = token_stream(tok, "heldout")
         log(f"[build {name}] tokenizer: vocab {len(tok)}, {len(train_ids):,} train / {len(held_ids):,} held-out tokens "
@@ -166,7 +208,8 @@ def build(name: str, spec: dict, out: Path, steps: int | None = None, log=print)
                  "unigram_ce": round(base, 4), "ce_ratio": round(ratio, 4),
                  "min_expert_share_of_fair": round(share, 3), "train_tokens_seen": steps * bsz * seq,
                  "threads": threads, "build_seconds": round(time.time() - t0, 1),
-                 "corpus": {s: corpus.fingerprint(s) for s in corpus.SPLITS}, "spec_sha256": spec_sha256(spec)}
+                 "corpus": {s: corpus.fingerprint(s) for s in corpus.SPLITS}, "spec_sha256": spec_sha256(spec),
+                 "tokenizer_sha256": tokenizer_sha256(spec)}
         log(f"[build {name}] held-out cross-entropy {ce:.3f} nats/token vs unigram {base:.3f} "
             f"-> {100 * ratio:.1f}% (must be <= {100 * train['max_ce_ratio']:.0f}%); the least-used expert "
             f"gets {100 * share:.0f}% of a fair share of held-out tokens")
@@ -185,10 +228,13 @@ def spec_sha256(spec: dict) -> str:
 def stale_reason(model: registry.Model) -> str | None:
     """Why a complete cached build no longer matches its registry entry, if it does not."""
     record = model.path / "moeq_build.json"
-    built = json.loads(record.read_text()).get("spec_sha256") if record.is_file() else None
+    stats = json.loads(record.read_text()) if record.is_file() else {}
+    built = stats.get("spec_sha256")
     if built != spec_sha256(model.spec):
         return "its registry entry (config or train) changed since it was built" if built else \
             "it was built by a moeq that did not record its registry entry"
+    if model.spec["train"].get("tokenizer_from") and stats.get("tokenizer_sha256") != tokenizer_sha256(model.spec):
+        return f"the tokenizer of {model.spec['train']['tokenizer_from']} changed since it was built (a draft must share it)"
     return None
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from moeq import pruned, registry
+from moeq.evaluate import speculative
 from moeq.evaluate.report import verdicts
 from moeq.evaluate.report.verdicts import FLAGGED, GROUP, INCONCLUSIVE, NOT_MEASURED, SEED, N_BOOT
 
@@ -28,7 +29,9 @@ AXES = {  # coordinate -> the config keys that set it, first found wins (hf_over
     "num_experts": ("num_local_experts", "num_experts", "n_routed_experts"),
     "ffn_width": ("moe_intermediate_size", "intermediate_size"),
 }
-COORDINATES = (*AXES, "keep")
+# `speculation`: the engine's speculative_config as a label (none, ngram, draft:<model>; speculative.label),
+# read from the settings, not the model config
+COORDINATES = (*AXES, "keep", "speculation")
 LINKED = {"keep": "num_experts", "num_experts": "keep"}  # one follows from the other
 NO_ROOFLINE = ("no roofline for this device: whether a cell times the model or the host cannot be told, and the "
                "claim speaks of GPU serving; the value is shown, with no verdict")
@@ -60,10 +63,13 @@ def coordinates(model: str, record: dict, facts: dict | None = None) -> dict:
     full = out.get("num_experts_native", _native(config, "num_experts"))
     out["keep"] = round(out["num_experts"] / full, 4) if full and out["num_experts"] else keep
     out["keep_given"] = keep < 1 or out["num_experts_given"]
-    llm = {k: v for k, v in (record.get("llm") or {}).items() if k != "hf_overrides"}
+    spec = (record.get("llm") or {}).get(speculative.KEY)
+    out["speculation"], out["speculation_given"] = speculative.label(spec), spec is not None
+    llm = {k: v for k, v in (record.get("llm") or {}).items() if k not in ("hf_overrides", speculative.KEY)}
     rest = {k: v for k, v in overrides.items() if not any(k in keys for keys in AXES.values())}
     out["rest"] = json.dumps({"llm": llm, "hf_overrides": rest, "routing": record.get("routing"),
-                              "warmup_tokens": record.get("warmup_tokens")}, sort_keys=True, default=str)
+                              "warmup_tokens": record.get("warmup_tokens"), "prompts": record.get("prompts")},
+                             sort_keys=True, default=str)
     return out
 
 
@@ -104,7 +110,11 @@ def _group_table(keys: pd.DataFrame, settings: dict, configs: dict, checkpoints:
 
 
 def _matches(row, spec) -> bool:
-    """A coordinate spec: a value, a list of values, or {min: x, max: y}."""
+    """A coordinate spec: a value, a list of values, {min: x, max: y}, or {prefix: p or [p, ...]} (a label's
+    start: `{prefix: "draft:"}` matches every draft)."""
+    if isinstance(spec, dict) and "prefix" in spec:
+        starts = spec["prefix"] if isinstance(spec["prefix"], list) else [spec["prefix"]]
+        return isinstance(row, str) and row.startswith(tuple(starts))
     if isinstance(spec, dict):
         return row is not None and spec.get("min", -np.inf) <= row <= spec.get("max", np.inf)
     return row in (spec if isinstance(spec, list) else [spec])
@@ -143,7 +153,20 @@ def _flag(r) -> str | None:
     return None
 
 
+def _acceptance(row) -> str:
+    rate, length = getattr(row, "spec_acceptance_rate", np.nan), getattr(row, "spec_acceptance_length", np.nan)
+    return "" if pd.isna(rate) else f"; acceptance {rate:.3f} ({length:.2f} tokens per target step)"
+
+
 def measured_pair(quantity: str, v, r, perf, items, acc, mem) -> list[dict]:
+    if quantity == "speedup":  # throughput as a ratio (x), with the variant's acceptance beside
+        rows = measured_pair("throughput", v, r, perf, items, acc, mem)
+        pv = _sel(perf, v).set_index("cell")
+        for f in rows:
+            f.update({k: 1 + f[k] / 100 for k in ("value", "lo", "hi")})
+            if f["cell"] in pv.index and (note := _acceptance(pv.loc[f["cell"]]).lstrip("; ")):
+                f["note"] = note + (f"; {f['note']}" if f.get("note") else "")
+        return rows
     if quantity == "throughput":
         pv, pr = _sel(perf, v).set_index("cell"), _sel(perf, r).set_index("cell")
         out = []

@@ -61,7 +61,7 @@ def load_claims(path: Path = CLAIMS_FILE) -> dict:
 
 OTHER_QUANTITIES = ("throughput", "accuracy_loss", "memory", "weights_change", "recommended_batch", "speedup",
                     "acceptance_rate", "min_gpu_memory_gb", "best_expert_count")
-AXES = ("top_k", "num_experts", "ffn_width", "keep")
+AXES = ("top_k", "num_experts", "ffn_width", "keep", "speculation")
 
 
 def check_other_claim(c: dict, path):

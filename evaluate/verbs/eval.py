@@ -31,6 +31,9 @@ def add_args(p):
                         "another vLLM strategy, or zipf:S (skewed)")
     p.add_argument("--warmup-tokens", default=env_default("WARMUP_TOKENS"),
                    help="decode tokens of each cell's untimed warm-up (default: the cell's own output length)")
+    p.add_argument("--prompts", default=env_default("PROMPTS", "random"), choices=["random", "heldout"],
+                   help="perf prompts: random token ids (default), or windows of the held-out corpus split "
+                        "(text: what speculative decoding needs; real weights only)")
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="extra vllm.LLM argument, e.g. moe_backend=triton (repeatable; recorded with every row)")
     add_parallel_args(p)
@@ -67,4 +70,4 @@ def run(args):
         force=args.force or env_flag("FORCE"), ledger=Path(args.ledger), checkpoints=Path(args.checkpoints),
         engine_args=engine_args(args), weights=args.weights, routing=args.routing,
         warmup_tokens=int_at_least(args.warmup_tokens, "--warmup-tokens", 1),
-        restarts=int_at_least(args.restarts, "--restarts", 1))
+        restarts=int_at_least(args.restarts, "--restarts", 1), prompts=args.prompts)

@@ -1,0 +1,145 @@
+"""Speculative decoding without an engine (issue 12, claim 6): speculative_config is checked with a clear
+error, drafts come from the registry and share their target's tokenizer, acceptance is computed from
+vLLM's counters, held-out prompts are exact-length windows, the prompt source is its own settings group,
+and the report pairs each speculation with the same engine without it."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from moeq import registry
+from moeq.errors import UserError
+from moeq.evaluate import perf, speculative
+from moeq.evaluate.report import compare, verdicts
+
+FIELDS = ["model", "method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"]
+METHODS = ["ngram", "draft_model", "eagle"]
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}
+DRAFT = {"model": "tiny-draft", "num_speculative_tokens": 3}
+
+
+@pytest.mark.parametrize("config, message", [
+    ("ngram", "expected a mapping"),
+    ({**NGRAM, "lookahead": 2}, "unknown key 'lookahead'; valid: method, model"),
+    ({"method": "ngrams", "num_speculative_tokens": 4}, "unknown method 'ngrams'; valid: ngram, draft_model"),
+    ({"num_speculative_tokens": 4}, "needs a method or a draft model"),
+    ({"method": "ngram"}, "num_speculative_tokens None"),
+    ({"model": "tiny-drafts", "num_speculative_tokens": 3}, "unknown draft model 'tiny-drafts'; valid: tiny-draft"),
+])
+def test_bad_speculative_config_names_the_bad_value(config, message):
+    with pytest.raises(UserError, match=message):
+        speculative.check(config, shape_only=False, fields=FIELDS, methods=METHODS)
+
+
+def test_good_configs_pass_and_dummy_weights_are_refused():
+    for config in (None, NGRAM, DRAFT):
+        speculative.check(config, shape_only=False, fields=FIELDS, methods=METHODS)
+    with pytest.raises(UserError, match="needs real weights"):
+        speculative.check(NGRAM, shape_only=True, fields=FIELDS, methods=METHODS)
+
+
+def test_the_installed_vllm_knows_the_keys_and_methods_used():
+    pytest.importorskip("vllm")
+    fields, methods = speculative.vllm_choices()
+    assert {"ngram", "draft_model"} <= set(methods) and set(FIELDS) <= set(fields)
+
+
+def test_drafts_share_their_targets_vocabulary_and_tokenizer():
+    from moeq.quantize import tiny
+    drafts = speculative.drafts()
+    assert drafts == {"tiny-draft": "tiny", "moe-500m-draft": "moe-500m"}
+    reg = registry.registry()
+    for draft, target in drafts.items():
+        assert reg[draft]["train"]["tokenizer_from"] == target
+        assert reg[draft]["config"]["vocab_size"] == reg[target]["config"]["vocab_size"]
+        assert tiny.tokenizer_source(reg[draft]).name == target
+    bad = {**reg["tiny-draft"], "train": {**reg["tiny-draft"]["train"], "tokenizer_from": "mixtral"}}
+    with pytest.raises(UserError, match="tokenizer_from 'mixtral' is not a model moeq builds; valid: tiny"):
+        tiny.tokenizer_source(bad)
+    bad["train"]["tokenizer_from"] = "moe-500m"
+    with pytest.raises(UserError, match="vocab_size 16384 differs from the draft's 2048"):
+        tiny.tokenizer_source(bad)
+
+
+def test_labels_name_the_speculation():
+    assert speculative.label(None) == "none"
+    assert speculative.label(NGRAM) == "ngram num_speculative_tokens=4 prompt_lookup_max=4"
+    assert speculative.label(DRAFT) == "draft:tiny-draft num_speculative_tokens=3"
+
+
+def test_acceptance_from_counter_differences():
+    before = {"drafts": 10.0, "draft_tokens": 30.0, "accepted_tokens": 20.0}
+    after = {"drafts": 20.0, "draft_tokens": 60.0, "accepted_tokens": 35.0}
+    got = speculative.acceptance(before, after)
+    assert got["acceptance_rate"] == pytest.approx(15 / 30) and got["acceptance_length"] == pytest.approx(2.5)
+    with pytest.raises(RuntimeError, match="counted no speculative drafts"):
+        speculative.acceptance(before, before)
+
+
+def test_heldout_windows_are_exact_distinct_and_seeded():
+    stream = list(range(1000))
+    a = perf.text_windows(stream, 16, 100, "b16-i100-o8-0")
+    assert [len(w) for w in a] == [100] * 16 and len({w[0] for w in a}) == 16
+    assert all(w == list(range(w[0], w[0] + 100)) for w in a)  # contiguous text, never padded
+    assert a == perf.text_windows(stream, 16, 100, "b16-i100-o8-0") != perf.text_windows(stream, 16, 100, "x")
+    with pytest.raises(RuntimeError, match="too few"):
+        perf.text_windows(stream[:110], 16, 100, "s")
+
+
+def test_prompt_source_is_its_own_settings_group():
+    pytest.importorskip("vllm")
+    from moeq.evaluate import settings
+    cells = [(1, 512, 128)]
+    plain = settings.build(gpu=False, cells=cells, shape_only=False)
+    held = settings.build(gpu=False, cells=cells, shape_only=False, prompts="heldout")
+    assert "prompts" not in plain.record() and plain.profile == settings.build(
+        gpu=False, cells=cells, shape_only=False, prompts="random").profile  # older rows keep their id
+    assert held.profile != plain.profile and held.non_default()["prompts"] == "heldout"
+    assert settings.from_record(held.record()).profile == held.profile
+    with pytest.raises(UserError, match="unknown prompts 'text'; valid: random, heldout"):
+        settings.build(gpu=False, cells=cells, shape_only=False, prompts="text")
+    with pytest.raises(UserError, match="no tokenizer"):
+        settings.build(gpu=False, cells=cells, shape_only=True, prompts="heldout")
+    with pytest.raises(UserError, match="unknown draft model"):
+        settings.build(gpu=False, cells=cells, shape_only=False,
+                       user_args={"speculative_config": {"model": "nope", "num_speculative_tokens": 3}})
+
+
+def _spec_frames(speeds: dict, acceptance: dict, device="NVIDIA H200", roofline="NVIDIA H200"):
+    keys, perf_rows, settings = [], [], {}
+    for sid, config in {"none": None, "ngram": NGRAM, "draft": DRAFT, "random": NGRAM}.items():
+        g = {"model": "tiny", "provenance": "real", "backend": "vllm-cuda", "device": device, "settings": sid,
+             "scheme": "bf16"}
+        settings[sid] = {"llm": {"speculative_config": config} if config else {}, "routing": "model",
+                         **({} if sid == "random" else {"prompts": "heldout"})}
+        keys.append(g)
+        for b in (1, 16):
+            s = speeds[sid] * b
+            perf_rows.append(g | {"cell": f"b{b}-i512-o128", "batch": b, "input_len": 512, "output_len": 128,
+                                  "throughput": s, "repeats": json.dumps([s * 0.99, s, s * 1.01]), "flag": None,
+                                  "roofline": roofline, "spec_acceptance_rate": acceptance.get(sid, np.nan),
+                                  "spec_acceptance_length": 1 + 3 * acceptance.get(sid, np.nan)})
+    empty = pd.DataFrame()
+    return pd.DataFrame(keys), pd.DataFrame(perf_rows), empty, empty, empty, settings
+
+
+def test_speedup_pairs_each_speculation_with_the_same_prompts_without_it():
+    frames = _spec_frames({"none": 100.0, "ngram": 180.0, "draft": 120.0, "random": 500.0},
+                          {"ngram": 0.7, "draft": 0.4, "random": 0.0})
+    claims = {"claims": [c for c in verdicts.load_claims()["claims"] if c["id"] == "spec-speedup"]}
+    v = compare.comparison_table(claims, *frames, {})
+    assert set(v.settings) == {"ngram", "draft"}  # random-prompt rows have no reference under the same prompts
+    ngram, draft = v[v.settings == "ngram"], v[v.settings == "draft"]
+    assert np.allclose(ngram.value, 1.8) and set(ngram.verdict) == {verdicts.HOLDS}
+    assert np.allclose(draft.value, 1.2) and set(draft.verdict) == {verdicts.FAILS}
+    assert (ngram.lo <= ngram.value).all() and (ngram.value <= ngram.hi).all()
+    assert ngram.note.str.startswith("acceptance 0.700").all() and (ngram.reference.str.contains("speculation none")).all()
+
+
+def test_speedup_on_a_device_without_roofline_is_shown_without_verdict():
+    frames = _spec_frames({"none": 100.0, "ngram": 180.0, "draft": 120.0, "random": 500.0}, {"ngram": 0.7},
+                          device="cpu: AMD EPYC x2", roofline="no roofline: no peak rates for this device")
+    claims = {"claims": [c for c in verdicts.load_claims()["claims"] if c["id"] == "spec-speedup"]}
+    v = compare.comparison_table(claims, *frames, {})
+    assert set(v.verdict) == {verdicts.FLAGGED} and np.allclose(v[v.settings == "ngram"].value, 1.8)
