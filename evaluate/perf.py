@@ -53,7 +53,7 @@ def heldout_stream(tokenizer) -> list[int]:
     from moeq import corpus
     ids = []
     for text in corpus.texts("heldout"):
-        ids.extend(tokenizer.encode(text, add_special_tokens=False))
+        ids.extend(tokenizer.encode(text, add_special_tokens=False, verbose=False))  # files exceed model_max_length: no warning
         ids.append(tokenizer.eos_token_id)
     return ids
 
