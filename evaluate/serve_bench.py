@@ -175,10 +175,9 @@ def target_key(target, settings, device_backend) -> dict:
             "device": device, "settings": settings.profile}
 
 
-def refusal(log_tail: str) -> str | None:
-    """The backend's refusal of the scheme's kernel, in vLLM's own words (the last exception in its log)."""
-    errors = [line.strip() for line in log_tail.splitlines() if ("Error:" in line or "Exception:" in line)]
-    return errors[-1][:500] if errors and kernels.REFUSALS.search(errors[-1]) else None
+def refusal(failed: ServerFailed) -> str | None:
+    """The backend's refusal of the scheme's kernel, in vLLM's own words (the root error in its log)."""
+    return failed.cause if failed.cause and kernels.REFUSALS.search(failed.cause) else None
 
 
 def bench_target(target, settings, load: Load, ledger_path: Path, port: int, force: bool, start_timeout: float,
@@ -248,7 +247,7 @@ def bench_target(target, settings, load: Load, ledger_path: Path, port: int, for
             for c in load.concurrency:
                 cell(load.cell(concurrency=c), None, c, f"concurrency {c}")
     except ServerFailed as e:
-        if reason := refusal(e.log_tail):
+        if reason := refusal(e):
             reason = f"unsupported on {device[0]}: {reason}"
             log(f"[serve] {target.model} / {target.scheme}: {reason}")
             ledger.write(key, "status", "serve-status", [{"metric": "supported", "value": 0, "status": "unsupported",
@@ -287,6 +286,9 @@ def serve_bench(models=None, schemes=None, weights="real", routing=None, engine_
             except ServerFailed as e:
                 log(f"[serve] ERROR: {target.model} / {target.scheme}: {e}")
                 failures.append(f"{target.model} / {target.scheme}")
+            except KeyboardInterrupt:  # the server is stopped by now; finished rates are in the ledger
+                log(f"[serve] interrupted during {target.model} / {target.scheme}: rates already written are kept")
+                return 130
     if failures:
         log(f"[serve] {len(failures)} of {len(targets)} servers failed: {', '.join(failures)}")
     return 1 if failures else 0

@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -27,7 +28,10 @@ LOG_TAIL = 30
 
 
 def port_free(port: int, host: str = HOST) -> bool:
+    """Whether a server could listen on the port now. SO_REUSEADDR, as uvicorn sets it: connections of a
+    stopped server still in TIME_WAIT do not hold the port, a listener does."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -126,7 +130,7 @@ class Server:
         while time.monotonic() - t0 < self.start_timeout:
             if self.proc.poll() is not None:
                 raise ServerFailed(f"vllm serve exited {self.proc.returncode} before it was ready; the last lines "
-                                   f"of its log ({self.log_file}):\n{self.tail()}", self.tail(200))
+                                   f"of its log ({self.log_file}):\n{self.tail()}", self.tail(400))
             with contextlib.suppress(OSError):
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
                     if r.status == 200:
@@ -134,7 +138,7 @@ class Server:
                         return
             time.sleep(0.5)
         raise ServerFailed(f"vllm serve did not answer {self.url}/health within {self.start_timeout:.0f}s; the last "
-                           f"lines of its log ({self.log_file}):\n{self.tail()}", self.tail(200))
+                           f"lines of its log ({self.log_file}):\n{self.tail()}", self.tail(400))
 
     def stop(self):
         """SIGTERM to the server's process group, SIGKILL after STOP_GRACE_S; then the port must be free."""
@@ -164,9 +168,25 @@ class Server:
 
 
 class ServerFailed(RuntimeError):
+    """The server never answered; `cause` is vLLM's own root error from its log, when it logged one."""
     def __init__(self, message: str, log_tail: str):
-        super().__init__(message)
+        self.cause = root_error(log_tail)
+        super().__init__(message + (f"\nvLLM's error: {self.cause}" if self.cause else ""))
         self.log_tail = log_tail
+
+
+# an exception line as Python prints it, bare or behind vLLM's "(EngineCore pid=N) ERROR date [file:line] " prefix
+EXCEPTION = re.compile(r"^(?:\(\w+ pid=\d+\) )?(?:ERROR \S+ \S+ \[[^\]]+\] )?([\w.]+(?:Error|Exception|Unsupported)): (.+)")
+# vLLM's wrappers around the engine process's exception: the cause is the line they point at
+WRAPPERS = re.compile(r"Engine core initialization failed|See root cause above|Engine process failed to start")
+
+
+def root_error(log: str) -> str | None:
+    """The first exception line in a server log that is not one of vLLM's wrappers around it."""
+    for line in log.splitlines():
+        if (m := EXCEPTION.match(line)) and not WRAPPERS.search(line):
+            return f"{m[1]}: {m[2].strip()}"[:500]
+    return None
 
 
 def group_alive(pgid: int) -> bool:
@@ -181,11 +201,14 @@ def group_alive(pgid: int) -> bool:
 
 @contextlib.contextmanager
 def sigterm_as_interrupt():
-    """SIGTERM to moeq runs the same clean-up as Ctrl-C (the server's `with` exits)."""
+    """Ctrl-C and SIGTERM stop moeq at once, wherever it is, and the server's `with` then stops the server.
+    A handler of our own for SIGINT too: inside vLLM's bench client, asyncio's default one only cancels the
+    client's task, which the client absorbs and goes on sending."""
     def handler(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -11,6 +11,7 @@ from moeq.errors import UserError
 from moeq.evaluate import serve_load
 from moeq.evaluate.report import serving
 from moeq.evaluate.serve_bench import Load
+from moeq.evaluate.server import root_error
 from moeq.evaluate.verbs import serve_bench as verb
 
 
@@ -157,3 +158,13 @@ def test_repeats_give_an_interval():
                          + ladder("fp8", pts_f, runs=[runs(d, t) for _, d, t, _ in pts_f]))
     row = serving.claim_table(serve, claims, formats).iloc[0]
     assert row.low < row.change_pct < row.high and row.verdict == "holds"
+
+
+def test_a_failed_servers_root_error_is_vllms_own():
+    log = ("(APIServer pid=5) WARNING 11-30 11:45:24 [system_utils.py:255] failed with error ... `OSError: [Errno 24]`\n"
+           "(EngineCore pid=7) ERROR 11-30 11:45:48 [core.py:1510] ValueError: No available memory for the cache blocks.\n"
+           "ValueError: No available memory for the cache blocks.\n"
+           "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}\n")
+    assert root_error(log) == "ValueError: No available memory for the cache blocks."
+    assert root_error("RuntimeError: Engine core initialization failed. See root cause above.") is None
+    assert root_error("torch._dynamo.exc.Unsupported: warning_once") == "torch._dynamo.exc.Unsupported: warning_once"
