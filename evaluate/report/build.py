@@ -236,6 +236,17 @@ def scheme_formats(results: pd.DataFrame) -> dict:
     return out
 
 
+def read_benchmarks(folder: Path) -> dict:
+    """The JSON files benchmark scripts wrote beside the ledger (benchmarks/fused_moe.py --out), by file name."""
+    out = {}
+    for f in sorted(Path(folder).glob("*.json")):
+        try:
+            out[f.name] = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"benchmark file {f} is not readable JSON ({e}): rerun the benchmark that wrote it") from e
+    return out
+
+
 def build_report(ledger_path: Path, name: str = "default", out_root: Path = Path("reports"), log=print) -> Path:
     """Write reports/<name>/ (README.md, index.html, CSV/JSON tables, PNG plots); return that folder."""
     ledger_path = Path(ledger_path)
@@ -257,7 +268,8 @@ def build_report(ledger_path: Path, name: str = "default", out_root: Path = Path
     verdict = verdicts.verdict_table(claims, formats, keys, perf, acc, mem, unsupported)
     # the guide's other claims (issue 12): variants of one model against each other, batch sweeps, plans
     checkpoints = results.dropna(subset=["checkpoint"]).groupby(KEY).checkpoint.agg(set).to_dict()
-    others = compare.comparison_table(claims, keys, perf, items, acc, mem, settings, model_configs(results), checkpoints)
+    others = compare.comparison_table(claims, keys, perf, items, acc, mem, settings, model_configs(results), checkpoints,
+                                      read_benchmarks(ledger_path.parent / "benchmarks"))
     columns = list(dict.fromkeys([*verdict.columns, *others.columns]))  # either may be empty
     verdict = pd.concat([d for d in (verdict, others) if len(d)] or [verdict], ignore_index=True).reindex(columns=columns)
     groups = [tuple(g) for g in keys[GROUP].drop_duplicates().itertuples(index=False)]

@@ -74,7 +74,10 @@ def coordinates(model: str, record: dict, facts: dict | None = None) -> dict:
 
 
 def kind(claim: dict) -> str:
-    """scheme (vs BF16, verdicts.py), compare, batch, or planned (no ledger quantity yet)."""
+    """scheme (vs BF16, verdicts.py), compare, batch, benchmark (a JSON a script wrote beside the ledger), or
+    planned (no ledger quantity yet)."""
+    if "benchmark" in claim:
+        return "benchmark"
     if "compare" in claim:
         return "compare"
     if "batch" in claim:
@@ -234,6 +237,39 @@ def recommended_batch(perf: pd.DataFrame, rule: dict) -> tuple[float, float, flo
     return float(point), float(lo), float(hi), note
 
 
+def benchmark_rows(claim: dict, benchmarks: dict) -> list[dict]:
+    """A benchmark claim (`benchmark: {file, variant, reference}`) read from the JSON a benchmark script wrote
+    (benchmarks/fused_moe.py: per implementation and batch, the timed runs of one MoE layer stack): speedup
+    = variant / reference tokens per second, bootstrap over the runs. A reduced shape or a CPU run is a test
+    of the script: shown, with no verdict. An implementation that did not run says why."""
+    spec = claim["benchmark"]
+    data = benchmarks.get(spec["file"])
+    if data is None:
+        return []
+    got = {(r["impl"], r["batch"]): r for r in data["results"]}
+    where = {"model": data["model"], "provenance": "shape-only", "device": data["device"], "scheme": "bf16",
+             "backend": ", ".join(f"{k} {v}" for k, v in data["libraries"].items() if v),
+             "settings": spec["file"], "variant": spec["variant"], "reference": spec["reference"]}
+    caveat = ("reduced shape (hidden and expert width / 16): a test of the script, not the claim" if data.get("reduced")
+              else "CPU run: the claim speaks of GPU serving" if data["device"].startswith("cpu") else None)
+    out = []
+    for (impl, batch), v in sorted(got.items(), key=lambda kv: kv[0][1]):
+        r = got.get((spec["reference"], batch))
+        if impl != spec["variant"] or r is None:
+            continue
+        point, lo, hi = verdicts.ratio_of_medians([batch / t for t in v["ms_runs"]], [batch / t for t in r["ms_runs"]])
+        note = (f"one stack of {data['layers']} MoE layers ({data['shape']['hidden_size']} hidden, "
+                f"{data['shape']['intermediate_size']} expert width, {data['dtype']}), one decode step; "
+                f"{v['ms_median']:.3f} vs {r['ms_median']:.3f} ms; an end-to-end gain is at most this, scaled by "
+                "the MoE layers' share of a step")
+        out.append(where | {"cell": f"b{batch}", "value": 1 + point / 100, "lo": 1 + lo / 100, "hi": 1 + hi / 100,
+                            "note": note} | ({"flag": caveat, "note": f"{caveat}; {note}"} if caveat else {}))
+    not_run = [f"{k}: {why}" for k, why in (data.get("not_run") or {}).items() if k.startswith(spec["variant"])]
+    if not out and not_run:
+        out.append(where | {"cell": "-", "note": f"{spec['file']}: not run: " + "; ".join(not_run)})
+    return out
+
+
 def _row(claim: dict, **fields) -> dict:
     bound = claim.get("bound") or {}
     side = next(iter(bound), None)
@@ -245,7 +281,7 @@ def _row(claim: dict, **fields) -> dict:
 
 
 def comparison_table(claims: dict, keys: pd.DataFrame, perf, items, acc, mem, settings: dict,
-                     configs: dict, checkpoints: dict | None = None) -> pd.DataFrame:
+                     configs: dict, checkpoints: dict | None = None, benchmarks: dict | None = None) -> pd.DataFrame:
     """One row per claim x (variant, reference) pair x cell or task; claims nothing in this ledger speaks
     of yet get one row, `not measured` (with the plan that would measure them) or `not testable as written`."""
     groups = _group_table(keys, settings, configs, checkpoints or {})
@@ -255,7 +291,9 @@ def comparison_table(claims: dict, keys: pd.DataFrame, perf, items, acc, mem, se
         if k == "scheme":
             continue
         found = []
-        if k == "compare":
+        if k == "benchmark":
+            found = benchmark_rows(claim, benchmarks or {})
+        elif k == "compare":
             for v, r in pairs(groups, claim):
                 ref = f"{r.model} · settings {r.settings}" + (f" ({claim['compare']['axis']} {r[claim['compare']['axis']]})")
                 for f in measured_pair(claim["quantity"], v, r, perf, items, acc, mem) or [{"note": "no data"}]:

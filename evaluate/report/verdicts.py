@@ -78,6 +78,8 @@ def check_other_claim(c: dict, path):
         problem = "bound must be {min: x}, {max: x} or {within: [lo, hi]}"
     elif "compare" in c and (c["compare"].get("axis") not in AXES or {"variant", "reference"} - set(c["compare"])):
         problem = f"compare needs axis (one of {', '.join(AXES)}), variant and reference"
+    elif "benchmark" in c and {"file", "variant", "reference"} - set(c["benchmark"]):
+        problem = "benchmark needs file (a JSON beside the ledger, under benchmarks/), variant and reference"
     elif "compare" not in c and "batch" not in c and not c.get("plan") and not c.get("not_testable"):
         problem = "a claim no ledger quantity measures needs plan: (what would measure it) or not_testable:"
     elif c.get("not_testable") and {"reason", "measured"} - set(c["not_testable"]):

@@ -109,7 +109,7 @@ def test_topk_variant_is_compared_with_its_native_group_only():
     assert np.allclose(rows.value, 60.0) and set(rows.verdict) == {verdicts.HOLDS}
     assert (rows.reference.str.startswith("tiny · settings base")).all()
     spec = v[v.claim == "spec-speedup"]
-    assert list(spec.verdict) == [verdicts.NOT_MEASURED] and "PLAN-issue12" in spec.note.iloc[0]
+    assert list(spec.verdict) == [verdicts.NOT_MEASURED] and "plan-spec.yaml" in spec.note.iloc[0]
 
 
 def test_accuracy_of_a_variant_is_paired_by_item():
@@ -183,10 +183,11 @@ def test_issue12_plans_are_runnable_data():
     named = {m for c in verdicts.load_claims()["claims"] for m in re.findall(r"reports/h200/[\w.-]+", str(c.get("plan", "")))}
     assert named and all((root / n).is_file() for n in named), sorted(n for n in named if not (root / n).is_file())
 
-    def profile(plan, extra):
-        return settings.build(gpu=True, cells=[tuple(c) for c in plan["cells"]], shape_only=True,
-                              user_args={**plan["engine_args"], **extra}, routing=plan["routing"],
-                              warmup_tokens=plan["warmup_tokens"]).profile
+    def profile(plan, extra):  # real-weight plans (speculative decoding) run with their own prompts
+        return settings.build(gpu=True, cells=[tuple(c) for c in plan["cells"]],
+                              shape_only=plan.get("weights", "dummy") == "dummy",
+                              user_args={**(plan.get("engine_args") or {}), **extra}, routing=plan.get("routing"),
+                              warmup_tokens=plan.get("warmup_tokens"), prompts=plan.get("prompts")).profile
     base = yaml.safe_load((root / "reports/h200/plan.yaml").read_text())
     reference = profile(base, {})
     seen = {(m, reference) for m in base["models"]}  # a settings id is per model: pairs are (model, settings)

@@ -143,3 +143,30 @@ def test_speedup_on_a_device_without_roofline_is_shown_without_verdict():
     claims = {"claims": [c for c in verdicts.load_claims()["claims"] if c["id"] == "spec-speedup"]}
     v = compare.comparison_table(claims, *frames, {})
     assert set(v.verdict) == {verdicts.FLAGGED} and np.allclose(v[v.settings == "ngram"].value, 1.8)
+
+
+def _bench(device="NVIDIA H200", reduced=False, vllm_runs=(0.8, 0.82, 0.84), not_run=None):
+    runs = {"eager": [1.0, 1.02, 1.04], "grouped_mm": [0.9, 0.91, 0.92]}
+    if vllm_runs:
+        runs["vllm_fused_moe"] = list(vllm_runs)
+    results = [{"impl": i, "batch": b, "ms_median": float(np.median(r)), "ms_runs": r}
+               for b in (1, 64) for i, r in runs.items()]
+    return {"fused_moe.json": {"model": "mixtral", "reduced": reduced, "layers": 4, "device": device, "dtype": "bfloat16",
+                               "shape": {"hidden_size": 4096, "intermediate_size": 14336},
+                               "libraries": {"torch": "2.13", "vllm": "0.26.0"}, "results": results,
+                               "not_run": not_run or {}}}
+
+
+def test_fused_kernel_claim_reads_the_benchmark_json():
+    claims = {"claims": [c for c in verdicts.load_claims()["claims"] if c["id"] == "fused-kernel-throughput"]}
+    empty = [pd.DataFrame()] * 4  # perf, items, acc, mem
+    v = compare.comparison_table(claims, pd.DataFrame(columns=verdicts.GROUP + ["scheme"]), *empty, {}, {}, {},
+                                 _bench())
+    assert list(v.cell) == ["b1", "b64"] and np.allclose(v.value, 1.02 / 0.82)  # eager / fused median time
+    assert set(v.verdict) == {verdicts.HOLDS} and (v.lo <= v.value).all() and (v.value <= v.hi).all()
+    cpu = compare.comparison_table(claims, pd.DataFrame(columns=verdicts.GROUP + ["scheme"]), *empty, {}, {}, {},
+                                   _bench(device="cpu: x86_64", reduced=True, vllm_runs=None, not_run={
+                                       "vllm_fused_moe": "vLLM's fused_experts is a Triton kernel for GPUs"}))
+    assert list(cpu.verdict) == [verdicts.NOT_MEASURED] and "Triton kernel" in cpu.note.iloc[0]
+    missing = compare.comparison_table(claims, pd.DataFrame(columns=verdicts.GROUP + ["scheme"]), *empty, {}, {}, {}, {})
+    assert list(missing.verdict) == [verdicts.NOT_MEASURED] and "fused_moe.py" in missing.note.iloc[0]
