@@ -19,13 +19,10 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 REFERENCE = "eager"
 TRANSFORMERS_IMPLS = ("eager", "grouped_mm", "batched_mm")
