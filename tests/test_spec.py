@@ -58,3 +58,20 @@ def test_bad_speculative_config_stops_before_any_engine(tmp_path, config, messag
                       "--prompts", "heldout", "--engine-arg", f"speculative_config={json.dumps(config)}", check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert "starting the engine" not in proc.stdout and not ledger.exists()
+
+
+def test_a_draft_is_built_with_its_targets_tokenizer(tiny_model, tmp_path):
+    """The builder copies tiny's tokenizer into a draft (never retrains one), records its hash, and a cached
+    draft whose source tokenizer no longer matches is stale (a few training steps: the mechanics only)."""
+    from moeq import registry
+    from moeq.quantize import tiny
+    spec = registry.registry()["tiny-draft"]
+    out = tmp_path / "draft"
+    stats = tiny.build("tiny-draft", spec, out, steps=3, log=lambda *_: None)
+    assert (out / "tokenizer.json").read_bytes() == (tiny_model / "tokenizer.json").read_bytes()
+    assert stats["tokenizer_sha256"] == tiny.tokenizer_sha256(spec) is not None
+    draft = registry.Model("tiny-draft", spec, out, source="built")
+    assert tiny.stale_reason(draft) is None
+    record = json.loads((out / "moeq_build.json").read_text())
+    (out / "moeq_build.json").write_text(json.dumps({**record, "tokenizer_sha256": "0" * 16}))
+    assert "the tokenizer of tiny changed" in tiny.stale_reason(draft)
