@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from moeq.evaluate.ledger import LEGACY
-from moeq.evaluate.report.verdicts import BASELINE, FLAGGED, GROUP, HOLDS, NOT_MEASURED
+from moeq.evaluate.report.verdicts import BASELINE, FLAGGED, GROUP, HOLDS, NO_BASELINE, NOT_MEASURED
 
 CONTEXT = 2048  # tokens per sequence for "max concurrent sequences": the issue's 2k context
 MISSING = "—"
@@ -57,7 +57,7 @@ def short_flag(flag: str) -> str:
 
 
 # verdict notes too long to repeat in a sentence (the verdict table keeps them whole)
-SHORT_NOTES = {"no bf16 row with the same model, provenance, backend, device and engine settings": "no bf16 at these settings",
+SHORT_NOTES = {NO_BASELINE: "no bf16 at these settings",
                "shape-only weights: accuracy not measured": "shape-only weights"}
 
 
@@ -92,23 +92,26 @@ def claim_sentences(v: pd.DataFrame, perf: pd.DataFrame, groups: list[tuple], cl
     """Per claim: {claim, text, bound, sentence} over `groups`; groups whose phrase is the same (e.g.
     "not measured (shape-only weights)") share it."""
     v = v[v.claim.notna()]
-    models = pd.Series([g[0] for g in groups])
     out = []
     for claim in claims:
-        by_phrase = {}
+        phrases = []
         for g in groups:
             gkey = dict(zip(GROUP, g))
             rows = v[(v.claim == claim["id"]) & np.logical_and.reduce([v[k] == x for k, x in gkey.items()])]
-            if rows.empty:
-                continue
+            if rows.empty or (rows.note == NO_BASELINE).all():
+                continue  # a variant measured without its own bf16 (e.g. another moe_backend): the findings table's
             labels = cell_labels(perf[np.logical_and.reduce([perf[k] == x for k, x in gkey.items()])])
             # the batch sweep first, cells of other shapes after it, so runs never mix the two
             rows = rows.assign(off=rows.cell.map(labels).fillna("").str.contains(" ")).sort_values("off", kind="stable")
             parts = [f"{s} " + ", ".join(_runs(r, labels)) for s, r in rows.groupby("scheme", sort=False)]
             if len({p.split(" ", 1)[1] for p in parts}) == 1 and len(parts) > 1:
                 parts = [", ".join(rows.scheme.unique()) + " " + parts[0].split(" ", 1)[1]]
-            name = g[0] if (models == g[0]).sum() == 1 else f"{g[0]} (settings {gkey['settings']})"
-            by_phrase.setdefault("; ".join(parts), []).append(name)
+            phrases.append((g, "; ".join(parts)))
+        models = pd.Series([g[0] for g, _ in phrases], dtype=object)
+        by_phrase = {}
+        for g, phrase in phrases:  # a model named with its settings only where it has two groups here
+            by_phrase.setdefault(phrase, []).append(g[0] if (models == g[0]).sum() == 1 else
+                                                    f"{g[0]} (settings {dict(zip(GROUP, g))['settings']})")
         sentence = ". ".join(f"{', '.join(names)}: {phrase}" for phrase, names in by_phrase.items())
         bound, unit = claim["bound"], " GB" if claim["quantity"] == "weights_gb" else "%"
         out.append({"claim": claim["id"], "text": claim["text"],

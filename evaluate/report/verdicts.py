@@ -19,6 +19,7 @@ QUANTITIES = ("throughput", "accuracy_loss", "memory", "weights_gb")
 FORMAT_KEYS = tuple(BF16_FORMAT)
 HOLDS, FAILS, INCONCLUSIVE, NOT_MEASURED, FLAGGED = "holds", "fails", "inconclusive", "not measured", "flagged"
 GROUP = ["model", "provenance", "backend", "device", "settings"]
+NO_BASELINE = "no bf16 row with the same model, provenance, backend, device and engine settings"
 LEVEL, N_BOOT, SEED = 0.95, 2000, 20240611
 RULES = {
     HOLDS: "the whole interval is on the claim's side of the bound b: lo ≥ b for a minimum, hi ≤ b for a maximum",
@@ -198,7 +199,7 @@ def verdict_table(claims: dict, formats: dict, keys: pd.DataFrame, perf, acc, me
                         claim["quantity"] == "accuracy_loss" and _measured(perf, acc, mem, "accuracy_loss", gkey, scheme)):
                     found = [{"note": unsupported[(*g, scheme)]}]
                 elif BASELINE not in present and not absolute:
-                    found = [{"note": "no bf16 row with the same model, provenance, backend, device and engine settings"}]
+                    found = [{"note": NO_BASELINE}]
                 elif claim["quantity"] == "accuracy_loss" and gkey["provenance"].startswith("shape-only"):
                     found = [{"note": "shape-only weights: accuracy not measured"}]
                 else:
