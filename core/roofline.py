@@ -26,8 +26,14 @@ def devices() -> list[dict]:
     return yaml.safe_load(DEVICES_FILE.read_text())["devices"]
 
 
-def match_device(name: str) -> dict | None:
-    return next((d for d in devices() if re.search(d["match"], name, re.IGNORECASE)), None)
+def match_device(name: str, gpus: int = 1) -> dict | None:
+    """The device's peak rates; for an engine over several GPUs (TP, PP, DP) their sum, an upper bound
+    that ignores communication, so a cell faster than it is still impossible."""
+    d = next((d for d in devices() if re.search(d["match"], name, re.IGNORECASE)), None)
+    if d is None or gpus == 1:
+        return d
+    return {**d, "name": f"{gpus} x {d['name']}", "memory_bandwidth_GBps": gpus * d["memory_bandwidth_GBps"],
+            "tflops": {k: gpus * v for k, v in d["tflops"].items()}}
 
 
 BALANCED = ("uniform_random",)

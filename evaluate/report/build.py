@@ -98,6 +98,8 @@ def perf_table(results: pd.DataFrame, mem: pd.DataFrame, settings: dict) -> pd.D
     kv = mem.set_index(KEY).kv_bytes_per_token.to_dict()
     roof = [_roofline(r, configs, kv, settings) for r in df.itertuples()]
     df = pd.concat([df, pd.DataFrame(roof, index=df.index, columns=ROOF_COLS)], axis=1)
+    df["gpus"] = [gpus_of(settings, tuple(getattr(r, k) for k in KEY)) for r in df.itertuples()]
+    df["throughput_per_gpu"] = df.throughput / df.gpus  # so an engine on 2 GPUs compares fairly with one on 1
     df = df.merge(kernel_table(results), on=KEY, how="left")
     df = with_baseline(df, ["cell"], ["throughput_ceiling"])
     df["flag"] = [physics_flag(r) for r in df.itertuples()]
@@ -113,6 +115,11 @@ def model_configs(results: pd.DataFrame) -> dict:
             for _, r in results[(results.kind == "model") & results.note.notna()].iterrows()}
 
 
+def gpus_of(settings: dict, key: tuple) -> int:
+    """GPUs the engine occupied (TP x PP x DP; settings records before the layouts existed: one)."""
+    return int(settings.get(key[KEY.index("settings")], {}).get("gpus", 1))
+
+
 def routing_of(settings: dict, key: tuple) -> str:
     rec = settings.get(key[KEY.index("settings")], {})
     return rec.get("routing", "model") if "llm" in rec else "unknown"
@@ -120,7 +127,7 @@ def routing_of(settings: dict, key: tuple) -> str:
 
 def _roofline(r, configs: dict, kv: dict, settings: dict) -> dict:
     key = tuple(getattr(r, k) for k in KEY)
-    device, config = roofline.match_device(r.device), configs.get(key, {})
+    device, config = roofline.match_device(r.device, gpus_of(settings, key)), configs.get(key, {})
     if device is None:
         return {"roofline": "no roofline: no peak rates for this device in devices.yaml"}
     if any(config.get(k) is None for k in roofline.CONFIG_KEYS) or pd.isna(r.batch):

@@ -140,6 +140,8 @@ def perf_display(perf: pd.DataFrame) -> pd.DataFrame:
         "Throughput tok/s (spread)": [fmt_rate(t) + (f" ({s:.1%})" if pd.notna(s) else "")
                                       for t, s in zip(p.throughput, p.spread)],
         "Δ vs bf16 [95% CI]": [fmt_pct(*r) for r in p[["delta_pct", "delta_lo", "delta_hi"]].itertuples(index=False)],
+        "GPUs": p.gpus.map(lambda n: fmt(n, ".0f")),
+        "tok/s per GPU": p.throughput_per_gpu.map(fmt_rate),
         "TTFT p50 / p99 ms": [f"{a} / {b}" for a, b in zip(ms("ttft_p50", ",.1f"), ms("ttft_p99", ",.1f"))],
         "ITL p50 / p99 ms": [f"{a} / {b}" if a != MISSING else f"mean {c}, p99 of request means {d}"
                              for a, b, c, d in zip(ms("itl_p50"), ms("itl_p99"), ms("itl_mean"), ms("itl_request_p99"))],

@@ -170,3 +170,20 @@ def test_bad_layout_exits_2_before_any_engine(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "EP=1 splits the experts" in proc.stderr and "valid: EP=0" in proc.stderr
     assert not ledger.exists()
+
+
+def test_an_engine_on_two_gpus_is_held_to_two_gpus_physics():
+    """TP=2's ceiling is two H200s' bandwidth and FLOPs (communication ignored: still an upper bound), and its
+    throughput per GPU is half its total: a 2-GPU row is neither flagged as impossible nor flattered."""
+    from moeq import roofline
+    from moeq.evaluate.report.build import gpus_of
+    one, two = roofline.match_device("NVIDIA H200"), roofline.match_device("NVIDIA H200", 2)
+    assert two["memory_bandwidth_GBps"] == 2 * one["memory_bandwidth_GBps"] and two["name"].startswith("2 x ")
+    assert all(two["tflops"][k] == 2 * v for k, v in one["tflops"].items())
+    config = {"weight_bits": 16, "params_dense": 2e9, "vocab_size": 32000, "hidden_size": 4096, "moe_layers": 32,
+              "params_per_expert": 1.8e8, "num_experts": 8, "top_k": 2, "num_layers": 32, "num_kv_heads": 8,
+              "head_dim": 128, "params_active": 1.3e10, "activation_bits": 16}
+    f1, f2 = (roofline.floors(config, d, 64, 512, 128) for d in (one, two))
+    assert f2["itl_floor"] == pytest.approx(f1["itl_floor"] / 2)
+    key = ("mixtral", "fp8", "shape-only", "vllm-cuda", "NVIDIA H200", "tp2")
+    assert gpus_of({"tp2": {"gpus": 2}}, key) == 2 and gpus_of({"legacy": {}}, key[:-1] + ("legacy",)) == 1
