@@ -151,12 +151,19 @@ def build_engine(job: Job, llm_args: dict):
 
 
 def die_with_parent():
-    """The engine must not outlive `moeq eval` (a killed driver would leave it measuring and writing)."""
+    """The engine must not outlive `moeq eval` (a killed driver would leave it measuring and writing).
+    The death signal only covers a parent that dies after it is set: a driver killed while this process
+    was starting is caught by its pid (the orphan's parent is then init or a subreaper)."""
     try:
         import ctypes
         ctypes.CDLL("libc.so.6").prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
     except OSError:
         pass
+    driver = os.environ.get("MOEQ_DRIVER_PID")
+    if driver and os.getppid() != int(driver):
+        print(f"error: the moeq driver (pid {driver}) ended before this engine started; nothing measured",
+              file=sys.stderr, flush=True)
+        os._exit(1)
 
 
 def merged(old: list[dict], new: list[dict]) -> list[dict]:
@@ -243,7 +250,7 @@ def run(job: Job, log=print) -> str | None:
                                 timings, log=log, make_prompts=make_prompts, speculating=bool(spec_config)) + draft
         if job.restart:
             metrics = merged(ledger.rows(cell=name, **key), metrics)
-        write("perf", name, metrics + physics(facts, device, batch, inp, out, settings.routing, metrics))
+        write("perf", name, metrics + physics(facts, device, batch, inp, out, settings.routing, metrics, settings.gpus))
     write("engine", "kernel", kernel_log.summary())
     if not job.restart:
         write_memory(write, llm, job, facts, wbytes, load, on_gpu=backend == "vllm-cuda")
@@ -251,10 +258,11 @@ def run(job: Job, log=print) -> str | None:
     return None
 
 
-def physics(facts: dict, device: str, batch: int, inp: int, out: int, routing_used: str, metrics) -> list[dict]:
+def physics(facts: dict, device: str, batch: int, inp: int, out: int, routing_used: str, metrics,
+            gpus: int = 1) -> list[dict]:
     """The cell against its roofline ceiling, flagged in the ledger when it is faster than the device's
     bytes and FLOPs allow (then it measures something other than the model, e.g. degenerate routing)."""
-    peak = roofline.match_device(device)
+    peak = roofline.match_device(device, gpus)
     if peak is None:
         return []
     ceiling = roofline.floors(facts, peak, batch, inp, out, routing=routing_used)["throughput_ceiling"]

@@ -169,7 +169,7 @@ class EngineProcess:
         self.tmp = tempfile.TemporaryDirectory(prefix=".job-", dir=Path(job.ledger).parent)
         (Path(self.tmp.name) / "job.json").write_text(job_json(job))
         self.proc = subprocess.Popen([sys.executable, "-m", "moeq.evaluate.engine", str(Path(self.tmp.name) / "job.json")],
-                                     env=engine_env())
+                                     env=engine_env() | {"MOEQ_DRIVER_PID": str(os.getpid())})
 
     def done(self) -> bool:
         return self.proc.poll() is not None

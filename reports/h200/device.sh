@@ -5,6 +5,7 @@
 # folders (config files only) are made on a CPU machine and carried as checkpoints/.shape-only.
 #   bash reports/h200/device.sh STEP[=ARG] ...
 #   steps: chunk | install | sweep=MODELS[/SCHEMES] | variant=MODEL/SCHEME/KEY=VALUE | bench=MODEL/SCHEME/BATCH,...
+#          | harness=MODEL/SCHEME/BATCH
 #          | build=MODEL | wait=MODEL | outliers=MODEL
 # Everything finished is copied to $OUT at exit, also after a timeout: the ledger gets one transaction
 # per cell, so a cut-off step loses only its cell in flight, and the next call resumes from the ledger.
@@ -16,7 +17,8 @@ set -u
 W=/tmp/h200; OUT=${OUT:-$W/out}; TAG=${TAG:-}; mkdir -p "$W" "$OUT"
 export PYTHONPATH=/tmp/site:$W/pkg VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export MOEQ_CACHE=$W/cache CUDA_DEVICE_ORDER=PCI_BUS_ID  # CUDA's GPU numbers = NVML's (memory is read by NVML)
-SRC=${SRC:-.}  # the moeq that runs: the tree, or a clean `git archive` of a commit carried beside it
+SRC=${SRC:-.}  # the moeq that runs: the tree, or a clean `git archive` of a commit carried beside it:
+#   git archive HEAD core quantize evaluate recipes benchmarks reports/h200/device.sh reports/h200/plan.yaml | tar x -C .h200/src
 PLAN=$SRC/reports/h200/plan.yaml LEDGER=$W/ledger$TAG.sqlite CKPT=$W/checkpoints
 [ -f $LEDGER ] || [ ! -f $W/ledger.sqlite ] || cp $W/ledger.sqlite $LEDGER  # a new stream starts from the committed ledger
 trap 'cp -f $LEDGER "$OUT"/ 2>/dev/null; (cd $W && tar cf "$OUT/results$TAG.tar" *.json 2>/dev/null)' EXIT
@@ -69,6 +71,13 @@ step_bench() {  # vLLM's own tool at its defaults on cells moeq measured: bench=
       --random-input-len 512 --random-output-len 128 --num-prompts $batch --num-warmups $batch --max-model-len 2176 \
       --output-json $W/bench-$model-$scheme-b$batch.json 2>&1 | show
   done
+}
+
+step_harness() {  # harness=mixtral/fp8/128: moeq's cell (engine in-process and in its own process) beside vllm bench
+  IFS=/ read -r model scheme batch <<< "$1"
+  timeout $(left) python3 $SRC/benchmarks/harness_vs_vllm_bench.py --model $CKPT/.shape-only/$model/$scheme \
+    --weights dummy --tokenizer $W/tokenizer --batch $batch --engine-process inprocess,separate \
+    --out $W/harness-$model-$scheme-b$batch.json 2>&1 | tee -a "$OUT/device$TAG.log" | grep -E '^(moeq|vllm bench|ratio)|Error'
 }
 
 # Issue 10: the embedded moe-500m, trained here (quantize/gpubuild.py; reports/h200/BUILD-PLAN.md). It needs only

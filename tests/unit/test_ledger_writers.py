@@ -1,4 +1,5 @@
-"""`moeq ledger merge`: cells measured in another copy of a ledger (a second GPU's stream) come in whole."""
+"""`moeq ledger merge`: cells measured in another copy of a ledger (a second GPU's stream) come in whole;
+and an engine whose driver is gone stops before it writes to any ledger."""
 import sqlite3
 import subprocess
 import sys
@@ -48,3 +49,13 @@ def test_merge_verb_refuses_a_missing_ledger(tmp_path):
     assert out.returncode == 2 and "no ledger at" in out.stderr and "nope.sqlite" in out.stderr
     with sqlite3.connect(tmp_path / "main.sqlite") as db:
         assert db.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 2
+
+
+def test_an_engine_whose_driver_is_gone_measures_nothing(tmp_path):
+    """A driver killed while its engine process was starting: the engine sees another parent and stops."""
+    job = tmp_path / "job.json"
+    job.write_text("{}")
+    env = {**__import__("os").environ, "MOEQ_DRIVER_PID": "1"}  # not this test's pid, the engine's real parent
+    out = subprocess.run([sys.executable, "-m", "moeq.evaluate.engine", str(job)], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode == 1 and "ended before this engine started" in out.stderr
