@@ -35,12 +35,17 @@ def check_environment(verb: str, environment: str | None):
                         f"installed in {sys.prefix}): {command} {shlex.join(sys.argv[1:])}")
 
 
+def command(module: str) -> str:
+    """The verb's name on the command line: its module's, with dashes (moeq.evaluate.verbs.serve_bench -> serve-bench)."""
+    return module.rsplit(".", 1)[1].replace("_", "-")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="moeq", description="quantize Mixture-of-Experts LLMs and measure what it buys")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for name in VERBS:
         verb = importlib.import_module(name)
-        p = sub.add_parser(name.rsplit(".", 1)[1].replace("_", "-"), help=verb.HELP, description=verb.HELP)
+        p = sub.add_parser(command(name), help=verb.HELP, description=verb.HELP)
         verb.add_args(p)
         p.set_defaults(verb_module=verb)
     args = parser.parse_args(argv)

@@ -153,8 +153,8 @@ def test_unwritable_output_folder(tiny_model, tmp_path):
 
 
 def test_help_on_every_verb_in_both_environments():
-    from moeq.cli import VERBS
-    verbs = [v.rsplit(".", 1)[1] for v in VERBS]
+    from moeq.cli import VERBS, command
+    verbs = [command(v) for v in VERBS]
     for python in (sys.executable, QUANT_PYTHON):
         for verb in ("", *verbs):
             proc = subprocess.run([python, "-m", "moeq.cli", *verb.split(), "--help"],
