@@ -131,10 +131,7 @@ class KernelLog(logging.Handler):
             self.lines.append(msg)
 
     def summary(self) -> list[dict]:
-        found = kernels.summary(self.lines)
-        return [{"metric": "moe_kernel", "value": None, "note": found["moe_kernel"]},
-                {"metric": "moe_config", "value": None, "note": found["moe_config"]},
-                {"metric": "vllm_log", "value": None, "note": "\n".join(self.lines)}]
+        return kernels.metrics(self.lines)
 
 
 def build_engine(job: Job, llm_args: dict):

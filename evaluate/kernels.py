@@ -31,3 +31,12 @@ def summary(lines: list[str]) -> dict:
     else:
         config = "not logged"
     return {"moe_kernel": kernel, "moe_config": config}
+
+
+def metrics(lines: list[str]) -> list[dict]:
+    """The ledger's record of one engine's MoE kernel: the summary and the log lines it came from."""
+    lines = list(dict.fromkeys(line for line in lines if LOG_LINES.search(line)))
+    found = summary(lines)
+    return [{"metric": "moe_kernel", "value": None, "note": found["moe_kernel"]},
+            {"metric": "moe_config", "value": None, "note": found["moe_config"]},
+            {"metric": "vllm_log", "value": None, "note": "\n".join(lines)}]

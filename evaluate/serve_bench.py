@@ -246,6 +246,9 @@ def bench_target(target, settings, load: Load, ledger_path: Path, port: int, for
                     break  # beyond saturation only the queue grows
             for c in load.concurrency:
                 cell(load.cell(concurrency=c), None, c, f"concurrency {c}")
+        if server is not None:  # the kernel the server's engine chose, from its log (kind of its own: perf keeps its)
+            lines = (folder / "server.log").read_text(errors="replace").splitlines()
+            ledger.write(key, "serve-engine", "kernel", kernels.metrics(lines), env_id=env_id, checkpoint=job.checkpoint)
     except ServerFailed as e:
         if reason := refusal(e):
             reason = f"unsupported on {device[0]}: {reason}"

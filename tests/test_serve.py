@@ -79,6 +79,10 @@ def test_ladder_to_saturation_and_concurrency_sweep_into_the_ledger(served):
         assert m["output_throughput"] == pytest.approx(16 * m["request_throughput"], rel=0.01)
         assert 64 <= m["input_tokens"] / m["completed"] <= 192
     assert "saturated at" in log and "highest sustained under the SLO" in log
+    # the server's MoE kernel, read from its own log, beside (not over) what moeq eval's engines record
+    with sqlite3.connect(ledger) as db:
+        kernel = dict(db.execute("SELECT metric, note FROM results WHERE kind = 'serve-engine' AND cell = 'kernel'"))
+    assert set(kernel) == {"moe_kernel", "moe_config", "vllm_log"} and kernel["moe_kernel"]
 
 
 def test_report_has_a_serving_page(served, tmp_path):
@@ -90,6 +94,7 @@ def test_report_has_a_serving_page(served, tmp_path):
     assert re.search(r"\| bf16 \| 128 ± 50% / 16 \| TTFT p99 ≤ 2 s, ITL p99 ≤ 100 ms \| 32, 64.* \| [0-9.]+ \| "
                      r"saturated at \d+ req/s", page), page
     assert "FP8 raises throughput by 20-30%: not measured under load" in page
+    assert "MoE kernel (Triton config)" in page and "not recorded" not in page
     assert (tmp_path / "r" / "report-serving.png").stat().st_size > 10_000
 
 

@@ -75,10 +75,10 @@ def memory_table(results: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def kernel_table(results: pd.DataFrame) -> pd.DataFrame:
+def kernel_table(results: pd.DataFrame, kind: str = "engine") -> pd.DataFrame:
     """Per engine: the MoE kernel vLLM logged, and whether its Triton config was tuned for the device
-    (summarised anew from the recorded log lines)."""
-    logs = results[(results.kind == "engine") & (results.metric == "vllm_log")]
+    (summarised anew from the recorded log lines). kind "serve-engine": the servers of `moeq serve-bench`."""
+    logs = results[(results.kind == kind) & (results.metric == "vllm_log")]
     rows = [dict(zip(KEY, (getattr(r, k) for k in KEY))) | kernels.summary((r.note or "").splitlines())
             for r in logs.itertuples()]
     return pd.DataFrame(rows, columns=KEY + ["moe_kernel", "moe_config"])
@@ -284,7 +284,7 @@ def build_report(ledger_path: Path, name: str = "default", out_root: Path = Path
               "memory": mem, "findings": precision_findings(perf, formats, settings),
               "recommendations": headline.recommendations(verdict, perf, mem, keys, settings, groups), "keys": keys}
     serve = serving.serve_table(results)  # issue 17: `moeq serve-bench` rows
-    tables |= {"serving": serve, "serving_capacity": serving.capacity_table(serve),
+    tables |= {"serving": serve, "serving_capacity": serving.capacity_table(serve, kernel_table(results, "serve-engine")),
                "serving_claims": serving.claim_table(serve, verdicts.scheme_claims(claims["claims"]), formats)}
     with staged_dir(final) as tmp:
         render.write_all(tmp, name, ledger_path, tables, unsupported, env, settings, claims, formats, log)

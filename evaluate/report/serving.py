@@ -89,8 +89,11 @@ def ladder_rows(serve: pd.DataFrame) -> dict:
     return {k: g for k, g in rates.groupby(GROUP + ["scheme", *SHAPE])}
 
 
-def capacity_table(serve: pd.DataFrame) -> pd.DataFrame:
-    """Per ladder: the highest rate sustained under the SLO, saturation, and the interpolated capacity."""
+def capacity_table(serve: pd.DataFrame, kernels: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per ladder: the highest rate sustained under the SLO, saturation, the interpolated capacity, and the
+    MoE kernel the server's engine chose (kernels: per engine key, from the server log)."""
+    found = {tuple(r[:len(KEY)]): f"{r.moe_kernel} ({r.moe_config})" for r in
+             (kernels if kernels is not None else pd.DataFrame(columns=KEY)).itertuples(index=False)}
     rows = []
     for key, g in ladder_rows(serve).items():
         slo = json.loads(g.slo.iloc[0] or "null") or {}
@@ -100,7 +103,8 @@ def capacity_table(serve: pd.DataFrame) -> pd.DataFrame:
                      "rates": ", ".join(f"{x:g}" for x in g.level), "max_rate_under_slo": outcome["max_rate_under_slo"],
                      "saturated_at": outcome["saturated_at"], "capacity": cap, "capacity_kind": how,
                      "outcome": outcome["text"], "runs_per_rate": int(min(len(json.loads(r.runs).get(
-                         "request_throughput", [0])) for r in g.itertuples()))})
+                         "request_throughput", [0])) for r in g.itertuples())),
+                     "moe_kernel": found.get(tuple(g.iloc[0][k] for k in KEY), "not recorded")})
     return pd.DataFrame(rows)
 
 
@@ -181,7 +185,7 @@ def capacity_display(cap: pd.DataFrame) -> pd.DataFrame:
         "SLO": cap.slo, "Rates tried, req/s": cap.rates,
         "Capacity under the SLO, req/s": [("≥ " if r.capacity_kind == "lower bound" else "< " if r.capacity_kind ==
                                            "upper bound" else "") + f"{r.capacity:.3g}" for r in cap.itertuples()],
-        "Ladder": cap.outcome, "Runs per rate": cap.runs_per_rate})
+        "Ladder": cap.outcome, "Runs per rate": cap.runs_per_rate, "MoE kernel (Triton config)": cap.moe_kernel})
 
 
 def rows_display(serve: pd.DataFrame) -> pd.DataFrame:
