@@ -71,9 +71,13 @@ def vllm_bench(a) -> dict:
 def side(a, process: str) -> dict:
     """moeq's cell in a fresh interpreter, so each side gets its own engine and CUDA context."""
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": PROCESS_ENV[process]}
-    argv = [sys.executable, __file__, *sys.argv[1:], "--one-side", process]
-    out = subprocess.run(argv, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "side.json"  # vLLM prints on stdout too, also at exit
+        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one-side", process, "--side-out", str(out)],
+                              capture_output=True, text=True, env=env)
+        if proc.returncode or not out.exists():
+            sys.exit(f"moeq's cell ({process} engine) failed:\n{proc.stderr[-3000:]}")
+        return json.loads(out.read_text())
 
 
 def main():
@@ -88,9 +92,10 @@ def main():
     p.add_argument("--engine-process", default="inprocess", help="comma list of: " + ", ".join(PROCESS_ENV))
     p.add_argument("--out", help="also write the numbers here as JSON")
     p.add_argument("--one-side", choices=list(PROCESS_ENV), help=argparse.SUPPRESS)
+    p.add_argument("--side-out", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one_side:
-        print(json.dumps(moeq_cell(a)))
+        Path(a.side_out).write_text(json.dumps(moeq_cell(a)))
         return
     processes = a.engine_process.split(",")
     if bad := [x for x in processes if x not in PROCESS_ENV]:
