@@ -64,11 +64,13 @@ class Load:
         return int(min(self.max_prompts, max(self.min_prompts, math.ceil(want))))
 
 
-def tokenizer_for(target: run.Target) -> str:
-    """A folder with the model's tokenizer: the checkpoint's own, else (shape-only) the registry model's
-    built folder or its hub snapshot's tokenizer files. The server detokenizes like any deployment."""
+def tokenizer_for(target: run.Target, shape_tokenizer: str | None = None) -> str:
+    """A folder with the model's tokenizer: the checkpoint's own, else (shape-only) the one given, the registry
+    model's built folder or its hub snapshot's tokenizer files. The server detokenizes like any deployment;
+    shape-only prompts are random tokens, so any tokenizer whose vocabulary fits the model's will do."""
     candidates = [Path(target.path)]
     if target.provenance.startswith("shape-only"):
+        candidates += [Path(shape_tokenizer)] if shape_tokenizer else []
         model = registry.resolve(target.model, need_weights=False)
         if model.path:
             candidates.append(Path(model.path))
@@ -181,7 +183,7 @@ def refusal(failed: ServerFailed) -> str | None:
 
 
 def bench_target(target, settings, load: Load, ledger_path: Path, port: int, force: bool, start_timeout: float,
-                 log=print) -> dict:
+                 log=print, shape_tokenizer: str | None = None) -> dict:
     """Every rate and concurrency of one (model, scheme); returns the ladder's outcome."""
     from moeq.evaluate.engine import device_name, env_record
     job = run.job_for(target, ledger_path, settings, [], 1, [], None, force)  # identity, as `moeq eval` records it
@@ -192,7 +194,7 @@ def bench_target(target, settings, load: Load, ledger_path: Path, port: int, for
     ledger.add_settings(settings.profile, {**settings.shared(), "non_default": settings.non_default()})
     folder = ledger_path.parent / "serve" / target.model / target.scheme / settings.profile
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = tokenizer_for(target)
+    tokenizer = tokenizer_for(target, shape_tokenizer)
     shape_only = target.provenance.startswith("shape-only")
     extra = {"load_format": "dummy", "tokenizer": tokenizer} if shape_only else {}
     flags = server_flags(target.path, settings.llm, extra)
@@ -266,7 +268,7 @@ def bench_target(target, settings, load: Load, ledger_path: Path, port: int, for
 
 def serve_bench(models=None, schemes=None, weights="real", routing=None, engine_args=None, load: Load | None = None,
                 ledger=Path("results/ledger.sqlite"), checkpoints=Path("checkpoints"), port=8000, force=False,
-                start_timeout=900, log=print) -> int:
+                start_timeout=900, log=print, shape_tokenizer: str | None = None) -> int:
     load = load or Load()
     if weights not in ("real", "dummy"):
         raise UserError(f"unknown WEIGHTS {weights!r}; valid: real, dummy")
@@ -285,7 +287,7 @@ def serve_bench(models=None, schemes=None, weights="real", routing=None, engine_
         Ledger(ledger).close()  # an unusable ledger is an error before any server starts
         for target in targets:
             try:
-                bench_target(target, settings, load, Path(ledger), port, force, start_timeout, log)
+                bench_target(target, settings, load, Path(ledger), port, force, start_timeout, log, shape_tokenizer)
             except ServerFailed as e:
                 log(f"[serve] ERROR: {target.model} / {target.scheme}: {e}")
                 failures.append(f"{target.model} / {target.scheme}")

@@ -33,6 +33,9 @@ def add_args(p):
     p.add_argument("--slo", default=env_default("SLO", "ttft:2000,itl:100"),
                    help="p99 bounds in ms, KEY:MS among ttft, itl, tpot, e2el (default ttft:2000,itl:100)")
     p.add_argument("--port", default=env_default("PORT", "8000"), help="first port tried on 127.0.0.1 (default 8000)")
+    p.add_argument("--tokenizer", default=env_default("TOKENIZER"),
+                   help="shape-only: a tokenizer folder for the server when the model's own is not at hand (random-"
+                        "token prompts: any whose vocabulary fits the model's)")
     p.add_argument("--start-timeout", default=env_default("START_TIMEOUT", "900"), help="seconds to wait for /health")
     p.add_argument("--force", action="store_true", help="re-measure what the ledger has (MOEQ_FORCE=1)")
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
@@ -80,4 +83,4 @@ def run(args):
                        engine_args=engine_args(args), load=load, ledger=Path(args.ledger),
                        checkpoints=Path(args.checkpoints), port=int_at_least(args.port, "--port", 1024),
                        force=args.force or env_flag("FORCE"),
-                       start_timeout=number(args.start_timeout, "--start-timeout", 1))
+                       start_timeout=number(args.start_timeout, "--start-timeout", 1), shape_tokenizer=args.tokenizer)

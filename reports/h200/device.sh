@@ -5,7 +5,7 @@
 # folders (config files only) are made on a CPU machine and carried as checkpoints/.shape-only.
 #   bash reports/h200/device.sh STEP[=ARG] ...
 #   steps: chunk | install | sweep=MODELS[/SCHEMES] | variant=MODEL/SCHEME/KEY=VALUE | bench=MODEL/SCHEME/BATCH,...
-#          | harness=MODEL/SCHEME/BATCH
+#          | harness=MODEL/SCHEME/BATCH | serve=MODEL/SCHEMES
 #          | build=MODEL | wait=MODEL | outliers=MODEL
 # Everything finished is copied to $OUT at exit, also after a timeout: the ledger gets one transaction
 # per cell, so a cut-off step loses only its cell in flight, and the next call resumes from the ledger.
@@ -25,13 +25,16 @@ trap 'cp -f $LEDGER "$OUT"/ 2>/dev/null; (cd $W && tar cf "$OUT/results$TAG.tar"
 END=$((SECONDS + ${BUDGET:-560}))  # every step stops in time for the trap to run inside the call's limit
 left() { echo $((END - SECONDS > 5 ? END - SECONDS : 5)); }
 # moeq's own lines and vLLM's kernel choice on the console; everything in $OUT/device.log
-show() { tee -a "$OUT/device$TAG.log" | grep --line-buffered -E '^\[(eval|sweep)\]|run [0-9]/|MoE backend|MoE config|Throughput|Error|error:|Traceback' ; }
+show() { tee -a "$OUT/device$TAG.log" | grep --line-buffered -E '^\[(eval|sweep|serve)\]|run [0-9]/|MoE backend|MoE config|Throughput|Error|error:|Traceback' ; }
 
 step_chunk() { mkdir -p /tmp/chunks && cp .device/p*/part* /tmp/chunks/ && ls /tmp/chunks | tr '\n' ' '; }
 
 step_install() {
   step_chunk
   cat /tmp/chunks/part* | tar x -C /tmp && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/whl/*.whl || return 1
+  # vLLM's OpenAI server (serve=) also needs uvicorn and python-multipart, which the bundle's resolver left out:
+  # .device/serve holds them (pip download, manylinux cp312), carried in this call when serving is planned
+  if [ -d .device/serve ]; then python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/serve/*.whl || return 1; fi
   # a frozen copy of moeq: later calls run the code this call brought, whatever the tree holds then
   # laid out as pyproject.toml installs it: core/ is the package moeq, the rest its subpackages
   rm -rf $W/pkg && mkdir -p $W/pkg && cp -r $SRC/core $W/pkg/moeq && (cd $SRC && cp -r quantize evaluate recipes $W/pkg/moeq/)
@@ -71,6 +74,13 @@ step_bench() {  # vLLM's own tool at its defaults on cells moeq measured: bench=
       --random-input-len 512 --random-output-len 128 --num-prompts $batch --num-warmups $batch --max-model-len 2176 \
       --output-json $W/bench-$model-$scheme-b$batch.json 2>&1 | show
   done
+}
+
+step_serve() {  # serve=mixtral/bf16,fp8: vLLM's OpenAI server under a Poisson rate ladder (reports/h200/serve-plan.md)
+  local models=${1%%/*} schemes=${1#*/}
+  timeout $(left) python3 -m moeq.cli serve-bench --model "$models" --scheme "$schemes" --weights dummy \
+    --tokenizer $W/tokenizer --rate-start 4 --max-rates 6 --seconds 20 --concurrency 1,16,64 --input-len 512 \
+    --output-len 128 --ledger $LEDGER --checkpoints $CKPT 2>&1 | show
 }
 
 step_harness() {  # harness=mixtral/fp8/128: moeq's cell (engine in-process and in its own process) beside vllm bench

@@ -168,3 +168,17 @@ def test_a_failed_servers_root_error_is_vllms_own():
     assert root_error(log) == "ValueError: No available memory for the cache blocks."
     assert root_error("RuntimeError: Engine core initialization failed. See root cause above.") is None
     assert root_error("torch._dynamo.exc.Unsupported: warning_once") == "torch._dynamo.exc.Unsupported: warning_once"
+
+
+def test_a_shape_only_server_takes_the_tokenizer_given_and_says_where_it_looked(tmp_path):
+    from moeq.evaluate.run import Target
+    from moeq.evaluate.serve_bench import tokenizer_for
+    shape = tmp_path / "mixtral" / "fp8"
+    shape.mkdir(parents=True)
+    given = tmp_path / "words"
+    given.mkdir()
+    target = Target("mixtral", "fp8", shape, "shape-only")
+    with pytest.raises(UserError, match=f"no tokenizer for mixtral .*{given}"):
+        tokenizer_for(target, str(given))  # an empty folder is named, not taken
+    (given / "tokenizer.json").write_text("{}")
+    assert tokenizer_for(target, str(given)) == str(given)
