@@ -141,8 +141,10 @@ def blocks(name, ledger_path, tables_, unsupported, env, settings, claims, forma
 METHODS_MD = (
     "Comparisons: a scheme is compared only with the bf16 row of the same model, provenance (real weights or "
     "shape-only), backend, device and engine settings (the settings id; the scheme's own vLLM `quantization` "
-    "argument aside). Performance: each cell (batch B, input length I, output length O) runs once "
-    "untimed, then n timed repeats (over 2+ engine starts where `Engines` says so, so that the interval holds "
+    "argument aside). Performance: vLLM's offline `LLM` with its engine in moeq's engine process "
+    "(`VLLM_ENABLE_V1_MULTIPROCESSING=0`; `vllm bench` and servers run it in a process of its own), greedy, "
+    "`ignore_eos` and `min_tokens` = O; each cell (batch B, input length I, output length O) runs once "
+    "untimed (decoding `warmup_tokens` tokens where the settings name them), then n timed repeats (over 2+ engine starts where `Engines` says so, so that the interval holds "
     "engine-restart variance; else within one engine only); tables show the median of the repeats, and spread = "
     "(max − min) / median. Throughput = B·(I+O) / latency. TTFT p50/p99 over the requests of a run; ITL p50/p99 "
     "over every inter-token gap of every request (vLLM's own per-token statistic), each the median over runs; "
