@@ -54,7 +54,8 @@ def heldout_stream(tokenizer) -> list[int]:
     ids = []
     for text in corpus.texts("heldout"):
         ids.extend(tokenizer.encode(text, add_special_tokens=False, verbose=False))  # files exceed model_max_length: no warning
-        ids.append(tokenizer.eos_token_id)
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
     return ids
 
 
@@ -67,11 +68,6 @@ def prompt_maker(source: str, llm, vocab: int):
     else:
         make = lambda b, n, seed: random_ids(b, n, vocab, seed)
     return lambda b, n, seed: [TokensPrompt(prompt_token_ids=ids) for ids in make(b, n, seed)]
-
-
-def prompts(batch: int, input_len: int, vocab: int, seed: int | str):
-    from vllm.inputs import TokensPrompt
-    return [TokensPrompt(prompt_token_ids=ids) for ids in random_ids(batch, input_len, vocab, seed)]
 
 
 def weights_bytes(llm) -> int:
@@ -133,7 +129,7 @@ def run_cell(llm, batch: int, input_len: int, output_len: int, vocab: int, repea
              make_prompts=None, speculating: bool = False) -> list[dict]:
     from vllm import SamplingParams
     from moeq.evaluate import speculative
-    make_prompts = make_prompts or (lambda b, n, seed: prompts(b, n, vocab, seed))
+    make_prompts = make_prompts or prompt_maker(RANDOM, llm, vocab)
     sampling = lambda n: SamplingParams(max_tokens=n, min_tokens=n, ignore_eos=True, temperature=0.0, detokenize=False)
     params = sampling(output_len)
     name = cell_name(batch, input_len, output_len)

@@ -89,10 +89,10 @@ def tokenizer_for(target: run.Target, shape_tokenizer: str | None = None) -> str
 
 @lru_cache(maxsize=4)
 def heldout_ids(tokenizer: str) -> tuple:
+    """The tokenizer and the held-out split as one token stream, as perf cells read it."""
     from transformers import AutoTokenizer
-    from moeq import corpus
     tok = AutoTokenizer.from_pretrained(tokenizer)
-    return tok, tuple(tok("\n".join(corpus.texts("heldout")), add_special_tokens=False).input_ids)
+    return tok, tuple(perf.heldout_stream(tok))
 
 
 def write_corpus_prompts(path: Path, tokenizer: str, n: int, load: Load, seed: str):
@@ -106,7 +106,8 @@ def write_corpus_prompts(path: Path, tokenizer: str, n: int, load: Load, seed: s
     with open(path, "w") as f:
         for length in lengths:
             start = int(rng.integers(0, len(ids) - length))
-            f.write(json.dumps({"prompt": tok.decode(ids[start:start + int(length)])}) + "\n")
+            # the stream's file separators (EOS) are not sent as text
+            f.write(json.dumps({"prompt": tok.decode(ids[start:start + int(length)], skip_special_tokens=True)}) + "\n")
 
 
 def client_args(server: Server, model_path: str, tokenizer: str, load: Load, rate, concurrency, n: int, seed: int,
