@@ -7,9 +7,11 @@ experts a batch touches (weight bytes read per decode step) and how full each ex
 * `--routing zipf:S` (shape-only runs, evaluate/settings.py): vLLM's routing simulator picks each
   token's top-k experts by Gumbel-top-k over a Zipf(S) law (expert e has weight 1/(e+1)^S), in every
   MoE layer; the routing is part of the rows' engine settings, so they never share a ratio with others.
-* `moeq routing CHECKPOINT[:dummy][:zipfS][:lN] ...`: the expert load that vLLM
+* `moeq routing CHECKPOINT[:dummy][:ROUTING][:lN] ...`: the expert load that vLLM
   itself routes (enable_return_routed_experts), per layer, as JSON: max/mean load, coefficient of
-  variation, normalized entropy (1 = perfectly even).
+  variation, normalized entropy (1 = perfectly even). ROUTING is the checkpoint's router by default,
+  or one a sweep uses (a vLLM simulation strategy such as uniform_random, or zipfS), so the load of
+  the very routing behind a row can be checked.
 """
 import os
 
@@ -51,7 +53,7 @@ def load_stats(routed: np.ndarray, num_experts: int) -> dict:
     return {"tokens": int(routed.shape[0]), "layers": len(layers), "median": summary, "per_layer": layers}
 
 
-def probe(path: str, dummy: bool, zipf: float | None, layers: int | None, prompts: int, input_len: int,
+def probe(path: str, dummy: bool, routing: str, layers: int | None, prompts: int, input_len: int,
           seed: int = 0, **engine) -> dict:
     """One engine (eager, routed-expert capture on) over random-token prompts; the load it routed."""
     import gc
@@ -60,9 +62,12 @@ def probe(path: str, dummy: bool, zipf: float | None, layers: int | None, prompt
     from vllm import LLM, SamplingParams, envs
     from vllm.inputs import TokensPrompt
     envs.disable_envs_cache()  # the router kind is read from the environment at each engine's start
-    os.environ.pop("VLLM_MOE_ROUTING_SIMULATION_STRATEGY", None)
-    if zipf is not None:
-        install(zipf)
+    from moeq.evaluate.settings import MODEL_ROUTING, ROUTING_ENV, parse_zipf
+    os.environ.pop(ROUTING_ENV, None)
+    if routing.startswith("zipf:"):
+        install(parse_zipf(routing))
+    elif routing != MODEL_ROUTING:
+        os.environ[ROUTING_ENV] = routing
     cfg = AutoConfig.from_pretrained(path)
     from moeq.registry import experts_per_layer
     experts = experts_per_layer(cfg)
@@ -81,5 +86,5 @@ def probe(path: str, dummy: bool, zipf: float | None, layers: int | None, prompt
     gc.collect()
     torch.cuda.empty_cache()
     return {"checkpoint": path, "weights": "dummy" if dummy else "real",
-            "routing": f"zipf:{zipf:g}" if zipf is not None else "model's router", "num_experts": experts,
+            "routing": routing if routing != MODEL_ROUTING else "model's router", "num_experts": experts,
             **load_stats(routed, experts)}

@@ -5,7 +5,7 @@
 # folders (config files only) are made on a CPU machine and carried as checkpoints/.shape-only.
 #   bash reports/h200/device.sh STEP[=ARG] ...
 #   steps: chunk | install | sweep=MODELS[/SCHEMES] | variant=MODEL/SCHEME/KEY=VALUE | bench=MODEL/SCHEME/BATCH,...
-#          | harness=MODEL/SCHEME/BATCH | serve=MODEL/SCHEMES
+#          | harness=MODEL/SCHEME/BATCH | serve=MODEL/SCHEMES | routing=MODEL/SCHEME,...
 #          | build=MODEL | wait=MODEL | outliers=MODEL
 # Everything finished is copied to $OUT at exit, also after a timeout: the ledger gets one transaction
 # per cell, so a cut-off step loses only its cell in flight, and the next call resumes from the ledger.
@@ -25,7 +25,7 @@ trap 'cp -f $LEDGER "$OUT"/ 2>/dev/null; (cd $W && tar cf "$OUT/results$TAG.tar"
 END=$((SECONDS + ${BUDGET:-560}))  # every step stops in time for the trap to run inside the call's limit
 left() { echo $((END - SECONDS > 5 ? END - SECONDS : 5)); }
 # moeq's own lines and vLLM's kernel choice on the console; everything in $OUT/device.log
-show() { tee -a "$OUT/device$TAG.log" | grep --line-buffered -E '^\[(eval|sweep|serve)\]|run [0-9]/|MoE backend|MoE config|Throughput|Error|error:|Traceback' ; }
+show() { tee -a "$OUT/device$TAG.log" | grep --line-buffered -E '^\[(eval|sweep|serve)\]|^routing:|run [0-9]/|MoE backend|MoE config|Throughput|Error|error:|Traceback' ; }
 
 step_chunk() { mkdir -p /tmp/chunks && cp .device/p*/part* /tmp/chunks/ && ls /tmp/chunks | tr '\n' ' '; }
 
@@ -88,6 +88,12 @@ step_harness() {  # harness=mixtral/fp8/128: moeq's cell (engine in-process and 
   timeout $(left) python3 $SRC/benchmarks/harness_vs_vllm_bench.py --model $CKPT/.shape-only/$model/$scheme \
     --weights dummy --tokenizer $W/tokenizer --batch $batch --engine-process inprocess,separate \
     --out $W/harness-$model-$scheme-b$batch.json 2>&1 | tee -a "$OUT/device$TAG.log" | grep -E '^(moeq|vllm bench|ratio)|Error'
+}
+
+step_routing() {  # routing=qwen3moe/bf16,...: expert load of each shape's dummy router and of the sweep's uniform_random
+  local probes=
+  for folder in ${1//,/ }; do probes+=" $CKPT/.shape-only/$folder:dummy:l8 $CKPT/.shape-only/$folder:dummy:uniform_random:l8"; done
+  timeout $(left) python3 -m moeq.cli routing $probes --prompts 16 --input-len 512 --out $W/routing$TAG.json 2>&1 | show
 }
 
 # Issue 10: the embedded moe-500m, trained here (quantize/gpubuild.py; reports/h200/BUILD-PLAN.md). It needs only

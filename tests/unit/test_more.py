@@ -96,6 +96,18 @@ def test_routing_names_are_checked_against_vllms_strategies():
         settings.check_routing("zipf:-2", strategies=[])
 
 
+def test_routing_probe_specs_name_the_routing_behind_a_row():
+    from moeq.evaluate.verbs.routing import parse_probe
+    sims = ["uniform_random", "normal_routing"]
+    assert parse_probe("ck/bf16", sims) == ("ck/bf16", False, "model", None)
+    assert parse_probe("ck/bf16:dummy:uniform_random:l4", sims) == ("ck/bf16", True, "uniform_random", 4)
+    assert parse_probe("ck:dummy:zipf1.5:l8", sims) == ("ck", True, "zipf:1.5", 8)
+    with pytest.raises(UserError, match="unknown routing 'uniform'; valid: model .* uniform_random, normal_routing"):
+        parse_probe("ck:dummy:uniform", sims)
+    with pytest.raises(UserError, match="one routing per probe, got zipf1, uniform_random"):
+        parse_probe("ck:zipf1:uniform_random", sims)
+
+
 # ---- sweep plan keys ------------------------------------------------------------------------------
 
 PLAN = {"weights": "dummy", "models": ["mixtral"], "schemes": ["bf16", "fp8"], "cells": [[1, 512, 128]],
