@@ -70,7 +70,8 @@ def vllm_bench(a) -> dict:
 
 def side(a, process: str) -> dict:
     """moeq's cell in a fresh interpreter, so each side gets its own engine and CUDA context."""
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": PROCESS_ENV[process]}
+    # engine_settings() initializes CUDA before LLM() starts: a forked engine process could not use it
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": PROCESS_ENV[process], "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "side.json"  # vLLM prints on stdout too, also at exit
         proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one-side", process, "--side-out", str(out)],

@@ -82,3 +82,10 @@ def test_qwen3_235b_a22b(scheme, tmp_path):
     assert qc["ignore"] == [f"model.layers.{i}.mlp.gate" for i in range(94)] + ["lm_head"]
     manifest = read_json(tmp_path / "qwen3-235b-a22b" / scheme / "manifest.json")
     assert manifest["hub_id"] == "Qwen/Qwen3-235B-A22B" and manifest["full_precision_ragged_groups"] == {}
+
+
+def test_routing_probe_names_an_unknown_routing_before_any_engine():
+    from conftest import serve_moeq
+    proc = serve_moeq("routing", "some/ckpt:dummy:uniform:l4", check=False, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "unknown routing 'uniform'; valid: model" in proc.stderr and "uniform_random" in proc.stderr

@@ -34,14 +34,20 @@ def parse_probe(spec: str, strategies: list[str] | None = None) -> tuple[str, bo
 
 
 def run(args):
+    import multiprocessing
     import os
+    from concurrent.futures import ProcessPoolExecutor
     from moeq.evaluate.routing import probe
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     engine = dict(engine_arg(a) for a in args.engine_arg)
     probes = [parse_probe(spec) for spec in args.probe]  # every spec checked before the first engine starts
     results = []
+    # one fresh process per probe: an engine in a process that already held one starts without its memory
+    # (vLLM 0.26 on an H200 kept ~127 GiB after the first probe), and routing is read at engine start
+    spawn = multiprocessing.get_context("spawn")
     for spec, (path, dummy, routing, layers) in zip(args.probe, probes):
-        r = probe(path, dummy, routing, layers, args.prompts, args.input_len, **engine)
+        with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+            r = pool.submit(probe, path, dummy, routing, layers, args.prompts, args.input_len, **engine).result()
         results.append(r)
         print(f"routing: {spec}: {json.dumps(r['median'])} ({r['tokens']} tokens, {r['layers']} layers)", flush=True)
         if args.out:
