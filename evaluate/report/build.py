@@ -215,13 +215,24 @@ def precision_findings(perf: pd.DataFrame, formats: dict, settings: dict) -> pd.
                 variants = p[(p.model == gkey["model"]) & (p.device == gkey["device"]) & (p.cell == gkey["cell"])
                              & (p.provenance == gkey["provenance"]) & (p.settings != gkey["settings"])
                              & p.scheme.isin([a, b])]
-                found = (_variant(v, settings) for v in variants.itertuples())
+                found = (_variant(v, settings) for v in variants.itertuples()
+                         if _without_backend(settings, v.settings) == _without_backend(settings, gkey["settings"]))
                 rows.append({**gkey, "scheme_a": a, "scheme_b": b, "throughput_a": by.throughput[a],
                              "throughput_b": by.throughput[b], "ratio": ratio,
-                             "kernel_a": f"{by.moe_kernel.get(a)} ({by.moe_config.get(a)})",
-                             "kernel_b": f"{by.moe_kernel.get(b)} ({by.moe_config.get(b)})",
+                             "kernel_a": _kernel(by, a), "kernel_b": _kernel(by, b),
                              "variants": "; ".join(v for v in found if v)})
     return pd.DataFrame(rows)
+
+
+def _kernel(by: pd.DataFrame, scheme: str) -> str:
+    kernel = by.moe_kernel.get(scheme)
+    return f"{kernel} ({by.moe_config.get(scheme)})" if isinstance(kernel, str) else "not recorded (rows before kernels were)"
+
+
+def _without_backend(settings: dict, sid: str) -> dict | None:
+    """A row's non-default engine settings but moe_backend: a kernel variant differs from its row only there."""
+    record = settings.get(sid)
+    return None if record is None else {k: v for k, v in record.get("non_default", {}).items() if k != "moe_backend"}
 
 
 def _variant(v, settings: dict) -> str | None:

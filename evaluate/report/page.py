@@ -44,7 +44,7 @@ def device_body(device, groups, all_groups, tables_, claims, formats, folder) ->
     out = [("h2", f"{device}: models × schemes"),
            ("p", "Throughput change vs bf16 of the same group [95% interval], accuracy change per task (relative, "
                  "paired interval), weights (change vs bf16) and KV capacity; each with its claim's verdict."),
-           ("table", tables.grid_display(v, perf, acc, mem, all_groups), f"{stem}-grid")]
+           ("table", tables.grid_display(v, perf, acc, mem, groups or all_groups), f"{stem}-grid")]
     made = [plots.speedup(folder, stem, all_groups, perf, verdicts.scheme_claims(claims["claims"]), formats),
             plots.memory(folder, stem, all_groups, mem), plots.accuracy(folder, stem, all_groups, acc, verdicts.scheme_claims(claims["claims"]), formats),
             plots.frontier(folder, stem, all_groups, perf)]
@@ -52,12 +52,13 @@ def device_body(device, groups, all_groups, tables_, claims, formats, folder) ->
     rest = [g for g in all_groups if g not in groups]
     if rest:
         out.append(("h2", f"{device}: claims at other settings"))
-        inner = claim_paragraphs(headline.claim_sentences(v, perf, rest, verdicts.scheme_claims(claims["claims"])))
+        inner = [("table", tables.grid_display(v, perf, acc, mem, rest), f"{stem}-grid-other")] if groups else []
+        inner += claim_paragraphs(headline.claim_sentences(v, perf, rest, verdicts.scheme_claims(claims["claims"])))
         rec = tables_["recommendations"]
         rec = rec[[headline.group_key(r) in rest for _, r in rec.iterrows()]] if len(rec) else rec
         if len(rec):
             inner.append(("table", tables.recommendation_display(rec), f"{stem}-deploy-other"))
-        out.append(("details", "The same sentences and picks for the groups measured at other engine settings: "
+        out.append(("details", "The grid, sentences and picks for the groups measured at other engine settings: "
                     + ", ".join(sorted({g[GROUP.index("settings")] for g in rest})), f"{stem}-other-settings", inner))
     return out
 
@@ -108,7 +109,9 @@ def blocks(name, ledger_path, tables_, unsupported, env, settings, claims, forma
                       "in throughput by more than 10%, with the MoE kernel vLLM chose for each and whether its Triton "
                       "config was tuned for the device; `variants` are the same cells measured with another "
                       "`moe_backend`, which separates the kernel from the format."),
-                ("table", tables.findings_display(found), "findings")]
+                ("p", findings_summary(found)),
+                ("details", "Every such cell, with both kernels and any kernel variant", "findings",
+                 [("table", tables.findings_display(found), "findings")])]
     out += [("h2", "The guide's other claims"),
             ("p", "Active experts, expert count, FFN width, pruning, batch size, speculative decoding, fused kernels and "
                   "single-GPU fit (issue 12): a variant of a model against the same model differing only there "
@@ -136,6 +139,17 @@ def blocks(name, ledger_path, tables_, unsupported, env, settings, claims, forma
                         "(library versions, device, commit)", "provenance",
              [("table", tables.provenance_display(keys, env, settings), "provenance")])]
     return out
+
+
+def findings_summary(found: pd.DataFrame) -> str:
+    """How many cells, and the ones whose cause a kernel variant measured, in one paragraph."""
+    measured = found[found.variants != ""]
+    lines = [f"{r.model} {r.cell} ({r.settings}): {r.scheme_a} {r.throughput_a:,.0f} vs {r.scheme_b} "
+             f"{r.throughput_b:,.0f} tok/s; {r.variants}" for r in measured.drop_duplicates(["model", "cell", "variants"])
+             .itertuples()]
+    return (f"{len(found)} cells in {found.groupby(['model', 'settings']).ngroups} groups. "
+            + ("Measured with a kernel variant: " + " · ".join(lines) + "." if lines
+               else "No kernel variant measured yet: each cell names the kernels only."))
 
 
 METHODS_MD = (

@@ -39,3 +39,21 @@ def test_committed_h200_report_reads_in_one_sitting():
     assert len(text.encode()) < 30_000 and "## NVIDIA H200: the answer" in text.split("## Contents")[0]
     for link in __import__("re").findall(r"\]\(([\w.-]+\.md)\)", text):
         assert (readme.parent / link).is_file(), link
+
+
+def test_a_kernel_variant_attaches_only_to_rows_of_its_own_settings():
+    from moeq.evaluate.report.build import precision_findings
+    fp8 = {"weights": "float8", "activations": "float8"}
+    row = lambda scheme, settings, tps, kernel: {"model": "m", "provenance": "shape-only", "backend": "vllm",
+                                                 "device": "H200", "settings": settings, "cell": "b1",
+                                                 "scheme": scheme, "throughput": tps, "moe_kernel": kernel,
+                                                 "moe_config": "tuned" if isinstance(kernel, str) else np.nan}
+    perf = pd.DataFrame([row("fp8", "defaults", 900.0, "VLLM_CUTLASS"), row("fp8-block", "defaults", 1200.0, "TRITON"),
+                         row("fp8", "old", 800.0, np.nan), row("fp8-block", "old", 1000.0, np.nan),
+                         row("fp8", "triton", 1300.0, "TRITON")])
+    settings = {"defaults": {"non_default": {"routing": "uniform_random"}}, "old": {"non_default": {"mode": 0}},
+                "triton": {"non_default": {"routing": "uniform_random", "moe_backend": "triton"}}}
+    f = precision_findings(perf, {"fp8": fp8, "fp8-block": fp8}, settings).set_index("settings")
+    assert f.variants["defaults"] == "fp8 with moe_backend=triton: 1,300 tok/s (TRITON, tuned)"
+    assert f.variants["old"] == ""  # the variant ran at other settings than these rows
+    assert f.kernel_a["old"].startswith("not recorded") and f.kernel_a["defaults"] == "VLLM_CUTLASS (tuned)"
