@@ -9,7 +9,8 @@ vLLM's uniform_random routing, as the sweep), so the ratio compares the harnesse
 Each side warms up first (the bench: one untimed pass of as many prompts). `--engine-process` runs
 moeq's cell with vLLM's engine in this process (how `moeq eval` runs it) and/or in vLLM's own engine
 process (how the bench and a server run it): the H200's open bench/moeq gap (reports/h200/NOTES.md)
-is this comparison. Every side starts its own engine, one at a time, each in a fresh process.
+is this comparison. Every side starts its own engine, one at a time, each in a fresh process; moeq's
+sides also time the same engine with the bench's sampling (temperature 1, no min_tokens).
 """
 import argparse
 import json
@@ -43,8 +44,21 @@ def moeq_cell(a) -> dict:
     vocab = llm.llm_engine.model_config.get_vocab_size()
     metrics = {m["metric"]: m for m in perf.run_cell(llm, a.batch, a.input_len, a.output_len, vocab, a.repeats,
                                                      s.warmup_tokens, log=lambda *_: None)}
+    # the same engine and prompts with the bench's sampling (temperature 1, no min_tokens): separates sampling
+    # from everything else moeq's cell does
+    from vllm import SamplingParams
+    bench_sampling = SamplingParams(n=1, temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=a.output_len,
+                                    detokenize=False)
+    make = perf.prompt_maker(perf.RANDOM, llm, vocab)
+    plain = []
+    for rep in range(a.repeats):
+        prompts = make(a.batch, a.input_len, f"bench-sampling-{rep}")
+        t0 = time.perf_counter()
+        llm.generate(prompts, bench_sampling, use_tqdm=False)
+        plain.append(a.batch * (a.input_len + a.output_len) / (time.perf_counter() - t0))
     return {"load_s": load, "warmup_s": metrics["warmup"]["value"], "runs_s": metrics["latency"]["repeats"],
-            "throughput": metrics["throughput"]["value"], "output_throughput": metrics["output_throughput"]["value"]}
+            "throughput": metrics["throughput"]["value"], "output_throughput": metrics["output_throughput"]["value"],
+            "bench_sampling_throughput": sorted(plain)[len(plain) // 2], "bench_sampling_runs": plain}
 
 
 def vllm_bench(a) -> dict:
@@ -109,7 +123,8 @@ def main():
         ours = result["moeq"][process] = side(a, process)
         print(f"moeq ({process} engine, {cell}): {ours['throughput']:10,.1f} tok/s total, "
               f"{ours['output_throughput']:9,.1f} output tok/s; load {ours['load_s']:.1f}s, warm-up "
-              f"{ours['warmup_s']:.2f}s, timed runs {', '.join(f'{t:.2f}s' for t in ours['runs_s'])}", flush=True)
+              f"{ours['warmup_s']:.2f}s, timed runs {', '.join(f'{t:.2f}s' for t in ours['runs_s'])}; with the bench's "
+              f"sampling {ours['bench_sampling_throughput']:,.1f} tok/s", flush=True)
     theirs = result["vllm_bench"] = vllm_bench(a)
     print(f"vllm bench (its own engine process, one warm-up pass): {theirs['tokens_per_second']:10,.1f} tok/s "
           f"total ({theirs['wall_s']:.1f}s wall incl. its engine start)")
