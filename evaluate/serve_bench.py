@@ -279,7 +279,7 @@ def serve_bench(models=None, schemes=None, weights="real", routing=None, engine_
     gpu = run.on_gpu()
     shape_only = weights == "dummy"
     settings = engine_settings.build(gpu=gpu, cells=[(1, load.longest_input, load.output_len)], shape_only=shape_only,
-                                     user_args=engine_args, routing=routing)
+                                     user_args=engine_args, routing=routing, server=True)
     targets = (run.shape_only_targets if shape_only else run.find_targets)(models, schemes, Path(checkpoints))
     parallel.check_targets(settings.llm, [(f"{t.model} / {t.scheme}", t.path) for t in targets], gpu)
     log(f"[serve] {len(targets)} targets; settings {settings.profile}; load {json.dumps(asdict(load))}")

