@@ -192,6 +192,37 @@ def accuracy_table(results: pd.DataFrame, items: pd.DataFrame, metric_order: lis
     return df
 
 
+def recovery_table(acc: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
+    """Per group and scheme: recovery (scheme / bf16) averaged over the tasks the claims use, with a
+    paired bootstrap interval over each task's items, as published quantized-model cards report it."""
+    primary = acc[acc.primary & (acc.scheme != BASELINE) & (acc.paired_items > 0)]
+    scores = {k: g.set_index("item").value for k, g in items.groupby(KEY + ["task", "metric"])}
+    rows = []
+    for key, g in primary.groupby(KEY):
+        pairs = []
+        for r in g.itertuples():
+            mine = scores[(*key, r.task, r.metric)]
+            base = scores[(*(BASELINE if k == "scheme" else v for k, v in zip(KEY, key)), r.task, r.metric)]
+            both = pd.concat([mine, base], axis=1, join="inner")
+            pairs.append((both.iloc[:, 0], both.iloc[:, 1]))
+        point, lo, hi = verdicts.paired_mean_recovery(pairs)
+        rows.append({**dict(zip(KEY, key)), "tasks": ", ".join(sorted(g.task)), "n_tasks": len(pairs),
+                     "recovery_pct": point, "recovery_lo": lo, "recovery_hi": hi})
+    return pd.DataFrame(rows, columns=[*KEY, "tasks", "n_tasks", "recovery_pct", "recovery_lo", "recovery_hi"])
+
+
+ANCHORS_FILE = Path(__file__).with_name("anchors.yaml")
+
+
+def anchors_table(path: Path = ANCHORS_FILE) -> tuple[pd.DataFrame, dict]:
+    """Published recoveries of quantized MoE models (external), and the file's notes."""
+    import yaml
+    doc = yaml.safe_load(Path(path).read_text())
+    cols = ["model", "card", "moeq_scheme", "format", "benchmarks", "baseline", "quantized", "recovery_pct",
+            "computed", "source", "quote"]
+    return pd.DataFrame(doc["anchors"]).reindex(columns=cols), {k: v for k, v in doc.items() if k != "anchors"}
+
+
 SAME_PRECISION_GAP = 10  # percent: two schemes of one precision further apart than this need a cause
 
 
@@ -292,6 +323,7 @@ def build_report(ledger_path: Path, name: str = "default", out_root: Path = Path
     verdict = pd.concat([d for d in (verdict, others) if len(d)] or [verdict], ignore_index=True).reindex(columns=columns)
     groups = [tuple(g) for g in keys[GROUP].drop_duplicates().itertuples(index=False)]
     tables = {"summary": headline.numbers(perf, acc, mem), "verdicts": verdict, "performance": perf, "accuracy": acc,
+              "recovery": recovery_table(acc, items), "anchors": anchors_table()[0],
               "memory": mem, "findings": precision_findings(perf, formats, settings),
               "recommendations": headline.recommendations(verdict, perf, mem, keys, settings, groups), "keys": keys}
     serve = serving.serve_table(results)  # issue 17: `moeq serve-bench` rows

@@ -79,6 +79,11 @@ def group_details(g, tables_, unsupported, settings) -> tuple:
         inner += [("h3", "Performance"), ("table", tables.perf_display(gp), f"{slug(*g)}-performance")]
     if len(ga):
         inner += [("h3", "Accuracy"), ("table", tables.accuracy_display(ga), f"{slug(*g)}-accuracy")]
+    gr = in_group(tables_["recovery"], gkey)
+    if len(gr):
+        inner += [("p", "Recovery as quantized-model cards report it: each task's score over bf16's on the same "
+                        "items, averaged over tasks; the interval resamples every task's items."),
+                  ("table", tables.recovery_display(gr), f"{slug(*g)}-recovery")]
     return ("details", f"{group_title(gkey)} on {gkey['device']} ({gkey['backend']})", slug(*g), inner)
 
 
@@ -94,7 +99,7 @@ def blocks(name, ledger_path, tables_, unsupported, env, settings, claims, forma
     for d in devices:
         out += answer(d, [g for g in headline_groups if g[3] == d], tables_, claims, settings)
     contents = [f"{d}: models × schemes" for d in devices] + [f"{d}: plots" for d in devices]
-    contents += ["Findings: one precision, two speeds"] * bool(len(found)) + [
+    contents += ["Findings: one precision, two speeds"] * bool(len(found)) + ["Published recoveries (external)"] + [
         "Serving under load", "Every table, per group", "Every verdict", "Methods",
         "Provenance"]
     out += [("h2", "Contents"), ("toc", contents)]
@@ -112,6 +117,7 @@ def blocks(name, ledger_path, tables_, unsupported, env, settings, claims, forma
                 ("p", findings_summary(found)),
                 ("details", "Every such cell, with both kernels and any kernel variant", "findings",
                  [("table", tables.findings_display(found), "findings")])]
+    out += anchors_section(tables_["anchors"], tables_["recovery"])
     out += [("h2", "The guide's other claims"),
             ("p", "Active experts, expert count, FFN width, pruning, batch size, speculative decoding, fused kernels and "
                   "single-GPU fit (issue 12): a variant of a model against the same model differing only there "
@@ -141,6 +147,24 @@ def blocks(name, ledger_path, tables_, unsupported, env, settings, claims, forma
     return out
 
 
+def anchors_section(anchors: pd.DataFrame, recovery: pd.DataFrame) -> list[tuple]:
+    """Published recoveries of real quantized MoE models beside moeq's own, marked as external."""
+    from moeq.evaluate.report.build import anchors_table
+    notes = anchors_table()[1]
+    published = "; ".join(f"{scheme}: {g.recovery_pct.min():.1f}-{g.recovery_pct.max():.1f}% ({len(g)} card"
+                          f"{'s' * (len(g) > 1)})" if len(g) > 1 else f"{scheme}: {g.recovery_pct.iloc[0]:.1f}% (1 card)"
+                          for scheme, g in anchors.groupby("moeq_scheme"))
+    ours = "; ".join(f"{scheme}: {g.recovery_pct.min():.1f}-{g.recovery_pct.max():.1f}%" if len(g) > 1
+                     else f"{scheme}: {g.recovery_pct.iloc[0]:.1f}%" for scheme, g in recovery.groupby("scheme"))
+    return [("h2", "Published recoveries (external)"),
+            ("p", "**Not measured by moeq.** What quantized MoE model cards report for their own models (recovery = "
+                  f"quantized / unquantized score, by the nearest moeq scheme): {published}. moeq's own mean "
+                  f"recoveries, on the embedded models only: {ours or 'none measured yet'}. "
+                  f"{notes.get('dense_note', '')} {notes.get('not_found', '')}"),
+            ("details", "Every published figure, with its card and the text it was read from", "anchors",
+             [("table", tables.anchors_display(anchors), "anchors")])]
+
+
 def findings_summary(found: pd.DataFrame) -> str:
     """How many cells, and the ones whose cause a kernel variant measured, in one paragraph."""
     measured = found[found.variants != ""]
@@ -164,7 +188,7 @@ METHODS_MD = (
     "over every inter-token gap of every request (vLLM's own per-token statistic), each the median over runs; "
     "rows measured before 2026-11-30 kept only per-request mean ITLs (shown as such). The MoE kernel and "
     "whether its Triton config was tuned for the device are what vLLM logged at engine start. Accuracy: lm-eval scores ± their "
-    "stderr; Δ is relative (scheme / bf16 − 1), and an accuracy loss is −Δ; the claims use, per task, the first "
+    "stderr; Δ is relative (scheme / bf16 − 1), and an accuracy loss is −Δ; recovery is scheme / bf16 per task and, per scheme, averaged over the claims' tasks (as quantized-model cards report it), its interval resampling each task's items; the claims use, per task, the first "
     "of exact_match, acc_norm, acc with per-item scores. A recommendation's KV capacity is the KV cache's token "
     f"count divided by {headline.CONTEXT} (sequences of that length that fit at once). Memory: the weights the engine holds (parameters and "
     "buffers, so quantization scales count), relative to bf16; checkpoint size on disk as a second column. "

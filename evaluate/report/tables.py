@@ -34,6 +34,13 @@ def fmt(x, spec: str, scale: float = 1, suffix: str = "") -> str:
     return MISSING if pd.isna(x) else f"{x * scale:{spec}}{suffix}"
 
 
+def fmt_recovery(point, lo, hi) -> str:
+    """Recovery (scheme / bf16) as published model cards give it: 99.2% [98.7, 99.8]."""
+    if pd.isna(point):
+        return MISSING
+    return f"{point:.1f}%" + (f" [{lo:.1f}, {hi:.1f}]" if pd.notna(lo) and pd.notna(hi) else "")
+
+
 def fmt_rate(x) -> str:
     """tok/s: whole numbers from 100 up, three significant digits below (CPU rates can be ~10 tok/s)."""
     return MISSING if pd.isna(x) else f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
@@ -41,7 +48,7 @@ def fmt_rate(x) -> str:
 
 def as_baseline(display: pd.DataFrame) -> pd.DataFrame:
     """bf16 rows say "baseline" in their Δ columns rather than a change against themselves."""
-    deltas = [c for c in display.columns if c.startswith("Δ")]
+    deltas = [c for c in display.columns if c.startswith(("Δ", "Recovery"))]
     display.loc[display.Scheme == BASELINE, deltas] = "baseline"
     return display
 
@@ -162,8 +169,27 @@ def accuracy_display(acc: pd.DataFrame) -> pd.DataFrame:
         "n": a.n.map(lambda n: fmt(n, ".0f")),
         "Δ vs bf16, relative [95% CI]": [fmt_pct(*r) for r in
                                          a[["delta_pct", "delta_lo", "delta_hi"]].itertuples(index=False)],
+        "Recovery, scheme / bf16 [95% CI]": [fmt_recovery(*(100 + x for x in r)) for r in
+                                               a[["delta_pct", "delta_lo", "delta_hi"]].itertuples(index=False)],
         "Paired items": a.paired_items.map(lambda n: fmt(n, ".0f")),
         "Note": a.note.fillna("")}).pipe(as_baseline)
+
+
+def recovery_display(r: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({
+        "Scheme": r.scheme, "Tasks (the claims' metric each)": r.tasks,
+        "Mean recovery, scheme / bf16 [95% CI]": [fmt_recovery(*x) for x in
+                                                  r[["recovery_pct", "recovery_lo", "recovery_hi"]].itertuples(index=False)]})
+
+
+def anchors_display(a: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({
+        "Model (external)": a.model, "Quantized model card": [f"[{c}]({u})" for c, u in zip(a.card, a.source)],
+        "Format": a.format, "Nearest moeq scheme": a.moeq_scheme, "Benchmarks": a.benchmarks,
+        "Unquantized → quantized": [f"{b:g} → {q:g}" for b, q in zip(a.baseline, a.quantized)],
+        "Recovery": [f"{r:.2f}%" + (" (computed from the two scores)" if c is True else "")
+                     for r, c in zip(a.recovery_pct, a.computed)],
+        "As printed there": a.quote})
 
 
 def findings_display(f: pd.DataFrame) -> pd.DataFrame:

@@ -134,6 +134,25 @@ def paired_ratio_of_means(scheme, base) -> tuple[float, float, float]:
     return (point, *interval(100 * (reps - 1))) if len(reps) and np.isfinite(point) else (point, np.nan, np.nan)
 
 
+def paired_mean_recovery(pairs: list[tuple]) -> tuple[float, float, float]:
+    """Recovery (scheme / bf16, %) averaged over tasks, as quantized-model cards report it, with a
+    bootstrap interval that resamples each task's items independently (pairs: (scheme, bf16) per task)."""
+    pairs = [(np.asarray(s, float), np.asarray(b, float)) for s, b in pairs if len(s) and np.mean(b)]
+    if not pairs:
+        return np.nan, np.nan, np.nan
+    point = 100 * float(np.mean([s.mean() / b.mean() for s, b in pairs]))
+    rng = np.random.default_rng(SEED)
+    reps = np.zeros(N_BOOT)
+    for s, b in pairs:
+        for start in range(0, N_BOOT, 250):  # chunks, as paired_ratio_of_means
+            idx = rng.integers(0, len(s), (min(250, N_BOOT - start), len(s)))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                reps[start:start + len(idx)] += s[idx].mean(1) / b[idx].mean(1)
+    reps = 100 * reps / len(pairs)
+    reps = reps[np.isfinite(reps)]
+    return (point, *interval(reps)) if len(reps) else (point, np.nan, np.nan)
+
+
 def judge(point: float, lo: float, hi: float, bound: dict) -> str:
     if pd.isna(point):
         return NOT_MEASURED

@@ -57,3 +57,26 @@ def test_a_kernel_variant_attaches_only_to_rows_of_its_own_settings():
     assert f.variants["defaults"] == "fp8 with moe_backend=triton: 1,300 tok/s (TRITON, tuned)"
     assert f.variants["old"] == ""  # the variant ran at other settings than these rows
     assert f.kernel_a["old"].startswith("not recorded") and f.kernel_a["defaults"] == "VLLM_CUTLASS (tuned)"
+
+
+def test_mean_recovery_averages_tasks_and_resamples_each_tasks_items():
+    from moeq.evaluate.report.verdicts import paired_mean_recovery
+    same = np.array([1, 0, 1, 1] * 50, float)
+    base_b = np.array([1, 0] * 100, float)
+    worse_b = base_b.copy()
+    worse_b[:20] = 0  # 10 of base's 100 correct items lost: 90% of bf16 on this task
+    point, lo, hi = paired_mean_recovery([(same, same), (worse_b, base_b)])
+    assert point == 95.0 and lo < 95.0 < hi and hi <= 100.0
+    assert paired_mean_recovery([(same, same)]) == (100.0, 100.0, 100.0)
+    assert all(np.isnan(paired_mean_recovery([])))
+
+
+def test_published_anchors_are_consistent_and_name_moeq_schemes():
+    from moeq import schemes
+    from moeq.evaluate.report.build import anchors_table
+    anchors, notes = anchors_table()
+    assert len(anchors) >= 5 and notes["dense_source"].startswith("https://")
+    for a in anchors.itertuples():
+        assert a.source.startswith("https://") and a.quote, a.card
+        assert abs(a.recovery_pct - 100 * a.quantized / a.baseline) < 0.06, a.card  # the card's own arithmetic
+        schemes.scheme_format(a.moeq_scheme)  # a recipe moeq has
