@@ -87,3 +87,14 @@ def test_a_killed_build_leaves_nothing_taken_as_complete(tmp_path, small_manifes
     assert not out.exists() and not is_complete(out)
     atomic.clean_stale(out, log=lambda s: None)
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".tmp-k-")]
+
+
+def test_outliers_of_the_embedded_model_from_the_serve_environment(tiny_model, tmp_path):
+    """The command the report's outlier table is made with, in the environment `make report` runs (no accelerate)."""
+    from conftest import serve_moeq
+    out = tmp_path / "outliers-tiny.json"
+    serve_moeq("outliers", "tiny", "--tokens", "1024", "--seq-len", "512", "--out", out, timeout=600)
+    result = json.loads(out.read_text())
+    assert result["tokens"] == 1024 and len(result["layers"]) == 4
+    worst = result["summary"]["max_activation_ratio"]
+    assert worst["ratio"] > 1 and worst["input"] in result["layers"][worst["layer"]]["activations"]

@@ -285,6 +285,27 @@ def scheme_formats(results: pd.DataFrame) -> dict:
     return out
 
 
+def read_outliers(folder: Path) -> pd.DataFrame:
+    """`moeq outliers` results beside the ledger (outliers/outliers-*.json): per model and tensor, the largest
+    activation max/median (and its layer) and the median over layers; per weight, the largest kurtosis."""
+    rows = []
+    for f in sorted(Path(folder).glob("outliers-*.json")):
+        d = json.loads(f.read_text())
+        per = {}
+        for layer in d["layers"]:
+            for name, a in layer["activations"].items():
+                per.setdefault(("activation max / median", name), []).append((a["ratio"], layer["layer"]))
+            for name, w in layer["weights"].items():
+                per.setdefault(("weight kurtosis", name), []).append((w.get("kurtosis", w.get("kurtosis_max")), layer["layer"]))
+        for (quantity, tensor), vals in per.items():
+            top = max(vals)
+            rows.append({"model": d["model"], "quantity": quantity, "tensor": tensor, "max": top[0], "layer": top[1],
+                         "median_over_layers": float(np.median([v for v, _ in vals])), "layers": len(vals),
+                         "tokens": d["tokens"], "text": d["text"], "file": f.name})
+    return pd.DataFrame(rows, columns=["model", "quantity", "tensor", "max", "layer", "median_over_layers", "layers",
+                                       "tokens", "text", "file"])
+
+
 def read_benchmarks(folder: Path) -> dict:
     """The JSON files benchmark scripts wrote beside the ledger (benchmarks/fused_moe.py --out), by file name."""
     out = {}
@@ -324,6 +345,7 @@ def build_report(ledger_path: Path, name: str = "default", out_root: Path = Path
     groups = [tuple(g) for g in keys[GROUP].drop_duplicates().itertuples(index=False)]
     tables = {"summary": headline.numbers(perf, acc, mem), "verdicts": verdict, "performance": perf, "accuracy": acc,
               "recovery": recovery_table(acc, items), "anchors": anchors_table()[0],
+              "outliers": read_outliers(ledger_path.parent / "outliers"),
               "memory": mem, "findings": precision_findings(perf, formats, settings),
               "recommendations": headline.recommendations(verdict, perf, mem, keys, settings, groups), "keys": keys}
     serve = serving.serve_table(results)  # issue 17: `moeq serve-bench` rows

@@ -99,7 +99,7 @@ def blocks(name, ledger_path, tables_, unsupported, env, settings, claims, forma
     for d in devices:
         out += answer(d, [g for g in headline_groups if g[3] == d], tables_, claims, settings)
     contents = [f"{d}: models × schemes" for d in devices] + [f"{d}: plots" for d in devices]
-    contents += ["Findings: one precision, two speeds"] * bool(len(found)) + ["Published recoveries (external)"] + [
+    contents += ["Findings: one precision, two speeds"] * bool(len(found)) + ["Published recoveries (external)", "How far the embedded models carry"] + [
         "Serving under load", "Every table, per group", "Every verdict", "Methods",
         "Provenance"]
     out += [("h2", "Contents"), ("toc", contents)]
@@ -118,6 +118,7 @@ def blocks(name, ledger_path, tables_, unsupported, env, settings, claims, forma
                 ("details", "Every such cell, with both kernels and any kernel variant", "findings",
                  [("table", tables.findings_display(found), "findings")])]
     out += anchors_section(tables_["anchors"], tables_["recovery"])
+    out += outliers_section(tables_["outliers"])
     out += [("h2", "The guide's other claims"),
             ("p", "Active experts, expert count, FFN width, pruning, batch size, speculative decoding, fused kernels and "
                   "single-GPU fit (issue 12): a variant of a model against the same model differing only there "
@@ -163,6 +164,32 @@ def anchors_section(anchors: pd.DataFrame, recovery: pd.DataFrame) -> list[tuple
                   f"{notes.get('dense_note', '')} {notes.get('not_found', '')}"),
             ("details", "Every published figure, with its card and the text it was read from", "anchors",
              [("table", tables.anchors_display(anchors), "anchors")])]
+
+
+def outliers_section(measured: pd.DataFrame) -> list[tuple]:
+    """Activation outliers and weight kurtosis of the embedded models beside published values for real LLMs."""
+    from moeq.evaluate.report.build import anchors_table
+    published = pd.DataFrame(anchors_table()[1].get("outliers", []))
+    lines = []
+    for model, g in measured.groupby("model"):
+        act, wts = g[g.quantity.str.startswith("activation")], g[g.quantity == "weight kurtosis"]
+        top, kurt = act.loc[act["max"].idxmax()], wts.loc[wts["max"].idxmax()]
+        lines.append(f"{model}: largest activation max/median {top['max']:,.0f} (layer {top.layer}, the input of "
+                     f"{top.tensor}), largest weight kurtosis {kurt['max']:.2f} ({kurt.tensor}; a Gaussian's is 3)")
+    body = [("p", "Quantization error in real LLMs comes largely from activation outliers that grow with scale. "
+                  "Measured by `moeq outliers` on held-out text (files beside the ledger, `outliers/`): "
+                  + ("; ".join(lines) + "." if lines else "nothing yet for this ledger's models.")
+                  + (f" Published for real LLMs (**external**, not the same quantity everywhere; all with sources "
+                     f"below): {published.model[0]}, {published.quantity[0]}: {published.value[0]} ({published.title[0]}). "
+                     "Accuracy rows of a model whose outliers are far smaller than real models' carry only so far."
+                     if len(published) else ""))]
+    if len(measured):
+        body.append(("details", "Every layer kind of every measured model", "outliers",
+                     [("table", tables.outliers_display(measured), "outliers")]))
+    if len(published):
+        body.append(("details", "Published outlier and kurtosis figures for real LLMs (external)", "outliers-published",
+                     [("table", tables.published_outliers_display(published), "outliers-published")]))
+    return [("h2", "How far the embedded models carry")] + body
 
 
 def findings_summary(found: pd.DataFrame) -> str:

@@ -192,6 +192,19 @@ def anchors_display(a: pd.DataFrame) -> pd.DataFrame:
         "As printed there": a.quote})
 
 
+def outliers_display(o: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({
+        "Model": o.model, "Quantity": o.quantity, "Tensor (input or weight)": o.tensor,
+        "Largest (layer)": [f"{m:,.1f} ({l})" for m, l in zip(o["max"], o.layer)],
+        "Median over layers": o.median_over_layers.map(lambda x: f"{x:,.1f}"),
+        "Measured on": [f"{t:,} tokens of {x}" for t, x in zip(o.tokens, o.text)]})
+
+
+def published_outliers_display(p: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({"Model (external)": p.model, "Quantity": p.quantity, "Value": p.value,
+                         "Source": [f"[{t}]({u})" for t, u in zip(p.title, p.source)], "As printed there": p.quote})
+
+
 def findings_display(f: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({
         "Model": f.model, "Where": f.provenance + " · " + f.device + " · settings " + f.settings, "Cell": f.cell,

@@ -34,7 +34,7 @@ def run(args):
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda, but no CUDA device is present")
     tok = AutoTokenizer.from_pretrained(path)
-    net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map=device)
+    net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device)  # device_map needs accelerate
     samples, where = outliers.heldout_samples(path, tok, args.tokens, args.seq_len)
     result = {"model": model.name, "path": str(path), "text": where, "seq_len": args.seq_len,
               **outliers.measure(net, samples, model.ignore)}

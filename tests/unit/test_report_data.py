@@ -80,3 +80,5 @@ def test_published_anchors_are_consistent_and_name_moeq_schemes():
         assert a.source.startswith("https://") and a.quote, a.card
         assert abs(a.recovery_pct - 100 * a.quantized / a.baseline) < 0.06, a.card  # the card's own arithmetic
         schemes.scheme_format(a.moeq_scheme)  # a recipe moeq has
+    for o in notes["outliers"]:
+        assert o["source"].startswith("https://") and o["quote"] and o["quantity"] and o["value"], o["model"]
