@@ -54,7 +54,7 @@ flag = $(if $($(1)),--$(2) $($(1)))
 EVAL_FLAGS = $(call flag,MODEL,model) $(call flag,SCHEME,scheme) $(call flag,TASKS,tasks) $(call flag,BATCH,batch) \
   $(call flag,INPUT_LEN,input-len) $(call flag,OUTPUT_LEN,output-len) $(call flag,REPEATS,repeats) \
   $(call flag,RESTARTS,restarts) $(call flag,LIMIT,limit) $(call flag,LEDGER,ledger) $(call flag,WEIGHTS,weights) \
-  $(call flag,ROUTING,routing) $(call flag,WARMUP_TOKENS,warmup-tokens) $(call flag,PROMPTS,prompts) $(call flag,CHECKPOINTS,checkpoints) \
+  $(call flag,ROUTING,routing) $(call flag,WARMUP_TOKENS,warmup-tokens) $(call flag,PROMPTS,prompts) $(call flag,ENGINE_PROCESS,engine-process) $(call flag,CHECKPOINTS,checkpoints) \
   $(call flag,TP,tp) $(call flag,EP,ep) $(call flag,DP,dp) $(call flag,PP,pp) \
   $(if $(filter 1 true yes,$(FORCE)),--force) $(foreach a,$(ENGINE_ARGS),--engine-arg $(a))
 

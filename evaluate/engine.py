@@ -3,9 +3,11 @@
 Run as its own process (`python -m moeq.evaluate.engine job.json`) so that peak memory is this
 engine's alone, a crash cannot take the sweep down, and each finished cell is already in the ledger
 (one transaction per cell) if the process is killed; the process dies with its driver (parent-death
-signal). The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so an engine that cannot start
+signal). By default the engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so an engine that cannot start
 raises vLLM's own reason here, and vLLM's log lines (which MoE kernel it chose, whether its Triton
-config was tuned for this device) are read here and recorded with the rows.
+config was tuned for this device) are read here and recorded with the rows. With the setting
+engine_process=separate vLLM's engine core runs in a process of its own (as `vllm bench` and servers run
+it); its log reaches the stdout and stderr it inherits, which are then read through pipes for the same lines.
 
 Perf cells run in a bare `vllm.LLM`; accuracy in lm-eval's vLLM wrapper, in an engine of its own, so
 that neither changes the other's settings.
@@ -17,6 +19,7 @@ import platform
 import resource
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -95,13 +98,33 @@ def visible_gpu(pynvml):
     return pynvml.nvmlDeviceGetHandleByIndex(int(first) if first.isdigit() else 0)
 
 
-def peak_memory(on_gpu: bool) -> tuple[int, str]:
+def peak_memory(on_gpu: bool, separate: bool = False) -> tuple[int, str]:
     if on_gpu:
         import pynvml
         pynvml.nvmlInit()
         used = pynvml.nvmlDeviceGetMemoryInfo(visible_gpu(pynvml)).used
         return int(used), "nvml: device memory in use after the sweep (engine reserves it up front)"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss: peak resident set of the engine process"
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if not separate:
+        return own, "rss: peak resident set of the engine process"
+    return own + _children_peak_rss(), "rss: peak resident sets of the engine process and its engine core, added"
+
+
+def _children_peak_rss() -> int:
+    """VmHWM of this process's live descendants (vLLM's engine core in a process of its own, its workers)."""
+    procs = {}
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+        except OSError:
+            continue
+        hwm = fields.get("VmHWM", "0 kB").split()[0]
+        procs[status.parent.name] = (fields.get("PPid", "").strip(), int(hwm) * 1024)
+    mine, grew = {str(os.getpid())}, True
+    while grew:
+        found = {pid for pid, (ppid, _) in procs.items() if ppid in mine} - mine
+        mine, grew = mine | found, bool(found)
+    return sum(procs[pid][1] for pid in mine - {str(os.getpid())} if pid in procs)
 
 
 def model_facts(path: Path, weights_bytes: int, fmt: dict, llm_args: dict) -> dict:
@@ -130,8 +153,32 @@ class KernelLog(logging.Handler):
         if kernels.LOG_LINES.search(msg) and msg not in self.lines:
             self.lines.append(msg)
 
-    def summary(self) -> list[dict]:
-        return kernels.metrics(self.lines)
+
+class EngineProcessLog:
+    """The lines an engine core in a process of its own writes to the stdout and stderr it inherits from
+    this one: both descriptors go through pipes, everything is passed on, and the lines that name a MoE
+    kernel or a refusal are kept (what KernelLog catches in-process)."""
+
+    def __init__(self):
+        self.lines = []
+        for fd in (1, 2):
+            sys.stdout.flush(), sys.stderr.flush()
+            read, write = os.pipe()
+            out = os.dup(fd)
+            os.dup2(write, fd)
+            os.close(write)
+            threading.Thread(target=self._pass_on, args=(read, out), daemon=True).start()
+
+    def _pass_on(self, read: int, out: int):
+        with os.fdopen(read, "rb") as pipe:
+            for raw in pipe:
+                os.write(out, raw)
+                line = raw.decode(errors="replace").rstrip()
+                if kernels.LOG_LINES.search(line) or kernels.REFUSALS.search(line):
+                    self.lines.append(line)
+
+    def refusal(self) -> str | None:
+        return next((line for line in reversed(self.lines) if kernels.REFUSALS.search(line)), None)
 
 
 def build_engine(job: Job, llm_args: dict):
@@ -208,17 +255,21 @@ def run(job: Job, log=print) -> str | None:
     if settings.routing.startswith("zipf:"):
         routing.install(engine_settings.parse_zipf(settings.routing))
     kernel_log = KernelLog()
+    separate = settings.engine_process == engine_settings.SEPARATE
+    core_log = EngineProcessLog() if separate else None
     log(f"[eval] {job.model} / {job.scheme} on {device}: starting the engine"
         + (f" (start {job.restart + 1})" if job.restart else ""))
     t0 = time.perf_counter()
     try:
         lm, llm = build_engine(job, settings.llm)
     except Exception as e:
-        text = f"{type(e).__name__}: {e}"
+        # a separate engine core's exception stays in its process: its own words come from its log
+        cause = (core_log.refusal() if core_log else None) or str(e).strip().splitlines()[-1]
+        text = f"{type(e).__name__}: {e}" + (f"\n{cause}" if core_log else "")
         # torch.compile's own refusals (Dynamo "Unsupported") are about tracing, not the scheme's kernel
         if not kernels.REFUSALS.search(text) or type(e).__module__.startswith("torch._dynamo"):
             raise  # a bad flag, a bad checkpoint, out of memory: an error, never a verdict
-        reason = f"unsupported on {backend}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:500]}"
+        reason = f"unsupported on {backend}: {type(e).__name__}: {cause[:500]}"
         log(f"[eval] {reason}")
         write("status", "status", [{"metric": "supported", "value": 0, "status": "unsupported", "note": reason}])
         return reason
@@ -248,9 +299,9 @@ def run(job: Job, log=print) -> str | None:
         if job.restart:
             metrics = merged(ledger.rows(cell=name, **key), metrics)
         write("perf", name, metrics + physics(facts, device, batch, inp, out, settings.routing, metrics, settings.gpus))
-    write("engine", "kernel", kernel_log.summary())
+    write("engine", "kernel", kernels.metrics(kernel_log.lines + (core_log.lines if core_log else [])))
     if not job.restart:
-        write_memory(write, llm, job, facts, wbytes, load, on_gpu=backend == "vllm-cuda")
+        write_memory(write, llm, job, facts, wbytes, load, on_gpu=backend == "vllm-cuda", separate=separate)
     log(f"[eval] {job.model} / {job.scheme} done")
     return None
 
@@ -268,8 +319,8 @@ def physics(facts: dict, device: str, batch: int, inp: int, out: int, routing_us
              "note": f"faster than the {peak['name']} roofline allows under {routing_used} routing" if pct > 100 else None}]
 
 
-def write_memory(write, llm, job: Job, facts, wbytes, load, on_gpu):
-    peak, how = peak_memory(on_gpu)
+def write_memory(write, llm, job: Job, facts, wbytes, load, on_gpu, separate=False):
+    peak, how = peak_memory(on_gpu, separate)
     write("memory", "engine", [
         {"metric": "weights_bytes", "value": wbytes, "unit": "B"},
         {"metric": "kv_cache_tokens", "value": perf.kv_cache_tokens(llm), "unit": "tokens"},

@@ -252,7 +252,7 @@ def start_dequantizing(paths: list[Path]) -> subprocess.Popen | None:
 def evaluate(models=None, schemes=None, tasks=None, batches=None, input_lens=(512,), output_lens=(128,),
              repeats=3, limit=None, force=False, ledger=Path("results/ledger.sqlite"),
              checkpoints=Path("checkpoints"), engine_args=None, weights="real", routing=None,
-             warmup_tokens=None, restarts=1, cells=None, prompts=None, log=print) -> int:
+             warmup_tokens=None, restarts=1, cells=None, prompts=None, engine_process=None, log=print) -> int:
     """Measure every target: perf cells in one engine per target (and per restart), accuracy tasks in
     another. `cells` (explicit (batch, in, out) triples, as a sweep plan lists them) replace the
     product of batches x input_lens x output_lens."""
@@ -267,7 +267,8 @@ def evaluate(models=None, schemes=None, tasks=None, batches=None, input_lens=(51
     if tasks:
         accuracy.check_tasks(tasks)
     settings = engine_settings.build(gpu=gpu, cells=cells, shape_only=shape_only, user_args=engine_args,
-                                     routing=routing, warmup_tokens=warmup_tokens, prompts=prompts)
+                                     routing=routing, warmup_tokens=warmup_tokens, prompts=prompts,
+                                     engine_process=engine_process)
     # a draft given by registry name must be built before any engine starts (it is not built here: the
     # quantize environment trains it)
     speculative.draft_path(settings.llm.get(speculative.KEY))

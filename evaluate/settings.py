@@ -23,6 +23,10 @@ VLLM_DEFAULTS = {"dtype": "auto", "enable_prefix_caching": None, "max_num_seqs":
 ROUTING_ENV = "VLLM_MOE_ROUTING_SIMULATION_STRATEGY"
 MODEL_ROUTING = "model"  # the checkpoint's own routers (real weights)
 SHAPE_ONLY_ROUTING = "uniform_random"  # vLLM's balanced simulation: every scheme of a shape routes alike
+# Where vLLM's engine core runs: in moeq's engine process (its default: vLLM's own log lines and a failed
+# start's reason are read there), or in a process of its own, as vLLM's default, `vllm bench` and servers run it.
+INPROCESS, SEPARATE = "inprocess", "separate"
+ENGINE_PROCESSES = (INPROCESS, SEPARATE)
 # Settings of the scheme itself (fp8-online's quantization), not of the comparison.
 SCHEME_KEYS = ("quantization",)
 
@@ -34,11 +38,14 @@ class EngineSettings:
     routing: str = MODEL_ROUTING  # MODEL_ROUTING, a vLLM routing-simulation strategy, or zipf:S
     warmup_tokens: int | None = None  # decode length of each cell's untimed warm-up (None: the cell's own)
     prompts: str = perf.RANDOM  # where perf prompts come from (perf.PROMPT_SOURCES)
+    engine_process: str = INPROCESS  # ENGINE_PROCESSES
 
     def record(self) -> dict:
         rec = {"llm": self.llm, "routing": self.routing, "warmup_tokens": self.warmup_tokens}
         if self.prompts != perf.RANDOM:  # absent for the default, so ids of rows made before it was recorded hold
             rec["prompts"] = self.prompts
+        if self.engine_process != INPROCESS:  # likewise
+            rec["engine_process"] = self.engine_process
         return rec
 
     def _identity(self) -> dict:
@@ -74,13 +81,19 @@ class EngineSettings:
             out["warmup_tokens"] = self.warmup_tokens
         if self.prompts != perf.RANDOM:
             out["prompts"] = self.prompts
+        if self.engine_process != INPROCESS:
+            out["engine_process"] = self.engine_process
         return out
 
     def environment(self) -> dict:
         """Environment variables the engine process needs (vLLM reads routing simulation from one)."""
-        if self.routing == MODEL_ROUTING or self.routing.startswith("zipf:"):
-            return {}
-        return {ROUTING_ENV: self.routing}
+        env = {}
+        if self.engine_process == SEPARATE:  # moeq's engine process sets 0 for its default, in-process
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+            env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # moeq counts weight bytes with a function sent to the workers
+        if self.routing != MODEL_ROUTING and not self.routing.startswith("zipf:"):
+            env[ROUTING_ENV] = self.routing
+        return env
 
 
 def parse_zipf(spec: str) -> float:
@@ -137,7 +150,8 @@ def check_prompts(prompts: str, shape_only: bool):
 
 def build(*, gpu: bool, cells: list[tuple], shape_only: bool, quantization: str | None = None,
           user_args: dict | None = None, routing: str | None = None, warmup_tokens: int | None = None,
-          tasks=(), prompts: str | None = None, server: bool = False) -> EngineSettings:
+          tasks=(), prompts: str | None = None, server: bool = False,
+          engine_process: str | None = None) -> EngineSettings:
     """The one place engine settings are made, for `moeq eval`, sweeps and benchmarks alike
     (server: for `vllm serve`, which starts its data-parallel ranks itself)."""
     need = max([i + o for _, i, o in cells] + [2048 if tasks else 0])
@@ -164,9 +178,16 @@ def build(*, gpu: bool, cells: list[tuple], shape_only: bool, quantization: str 
     check_routing(routing)
     if warmup_tokens is not None and warmup_tokens < 1:
         raise UserError(f"warm-up tokens {warmup_tokens}: must be at least 1")
-    return EngineSettings(llm=llm, routing=routing, warmup_tokens=warmup_tokens, prompts=prompts)
+    engine_process = engine_process or INPROCESS
+    if engine_process not in ENGINE_PROCESSES:
+        raise UserError(f"unknown engine process {engine_process!r}; valid: {', '.join(ENGINE_PROCESSES)}")
+    if engine_process == SEPARATE and routing.startswith("zipf:"):
+        raise UserError("zipf routing is registered inside moeq's own engine process; with engine process "
+                        f"{SEPARATE!r} use a vLLM strategy (e.g. uniform_random) or engine process {INPROCESS!r}")
+    return EngineSettings(llm=llm, routing=routing, warmup_tokens=warmup_tokens, prompts=prompts,
+                          engine_process=engine_process)
 
 
 def from_record(rec: dict) -> EngineSettings:
     return EngineSettings(llm=rec["llm"], routing=rec["routing"], warmup_tokens=rec.get("warmup_tokens"),
-                          prompts=rec.get("prompts", perf.RANDOM))
+                          prompts=rec.get("prompts", perf.RANDOM), engine_process=rec.get("engine_process", INPROCESS))

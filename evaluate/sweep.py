@@ -14,7 +14,7 @@ from moeq.evaluate import parallel
 from moeq.evaluate.run import evaluate
 
 PLAN_KEYS = {"weights", "models", "schemes", "cells", "repeats", "engine_args", "routing", "warmup_tokens",
-             "restarts", "tasks", "layouts", "estimate", "variants", "prompts"}
+             "restarts", "tasks", "layouts", "estimate", "variants", "prompts", "engine_process"}
 
 
 def layouts(plan: dict, names=None) -> dict:
@@ -52,5 +52,6 @@ def sweep(plan: dict, ledger: Path, checkpoints: Path, models=None, schemes=None
             cells=plan["cells"], repeats=plan.get("repeats", 3), ledger=ledger, checkpoints=checkpoints,
             engine_args=parallel.merge(args, {**(plan.get("engine_args") or {}), **extra}), weights=plan.get("weights", "dummy"),
             routing=plan.get("routing"), warmup_tokens=plan.get("warmup_tokens"),
-            restarts=plan.get("restarts", 1), prompts=plan.get("prompts"), log=log))
+            restarts=plan.get("restarts", 1), prompts=plan.get("prompts"), engine_process=plan.get("engine_process"),
+            log=log))
     return rc

@@ -208,10 +208,27 @@ def test_corrupt_checkpoint_gives_a_clear_error(checkpoints, tmp_path, damage):
     (["--limit", "-5"], "--limit -5"),
     (["--engine-arg", "enforce_eagr=true"], "unknown engine argument 'enforce_eagr'"),
     (["--tasks", "no_such_task"], "unknown task 'no_such_task'"),
-    (["--weights", "fake"], "invalid choice: 'fake'")])
+    (["--weights", "fake"], "invalid choice: 'fake'"),
+    (["--engine-process", "apart"], "unknown engine process 'apart'; valid: inprocess, separate")])
 def test_bad_input_fails_before_any_engine_and_writes_nothing(tmp_path, flags, message):
     """A bad flag is the user's error (exit 2, the value named), never an 'unsupported' verdict."""
     ledger = tmp_path / "ledger.sqlite"
     proc = serve_moeq("eval", "--model", "tiny", "--ledger", ledger, "--checkpoints", tmp_path, *flags, check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert "starting the engine" not in proc.stdout and not ledger.exists()
+
+
+def test_engine_core_in_a_process_of_its_own(tiny_model, tmp_path):
+    """engine_process=separate, as vllm bench and servers run vLLM: the rows, the kernel vLLM logged (read
+    through the pipes its process writes to) and the memory of both processes, in a settings group of its own."""
+    ledger = tmp_path / "ledger.sqlite"
+    serve_moeq("eval", "--model", "tiny", "--scheme", "bf16", "--tasks", "none", "--batch", "2", "--input-len", "64",
+               "--output-len", "8", "--repeats", "1", "--engine-process", "separate", "--ledger", ledger,
+               "--checkpoints", tmp_path, timeout=900)
+    con = sqlite3.connect(ledger)
+    rows = dict(con.execute("select metric, coalesce(note, value) from results where cell in ('kernel', 'engine')"))
+    assert "MoE backend" in rows["vllm_log"] and rows["moe_kernel"].startswith("CPU")
+    assert "engine core, added" in rows["peak_memory_bytes"]
+    record = json.loads(con.execute("select record from settings").fetchone()[0])
+    assert record["non_default"]["engine_process"] == "separate"
+    assert con.execute("select value from results where metric = 'throughput'").fetchone()[0] > 0

@@ -36,6 +36,9 @@ def add_args(p):
                         "(text: what speculative decoding needs; real weights only)")
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="extra vllm.LLM argument, e.g. moe_backend=triton (repeatable; recorded with every row)")
+    p.add_argument("--engine-process", default=env_default("ENGINE_PROCESS"),
+                   help="where vLLM's engine core runs: inprocess (default: in moeq's engine process) or separate "
+                        "(a process of its own, as vllm bench and servers run it); recorded with every row")
     add_parallel_args(p)
 
 
@@ -70,4 +73,4 @@ def run(args):
         force=args.force or env_flag("FORCE"), ledger=Path(args.ledger), checkpoints=Path(args.checkpoints),
         engine_args=engine_args(args), weights=args.weights, routing=args.routing,
         warmup_tokens=int_at_least(args.warmup_tokens, "--warmup-tokens", 1),
-        restarts=int_at_least(args.restarts, "--restarts", 1), prompts=args.prompts)
+        restarts=int_at_least(args.restarts, "--restarts", 1), prompts=args.prompts, engine_process=args.engine_process)

@@ -18,8 +18,8 @@ W=/tmp/h200; OUT=${OUT:-$W/out}; TAG=${TAG:-}; mkdir -p "$W" "$OUT"
 export PYTHONPATH=/tmp/site:$W/pkg VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export MOEQ_CACHE=$W/cache CUDA_DEVICE_ORDER=PCI_BUS_ID  # CUDA's GPU numbers = NVML's (memory is read by NVML)
 SRC=${SRC:-.}  # the moeq that runs: the tree, or a clean `git archive` of a commit carried beside it:
-#   git archive HEAD core quantize evaluate recipes benchmarks reports/h200/device.sh reports/h200/plan.yaml | tar x -C .h200/src
-PLAN=$SRC/reports/h200/plan.yaml LEDGER=$W/ledger$TAG.sqlite CKPT=$W/checkpoints
+#   git archive HEAD core quantize evaluate recipes benchmarks reports/h200/device.sh reports/h200/plan.yaml reports/h200/plan-separate.yaml | tar x -C .h200/src
+PLAN=$SRC/reports/h200/${PLANFILE:-plan.yaml} LEDGER=$W/ledger$TAG.sqlite CKPT=$W/checkpoints  # PLANFILE=plan-separate.yaml: another plan
 [ -f $LEDGER ] || [ ! -f $W/ledger.sqlite ] || cp $W/ledger.sqlite $LEDGER  # a new stream starts from the committed ledger
 trap 'cp -f $LEDGER "$OUT"/ 2>/dev/null; (cd $W && tar cf "$OUT/results$TAG.tar" *.json 2>/dev/null)' EXIT
 END=$((SECONDS + ${BUDGET:-560}))  # every step stops in time for the trap to run inside the call's limit

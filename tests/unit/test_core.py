@@ -130,7 +130,7 @@ def test_kernel_log_summary():
     for line in ("Using VLLM_CUTLASS Fp8 MoE backend out of potential backends: ['VLLM_CUTLASS', 'TRITON'].",
                  "Using default MoE config. Performance might be sub-optimal! Config file not found at x.json"):
         log.emit(type("R", (), {"getMessage": lambda self, m=line: m})())
-    got = {m["metric"]: m["note"] for m in log.summary()}
+    got = {m["metric"]: m["note"] for m in kernels.metrics(log.lines)}
     assert got["moe_kernel"] == "VLLM_CUTLASS" and got["moe_config"].startswith("default")
 
 

@@ -55,6 +55,21 @@ def test_the_settings_id_of_earlier_rows_holds():
     assert settings.build(gpu=True, cells=h200, shape_only=True, warmup_tokens=16).profile == "541b301a0508"
     assert settings.build(gpu=True, cells=h200, shape_only=True, warmup_tokens=16,
                           user_args={"moe_backend": "triton"}).profile == "73c5d73486b3"
+    assert settings.build(gpu=True, cells=h200, shape_only=True, warmup_tokens=16,
+                          engine_process="inprocess").profile == "541b301a0508"
+
+
+def test_an_engine_core_of_its_own_is_a_setting_of_its_own():
+    separate = settings.build(gpu=True, cells=CELLS, shape_only=True, engine_process="separate")
+    same = settings.build(gpu=True, cells=CELLS, shape_only=True)
+    assert separate.profile != same.profile and separate.non_default()["engine_process"] == "separate"
+    assert separate.environment()["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in same.environment()  # the engine process's own default, 0
+    assert settings.from_record(separate.record()) == separate
+    with pytest.raises(UserError, match="unknown engine process 'apart'; valid: inprocess, separate"):
+        settings.build(gpu=True, cells=CELLS, shape_only=True, engine_process="apart")
+    with pytest.raises(UserError, match="zipf routing is registered inside moeq's own engine process"):
+        settings.build(gpu=True, cells=CELLS, shape_only=True, engine_process="separate", routing="zipf:1.0")
 
 
 @pytest.mark.parametrize("flags, gpus, message", [
