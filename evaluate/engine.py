@@ -161,8 +161,9 @@ class EngineProcessLog:
 
     def __init__(self):
         self.lines = []
+        sys.stdout.flush()
+        sys.stderr.flush()
         for fd in (1, 2):
-            sys.stdout.flush(), sys.stderr.flush()
             read, write = os.pipe()
             out = os.dup(fd)
             os.dup2(write, fd)

@@ -167,21 +167,33 @@ def physics_flag(r) -> str | None:
     return None
 
 
-def accuracy_table(results: pd.DataFrame, items: pd.DataFrame, metric_order: list[str]) -> pd.DataFrame:
+def item_scores(items: pd.DataFrame) -> dict:
+    """Per-item scores by (ledger key..., task, metric), indexed by item."""
+    return {k: g.set_index("item").value for k, g in items.groupby(KEY + ["task", "metric"])}
+
+
+def paired_items(scores: dict, key: tuple, task: str, metric: str) -> tuple | None:
+    """A scheme's and its bf16's scores on the items both answered, or None where either has none."""
+    mine = scores.get((*key, task, metric))
+    base = scores.get((*(BASELINE if k == "scheme" else v for k, v in zip(KEY, key)), task, metric))
+    if mine is None or base is None:
+        return None
+    both = pd.concat([mine, base], axis=1, join="inner")
+    return both.iloc[:, 0], both.iloc[:, 1]
+
+
+def accuracy_table(results: pd.DataFrame, scores: dict, metric_order: list[str]) -> pd.DataFrame:
     """Per task and metric: value, stderr, relative change vs bf16 with a paired interval over items.
     Shape-only rows are left out: random weights have no accuracy worth reporting."""
     a = results[(results.kind == "accuracy") & (~results.provenance.str.startswith("shape-only"))]
     df = a[KEY + ["cell", "metric", "value", "spread", "n", "env_id", "note"]]
     df = df.rename(columns={"cell": "task", "spread": "stderr"})
     df = with_baseline(df.reset_index(drop=True), ["task", "metric"], ["value"])
-    scores = {k: g.set_index("item").value for k, g in items.groupby(KEY + ["task", "metric"])}
     est = []
     for r in df.itertuples():
-        mine = scores.get((*(getattr(r, k) for k in KEY), r.task, r.metric))
-        base = scores.get((*(BASELINE if k == "scheme" else getattr(r, k) for k in KEY), r.task, r.metric))
-        if mine is not None and base is not None:
-            both = pd.concat([mine, base], axis=1, join="inner")
-            est.append((*verdicts.paired_ratio_of_means(both.iloc[:, 0], both.iloc[:, 1]), len(both)))
+        pair = paired_items(scores, tuple(getattr(r, k) for k in KEY), r.task, r.metric)
+        if pair is not None:
+            est.append((*verdicts.paired_ratio_of_means(*pair), len(pair[0])))
         else:
             est.append((100 * (r.value / r.value_bf16 - 1), np.nan, np.nan, 0))
     df[["delta_pct", "delta_lo", "delta_hi", "paired_items"]] = np.array(est, float).reshape(-1, 4)
@@ -192,19 +204,13 @@ def accuracy_table(results: pd.DataFrame, items: pd.DataFrame, metric_order: lis
     return df
 
 
-def recovery_table(acc: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
+def recovery_table(acc: pd.DataFrame, scores: dict) -> pd.DataFrame:
     """Per group and scheme: recovery (scheme / bf16) averaged over the tasks the claims use, with a
     paired bootstrap interval over each task's items, as published quantized-model cards report it."""
     primary = acc[acc.primary & (acc.scheme != BASELINE) & (acc.paired_items > 0)]
-    scores = {k: g.set_index("item").value for k, g in items.groupby(KEY + ["task", "metric"])}
     rows = []
     for key, g in primary.groupby(KEY):
-        pairs = []
-        for r in g.itertuples():
-            mine = scores[(*key, r.task, r.metric)]
-            base = scores[(*(BASELINE if k == "scheme" else v for k, v in zip(KEY, key)), r.task, r.metric)]
-            both = pd.concat([mine, base], axis=1, join="inner")
-            pairs.append((both.iloc[:, 0], both.iloc[:, 1]))
+        pairs = [paired_items(scores, key, r.task, r.metric) for r in g.itertuples()]
         point, lo, hi = verdicts.paired_mean_recovery(pairs)
         rows.append({**dict(zip(KEY, key)), "tasks": ", ".join(sorted(g.task)), "n_tasks": len(pairs),
                      "recovery_pct": point, "recovery_lo": lo, "recovery_hi": hi})
@@ -214,13 +220,15 @@ def recovery_table(acc: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
 ANCHORS_FILE = Path(__file__).with_name("anchors.yaml")
 
 
-def anchors_table(path: Path = ANCHORS_FILE) -> tuple[pd.DataFrame, dict]:
-    """Published recoveries of quantized MoE models (external), and the file's notes."""
+def anchors_table(path: Path = ANCHORS_FILE) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Published figures (external): recoveries of quantized MoE models, outlier figures of real LLMs, and
+    the file's notes."""
     import yaml
     doc = yaml.safe_load(Path(path).read_text())
     cols = ["model", "card", "moeq_scheme", "format", "benchmarks", "baseline", "quantized", "recovery_pct",
             "computed", "source", "quote"]
-    return pd.DataFrame(doc["anchors"]).reindex(columns=cols), {k: v for k, v in doc.items() if k != "anchors"}
+    notes = {k: v for k, v in doc.items() if k not in ("anchors", "outliers")}
+    return pd.DataFrame(doc["anchors"]).reindex(columns=cols), pd.DataFrame(doc.get("outliers", [])), notes
 
 
 SAME_PRECISION_GAP = 10  # percent: two schemes of one precision further apart than this need a cause
@@ -331,7 +339,8 @@ def build_report(ledger_path: Path, name: str = "default", out_root: Path = Path
     claims = verdicts.load_claims()
     mem = memory_table(results)
     perf = perf_table(results, mem, settings)
-    acc = accuracy_table(results, items, claims["accuracy_metrics"])
+    scores = item_scores(items)
+    acc = accuracy_table(results, scores, claims["accuracy_metrics"])
     status = results[(results.kind == "status") & (results.status == "unsupported")]
     unsupported = {(*(getattr(r, k) for k in GROUP), r.scheme): r.note for r in status.itertuples()}
     keys = results[KEY + ["env_id"]].drop_duplicates()  # which schemes each group has, and its env records
@@ -344,10 +353,11 @@ def build_report(ledger_path: Path, name: str = "default", out_root: Path = Path
     verdict = pd.concat([d for d in (verdict, others) if len(d)] or [verdict], ignore_index=True).reindex(columns=columns)
     groups = [tuple(g) for g in keys[GROUP].drop_duplicates().itertuples(index=False)]
     tables = {"summary": headline.numbers(perf, acc, mem), "verdicts": verdict, "performance": perf, "accuracy": acc,
-              "recovery": recovery_table(acc, items), "anchors": anchors_table()[0],
-              "outliers": read_outliers(ledger_path.parent / "outliers"),
+              "recovery": recovery_table(acc, scores), "outliers": read_outliers(ledger_path.parent / "outliers"),
               "memory": mem, "findings": precision_findings(perf, formats, settings),
               "recommendations": headline.recommendations(verdict, perf, mem, keys, settings, groups), "keys": keys}
+    anchors, published_outliers, tables["anchor_notes"] = anchors_table()
+    tables |= {"anchors": anchors, "outliers_published": published_outliers}
     serve = serving.serve_table(results)  # issue 17: `moeq serve-bench` rows
     tables |= {"serving": serve, "serving_capacity": serving.capacity_table(serve, kernel_table(results, "serve-engine")),
                "serving_claims": serving.claim_table(serve, verdicts.scheme_claims(claims["claims"]), formats)}

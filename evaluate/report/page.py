@@ -117,8 +117,8 @@ def blocks(name, ledger_path, tables_, unsupported, env, settings, claims, forma
                 ("p", findings_summary(found)),
                 ("details", "Every such cell, with both kernels and any kernel variant", "findings",
                  [("table", tables.findings_display(found), "findings")])]
-    out += anchors_section(tables_["anchors"], tables_["recovery"])
-    out += outliers_section(tables_["outliers"])
+    out += anchors_section(tables_["anchors"], tables_["recovery"], tables_["anchor_notes"])
+    out += outliers_section(tables_["outliers"], tables_["outliers_published"])
     out += [("h2", "The guide's other claims"),
             ("p", "Active experts, expert count, FFN width, pruning, batch size, speculative decoding, fused kernels and "
                   "single-GPU fit (issue 12): a variant of a model against the same model differing only there "
@@ -148,10 +148,8 @@ def blocks(name, ledger_path, tables_, unsupported, env, settings, claims, forma
     return out
 
 
-def anchors_section(anchors: pd.DataFrame, recovery: pd.DataFrame) -> list[tuple]:
+def anchors_section(anchors: pd.DataFrame, recovery: pd.DataFrame, notes: dict) -> list[tuple]:
     """Published recoveries of real quantized MoE models beside moeq's own, marked as external."""
-    from moeq.evaluate.report.build import anchors_table
-    notes = anchors_table()[1]
     published = "; ".join(f"{scheme}: {g.recovery_pct.min():.1f}-{g.recovery_pct.max():.1f}% ({len(g)} card"
                           f"{'s' * (len(g) > 1)})" if len(g) > 1 else f"{scheme}: {g.recovery_pct.iloc[0]:.1f}% (1 card)"
                           for scheme, g in anchors.groupby("moeq_scheme"))
@@ -166,10 +164,8 @@ def anchors_section(anchors: pd.DataFrame, recovery: pd.DataFrame) -> list[tuple
              [("table", tables.anchors_display(anchors), "anchors")])]
 
 
-def outliers_section(measured: pd.DataFrame) -> list[tuple]:
+def outliers_section(measured: pd.DataFrame, published: pd.DataFrame) -> list[tuple]:
     """Activation outliers and weight kurtosis of the embedded models beside published values for real LLMs."""
-    from moeq.evaluate.report.build import anchors_table
-    published = pd.DataFrame(anchors_table()[1].get("outliers", []))
     lines = []
     for model, g in measured.groupby("model"):
         act, wts = g[g.quantity.str.startswith("activation")], g[g.quantity == "weight kurtosis"]

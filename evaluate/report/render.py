@@ -95,9 +95,10 @@ def to_html(blocks, folder) -> str:
 
 
 def write_all(folder, name, ledger_path, tables, unsupported, env, settings, claims, formats, log=print):
-    """`tables`: the numeric tables (each written as CSV and JSON) and `keys` (the ledger's groups)."""
+    """`tables`: the numeric tables (each written as CSV and JSON), `keys` (the ledger's groups) and
+    `anchor_notes` (text beside the published figures)."""
     for table_name, df in tables.items():
-        if table_name != "keys":
+        if table_name not in ("keys", "anchor_notes"):
             df.to_csv(folder / f"{table_name}.csv", index=False)
             df.to_json(folder / f"{table_name}.json", orient="records", indent=2, force_ascii=False)
     blocks = page.blocks(name, ledger_path, tables, unsupported, env, settings, claims, formats, folder)

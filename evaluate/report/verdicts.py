@@ -118,18 +118,22 @@ def ratio_of_medians(scheme: list[float], base: list[float]) -> tuple[float, flo
     return (point, *interval(100 * (reps - 1)))
 
 
-def paired_ratio_of_means(scheme, base) -> tuple[float, float, float]:
-    """Percent change of the mean score over the same items, resampling items (in chunks: tasks can
-    have 10k+ items and a 2000 x n index array at once would take too much memory)."""
-    s, b = np.asarray(scheme, float), np.asarray(base, float)
-    point = 100 * (s.mean() / b.mean() - 1) if b.mean() else np.nan
-    rng = np.random.default_rng(SEED)
+def _ratio_replicates(s: np.ndarray, b: np.ndarray, rng) -> np.ndarray:
+    """N_BOOT ratios of means over items resampled alike for both (in chunks: tasks can have 10k+ items
+    and a 2000 x n index array at once would take too much memory)."""
     reps = []
     for start in range(0, N_BOOT, 250):
         idx = rng.integers(0, len(s), (min(250, N_BOOT - start), len(s)))
         with np.errstate(divide="ignore", invalid="ignore"):
             reps.append(s[idx].mean(1) / b[idx].mean(1))
-    reps = np.concatenate(reps)
+    return np.concatenate(reps)
+
+
+def paired_ratio_of_means(scheme, base) -> tuple[float, float, float]:
+    """Percent change of the mean score over the same items, resampling items."""
+    s, b = np.asarray(scheme, float), np.asarray(base, float)
+    point = 100 * (s.mean() / b.mean() - 1) if b.mean() else np.nan
+    reps = _ratio_replicates(s, b, np.random.default_rng(SEED))
     reps = reps[np.isfinite(reps)]
     return (point, *interval(100 * (reps - 1))) if len(reps) and np.isfinite(point) else (point, np.nan, np.nan)
 
@@ -142,13 +146,7 @@ def paired_mean_recovery(pairs: list[tuple]) -> tuple[float, float, float]:
         return np.nan, np.nan, np.nan
     point = 100 * float(np.mean([s.mean() / b.mean() for s, b in pairs]))
     rng = np.random.default_rng(SEED)
-    reps = np.zeros(N_BOOT)
-    for s, b in pairs:
-        for start in range(0, N_BOOT, 250):  # chunks, as paired_ratio_of_means
-            idx = rng.integers(0, len(s), (min(250, N_BOOT - start), len(s)))
-            with np.errstate(divide="ignore", invalid="ignore"):
-                reps[start:start + len(idx)] += s[idx].mean(1) / b[idx].mean(1)
-    reps = 100 * reps / len(pairs)
+    reps = 100 * np.mean([_ratio_replicates(s, b, rng) for s, b in pairs], axis=0)
     reps = reps[np.isfinite(reps)]
     return (point, *interval(reps)) if len(reps) else (point, np.nan, np.nan)
 
