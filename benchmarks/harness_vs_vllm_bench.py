@@ -8,9 +8,11 @@ Both run with the engine settings `moeq eval` builds (evaluate/settings.py; shap
 vLLM's uniform_random routing, as the sweep), so the ratio compares the harnesses, not their settings.
 Each side warms up first (the bench: one untimed pass of as many prompts). `--engine-process` runs
 moeq's cell with vLLM's engine in this process (how `moeq eval` runs it) and/or in vLLM's own engine
-process (how the bench and a server run it): the H200's open bench/moeq gap (reports/h200/NOTES.md)
-is this comparison. Every side starts its own engine, one at a time, each in a fresh process; moeq's
-sides also time the same engine with the bench's sampling (temperature 1, no min_tokens).
+process (how the bench and a server run it). On the H200 (reports/h200/NOTES.md) the engine process
+made no difference (19,255 vs 19,109 tok/s, Mixtral fp8 b128); the bench's repeated prompts hitting vLLM's
+prefix cache made all of its 1.48x, so the bench runs with prefix caching off. Every side starts its own
+engine, one at a time, each in a fresh process; moeq's sides also time the same engine with the bench's
+sampling (temperature 1, no min_tokens).
 """
 import argparse
 import json
@@ -70,7 +72,10 @@ def vllm_bench(a) -> dict:
                "main(p.parse_args(sys.argv[1:]))",
                "--model", a.model, "--dataset-name", "random", "--random-input-len", str(a.input_len),
                "--random-output-len", str(a.output_len), "--num-prompts", str(a.batch), "--num-warmups", str(a.batch),
-               "--max-model-len", str(s.llm["max_model_len"]), "--output-json", f"{tmp}/out.json"]
+               "--max-model-len", str(s.llm["max_model_len"]), "--output-json", f"{tmp}/out.json",
+               # its random prompts can repeat (with a small word tokenizer most do: H200 session 6), and cached
+               # prefixes skip prefill that moeq's never-repeating prompts pay for
+               "--no-enable-prefix-caching"]
         if a.weights == "dummy":
             cmd += ["--load-format", "dummy", "--tokenizer", a.tokenizer]
         if "kv_cache_memory_bytes" in s.llm:

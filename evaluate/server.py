@@ -52,7 +52,10 @@ def free_port(first: int, log=print) -> int:
 def server_flags(model_path: str, llm: dict, extra: dict | None = None) -> list[str]:
     """vllm.LLM keyword arguments as `vllm serve` flags, spelt by vLLM's own parser (a boolean is --x or
     --no-x as vLLM defines it) and parsed by it, so a setting the server would refuse fails here."""
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    try:
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    except ImportError:  # vLLM before the launchers package (0.26, the GPU's) keeps it with the OpenAI server
+        from vllm.entrypoints.openai.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
     parser = make_arg_parser(FlexibleArgumentParser())
     actions = {opt: a for a in parser._actions for opt in a.option_strings}

@@ -64,14 +64,16 @@ step_variant() {  # variant=qwen3moe/fp8/moe_backend=triton: one scheme with one
 }
 
 step_bench() {  # vLLM's own tool at its defaults on cells moeq measured: bench=qwen3moe/fp8/64,...
-  # one untimed pass of as many prompts first, as moeq warms up (session 4 ran without it: first-use kernel compiles were timed)
+  # one untimed pass of as many prompts first, as moeq warms up (session 4 ran without it: first-use kernel compiles were timed);
+  # prefix caching off: the bench's random prompts, made with the carried word tokenizer, repeat (128 prompts: 37
+  # distinct, 73% of prompt tokens cached), which skipped most of its prefill (session 6); moeq's prompts never repeat
   for cell in ${1//,/ }; do
     IFS=/ read -r model scheme batch <<< "$cell"
     local folder=$scheme quant=; [[ $scheme == fp8-online ]] && folder=bf16 quant="--quantization fp8"
     # vLLM's CLI entry point imports its server (uvicorn, not carried); the bench module itself does not
     VLLM_MOE_ROUTING_SIMULATION_STRATEGY=uniform_random timeout $(left) python3 -c "import sys; from vllm.benchmarks.throughput import add_cli_args, main; from vllm.utils.argparse_utils import FlexibleArgumentParser as P; p = P(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))" \
       --model $CKPT/.shape-only/$model/$folder $quant --tokenizer $W/tokenizer --load-format dummy --dataset-name random \
-      --random-input-len 512 --random-output-len 128 --num-prompts $batch --num-warmups $batch --max-model-len 2176 \
+      --random-input-len 512 --random-output-len 128 --num-prompts $batch --num-warmups $batch --max-model-len 2176 --no-enable-prefix-caching \
       --output-json $W/bench-$model-$scheme-b$batch.json 2>&1 | show
   done
 }

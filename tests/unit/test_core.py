@@ -137,6 +137,9 @@ def test_kernel_log_summary():
 def test_only_a_kernel_refusal_is_unsupported():
     assert kernels.REFUSALS.search("ValueError: Unsupported FP8 MoE backend: NONE")
     assert kernels.REFUSALS.search("RuntimeError: _C::static_scaled_fp8_quant() expected at most 0 argument(s)")
+    # vLLM 0.26 on DeepSeek-V2-Lite fp8-block (H200, session 6): its dense MLP is 10944 wide
+    assert kernels.REFUSALS.search("ValueError: Weight output_partition_size = 10944 is not divisible by weight "
+                                   "quantization block_n = 128.")
     for other in ("ValidationError: max_num_seqs must be positive", "No module named 'lm_eval'",
                   "CUDA out of memory. Tried to allocate 2.00 GiB", "TypeError: unexpected keyword 'enforce_eagr'"):
         assert not kernels.REFUSALS.search(other), other
