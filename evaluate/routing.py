@@ -18,6 +18,19 @@ import os
 import numpy as np
 
 STRATEGY = "moeq_zipf"
+OWN_ROUTER = "model's router"  # a probe's routing when the checkpoint's own routers picked the experts
+
+# A probe is degenerate when its median layer leaves an expert with no token, or its load's normalized
+# entropy is below 0.9: dummy routers that spread tokens score 0.998 or more (H200 probes of four shapes),
+# one that sends every token to the same k of E experts scores log k / log E (DeepSeek-V2-Lite's dummy
+# router: 6 of 64, 0.43, busiest expert 10.7x the mean). Shape-only rows routed so time those few experts,
+# not the model. (A skewed router such as Zipf(1), 0.886, also counts: far from the balance such rows assume.)
+DEGENERATE_ENTROPY = 0.9
+
+
+def degenerate(median: dict) -> bool:
+    """Whether a probe's median-layer load (load_stats' "median") is too concentrated to stand for a model."""
+    return median["min_over_mean"] == 0 or median["entropy"] < DEGENERATE_ENTROPY
 
 
 def install(s: float):
@@ -86,5 +99,5 @@ def probe(path: str, dummy: bool, routing: str, layers: int | None, prompts: int
     gc.collect()
     torch.cuda.empty_cache()
     return {"checkpoint": path, "weights": "dummy" if dummy else "real",
-            "routing": routing if routing != MODEL_ROUTING else "model's router", "num_experts": experts,
+            "routing": routing if routing != MODEL_ROUTING else OWN_ROUTER, "num_experts": experts,
             **load_stats(routed, experts)}

@@ -13,7 +13,7 @@ import pandas as pd
 
 from moeq import roofline
 from moeq.evaluate import kernels
-from moeq.evaluate.report import compare, headline, render, serving, verdicts
+from moeq.evaluate.report import compare, headline, render, routing_load, serving, verdicts
 from moeq.evaluate.ledger import KEY as LEDGER_KEY, LEGACY, LEGACY_RECORD
 from moeq.evaluate.report.verdicts import BASELINE, GROUP
 from moeq.atomic import staged_dir
@@ -84,7 +84,9 @@ def kernel_table(results: pd.DataFrame, kind: str = "engine") -> pd.DataFrame:
     return pd.DataFrame(rows, columns=KEY + ["moe_kernel", "moe_config"])
 
 
-def perf_table(results: pd.DataFrame, mem: pd.DataFrame, settings: dict) -> pd.DataFrame:
+def perf_table(results: pd.DataFrame, mem: pd.DataFrame, settings: dict,
+               probes: pd.DataFrame | None = None) -> pd.DataFrame:
+    """probes: `moeq routing` probes (routing_load.read_probes); rows on a degenerate dummy router are flagged."""
     p = results[results.kind == "perf"]
     tput = p[p.metric == "throughput"][KEY + ["cell", "spread", "n", "repeats", "env_id"]]
     df = wide(p, KEY + ["cell"], PERF_METRICS).merge(tput, on=KEY + ["cell"], how="left")
@@ -102,7 +104,10 @@ def perf_table(results: pd.DataFrame, mem: pd.DataFrame, settings: dict) -> pd.D
     df["throughput_per_gpu"] = df.throughput / df.gpus  # so an engine on 2 GPUs compares fairly with one on 1
     df = df.merge(kernel_table(results), on=KEY, how="left")
     df = with_baseline(df, ["cell"], ["throughput_ceiling"])
-    df["flag"] = [physics_flag(r) for r in df.itertuples()]
+    probes = pd.DataFrame(columns=routing_load.COLUMNS) if probes is None else probes
+    # a degenerate dummy router is the cause of any physics flag on its rows, so it is named first
+    df["flag"] = ["; ".join(f for f in (routing_load.flag(r.model, r.scheme, r.provenance, routing_of(
+        settings, tuple(getattr(r, k) for k in KEY)), probes), physics_flag(r)) if f) or None for r in df.itertuples()]
     # a comparison is no better than its baseline: a flagged bf16 cell flags every scheme's delta in it
     base = df[df.scheme == BASELINE].set_index(GROUP + ["cell"]).flag.dropna()
     df["flag"] = [f if isinstance(f, str) or r.scheme == BASELINE or key not in base.index else f"baseline: {base[key]}"
@@ -338,7 +343,8 @@ def build_report(ledger_path: Path, name: str = "default", out_root: Path = Path
     formats = scheme_formats(results)
     claims = verdicts.load_claims()
     mem = memory_table(results)
-    perf = perf_table(results, mem, settings)
+    probes = routing_load.read_probes(ledger_path.parent / "routing")  # `moeq routing --out routing/NAME.json`
+    perf = perf_table(results, mem, settings, probes)
     scores = item_scores(items)
     acc = accuracy_table(results, scores, claims["accuracy_metrics"])
     status = results[(results.kind == "status") & (results.status == "unsupported")]
@@ -354,6 +360,7 @@ def build_report(ledger_path: Path, name: str = "default", out_root: Path = Path
     groups = [tuple(g) for g in keys[GROUP].drop_duplicates().itertuples(index=False)]
     tables = {"summary": headline.numbers(perf, acc, mem), "verdicts": verdict, "performance": perf, "accuracy": acc,
               "recovery": recovery_table(acc, scores), "outliers": read_outliers(ledger_path.parent / "outliers"),
+              "routing": probes,
               "memory": mem, "findings": precision_findings(perf, formats, settings),
               "recommendations": headline.recommendations(verdict, perf, mem, keys, settings, groups), "keys": keys}
     anchors, published_outliers, tables["anchor_notes"] = anchors_table()

@@ -10,9 +10,10 @@ from datetime import datetime, timezone
 import pandas as pd
 
 from moeq import roofline
-from moeq.evaluate.report import headline, plots, serving, tables, verdicts
+from moeq.evaluate.report import headline, plots, routing_load, serving, tables, verdicts
 from moeq.evaluate.report.tables import group_title, in_group, scheme_order, settings_text, slug
 from moeq.evaluate.report.verdicts import GROUP
+from moeq.evaluate.routing import DEGENERATE_ENTROPY
 
 
 def claim_paragraphs(sentences: list[dict]) -> list[tuple]:
@@ -99,7 +100,7 @@ def blocks(name, ledger_path, tables_, unsupported, env, settings, claims, forma
     for d in devices:
         out += answer(d, [g for g in headline_groups if g[3] == d], tables_, claims, settings)
     contents = [f"{d}: models × schemes" for d in devices] + [f"{d}: plots" for d in devices]
-    contents += ["Findings: one precision, two speeds"] * bool(len(found)) + ["Published recoveries (external)", "How far the embedded models carry"] + [
+    contents += ["Findings: one precision, two speeds"] * bool(len(found)) + ["Published recoveries (external)", "How far the embedded models carry", "Routed expert load"] + [
         "Serving under load", "Every table, per group", "Every verdict", "Methods",
         "Provenance"]
     out += [("h2", "Contents"), ("toc", contents)]
@@ -119,6 +120,7 @@ def blocks(name, ledger_path, tables_, unsupported, env, settings, claims, forma
                  [("table", tables.findings_display(found), "findings")])]
     out += anchors_section(tables_["anchors"], tables_["recovery"], tables_["anchor_notes"])
     out += outliers_section(tables_["outliers"], tables_["outliers_published"])
+    out += routing_section(tables_["routing"], tables_["performance"], keys, settings)
     out += [("h2", "The guide's other claims"),
             ("p", "Active experts, expert count, FFN width, pruning, batch size, speculative decoding, fused kernels and "
                   "single-GPU fit (issue 12): a variant of a model against the same model differing only there "
@@ -186,6 +188,35 @@ def outliers_section(measured: pd.DataFrame, published: pd.DataFrame) -> list[tu
         body.append(("details", "Published outlier and kurtosis figures for real LLMs (external)", "outliers-published",
                      [("table", tables.published_outliers_display(published), "outliers-published")]))
     return [("h2", "How far the embedded models carry")] + body
+
+
+def routing_section(probes: pd.DataFrame, perf: pd.DataFrame, keys: pd.DataFrame, settings: dict) -> list[tuple]:
+    """Which routing each settings group used, the expert load `moeq routing` measured for it, and the rows a
+    degenerate dummy router flags (issue 9)."""
+    used = {}
+    for sid in sorted(keys.settings.unique()):
+        used.setdefault(routing_load.routing_used(settings.get(sid, {})), []).append(sid)
+    text = "Routing behind the rows, per settings group: " + "; ".join(
+        f"{', '.join(ids)}: {how}" for how, ids in used.items()) + ". "
+    if probes.empty:
+        return [("h2", "Routed expert load"),
+                ("p", text + "Routing was not probed for this ledger's models: no `moeq routing` results beside the "
+                             "ledger (`routing/*.json`, written by `moeq routing CKPT:dummy CKPT:dummy:uniform_random "
+                             "--out routing/NAME.json`).")]
+    bad = probes[probes.verdict == "degenerate"]
+    hit = perf[perf.flag.fillna("").str.contains(routing_load.FLAG_HEAD)]
+    flagged = "; ".join(f"{m} at settings {s}, {len(g)} perf cells" for (m, s), g in hit.groupby(["model", "settings"]))
+    text += ("`moeq routing` measured the expert load vLLM routes for random-token prompts (median over layers; "
+             "files beside the ledger, `routing/`). Degenerate, an expert no token reaches in the median layer or "
+             f"normalized entropy below {DEGENERATE_ENTROPY}: "
+             + ("; ".join(f"{r.model} {r.scheme}, {r.routing} (busiest expert {r.max_over_mean:.1f}× the mean, "
+                          f"idlest {r.min_over_mean:.2f}×, entropy {r.entropy:.2f})" for r in bad.itertuples()) or "none")
+             + ". Rows measured on a degenerate router measure that router, not the model: rows on dummy weights' "
+               f"own routers whose probe degenerated are flagged ({flagged or 'none in this ledger'}); rows routed by "
+               "a simulation (uniform_random) are not.")
+    return [("h2", "Routed expert load"), ("p", text),
+            ("details", "Every probe: the median layer's load", "routing",
+             [("table", tables.routing_display(probes), "routing")])]
 
 
 def findings_summary(found: pd.DataFrame) -> str:

@@ -110,7 +110,7 @@ def speedup(folder, stem, groups, perf, claims, formats):
         _legend(ax)
     caption = ("Speedup over BF16 vs batch size, one panel per model and settings group: median throughput "
                "ratio with its 95% bootstrap interval, the 1.0 line (no change) and the claimed band shaded; "
-               "red rings mark cells a physics check flags (no verdict)")
+               "red rings mark cells a physics or routing check flags (no verdict)")
     return _save(fig, folder, f"{stem}-speedup.png", caption)
 
 

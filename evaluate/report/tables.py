@@ -200,6 +200,17 @@ def outliers_display(o: pd.DataFrame) -> pd.DataFrame:
         "Measured on": [f"{t:,} tokens of {x}" for t, x in zip(o.tokens, o.text)]})
 
 
+def routing_display(r: pd.DataFrame) -> pd.DataFrame:
+    """Routed expert load per probe, the median layer's (routing_load.read_probes)."""
+    return pd.DataFrame({
+        "Model": r.model, "Scheme": r.scheme, "Weights": r.weights, "Routing": r.routing,
+        "Experts": r.num_experts, "Layers": r.layers, "Tokens": r.tokens.map(lambda t: f"{t:,}"),
+        "Busiest / mean": r.max_over_mean.map(lambda x: f"{x:.2f}×"),
+        "Idlest / mean": r.min_over_mean.map(lambda x: f"{x:.2f}×"),
+        "Entropy (normalized)": r.entropy.map(lambda x: f"{x:.3f}"), "CV": r.cv.map(lambda x: f"{x:.3f}"),
+        "Verdict": r.verdict, "File": r.file})
+
+
 def published_outliers_display(p: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"Model (external)": p.model, "Quantity": p.quantity, "Value": p.value,
                          "Source": [f"[{t}]({u})" for t, u in zip(p.title, p.source)], "As printed there": p.quote})

@@ -15,7 +15,7 @@ def add_args(p):
     p.add_argument("--prompts", type=positive_int, default=8)
     p.add_argument("--input-len", type=positive_int, default=256)
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--out", help="also write the JSON list here")
+    p.add_argument("--out", help="also write the JSON list here; `moeq report` reads routing/*.json beside the ledger")
 
 
 def parse_probe(spec: str, strategies: list[str] | None = None) -> tuple[str, bool, str, int | None]:
