@@ -300,7 +300,8 @@ def run(job: Job, log=print) -> str | None:
         if job.restart:
             metrics = merged(ledger.rows(cell=name, **key), metrics)
         write("perf", name, metrics + physics(facts, device, batch, inp, out, settings.routing, metrics, settings.gpus))
-    write("engine", "kernel", kernels.metrics(kernel_log.lines + (core_log.lines if core_log else [])))
+    write("engine", "kernel", kernels.metrics(kernel_log.lines + (core_log.lines if core_log else []))
+          + [kernels.moe_quant(llm)])
     if not job.restart:
         write_memory(write, llm, job, facts, wbytes, load, on_gpu=backend == "vllm-cuda", separate=separate)
     log(f"[eval] {job.model} / {job.scheme} done")

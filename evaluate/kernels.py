@@ -42,3 +42,35 @@ def metrics(lines: list[str]) -> list[dict]:
     return [{"metric": "moe_kernel", "value": None, "note": found["moe_kernel"]},
             {"metric": "moe_config", "value": None, "note": found["moe_config"]},
             {"metric": "vllm_log", "value": None, "note": "\n".join(lines)}]
+
+
+# vLLM's names for the kernel variants a MoE quant config selects (FusedMoEQuantConfig properties)
+QUANT_FLAGS = ("use_fp8_w8a8", "use_fp8_w8a16", "use_int8_w8a8", "use_int8_w8a16", "use_int4_w4a16")
+
+
+def _first_moe_quant(worker) -> str:
+    """Runs in the engine's worker: the quant config the first MoE layer's kernel was built with."""
+    for module in worker.model_runner.get_model().modules():
+        method = getattr(module, "quant_method", None)
+        if method is None or not hasattr(method, "moe_quant_config"):
+            continue
+        qc = method.moe_quant_config
+        if qc is None:
+            return f"{type(method).__name__}: no quant config"
+        acts = "unquantized" if qc.quant_dtype is None else \
+            f"{qc.quant_dtype}" + (" per-token" if qc.per_act_token_quant else "")
+        flags = [f.removeprefix("use_") for f in QUANT_FLAGS if getattr(qc, f, False)]
+        return f"{type(method).__name__}: activations {acts}" + (f" ({', '.join(flags)})" if flags else "")
+    return "no MoE layer found"
+
+
+def moe_quant(llm) -> dict:
+    """The ledger's record of what the experts' kernel computes with: the log names the kernel but not
+    whether a W8A8 checkpoint's activations are really quantized (H200 session 6 saw an int8_w8a16
+    config name for W8A8-INT8 checkpoints)."""
+    try:
+        note = llm.collective_rpc(_first_moe_quant)[0]
+    except Exception as e:  # a vLLM whose worker or config is laid out otherwise: say so, never guess
+        note = f"not readable: {type(e).__name__}: {e}"[:300]
+    return {"metric": "moe_quant", "value": None, "note": note}
+

@@ -72,6 +72,9 @@ def test_baseline_perf_is_complete_and_sane(measured):
     memory = {r["metric"]: r["value"] for r in rows(ledger, "scheme = 'bf16' AND kind = 'memory'")}
     assert memory["weights_bytes"] > 1e6 and memory["kv_cache_tokens"] > 0 and memory["peak_memory_bytes"] > 0
     assert memory["checkpoint_bytes"] > 1e6 and memory["load_seconds"] > 0
+    # what the experts' kernel computes with, read from vLLM's worker: BF16 runs unquantized
+    quant = rows(ledger, "scheme = 'bf16' AND metric = 'moe_quant'")
+    assert quant and quant[0]["note"].endswith("activations unquantized"), quant
 
 
 def test_every_scheme_gets_accuracy_on_the_baselines_backend(measured):
@@ -228,6 +231,7 @@ def test_engine_core_in_a_process_of_its_own(tiny_model, tmp_path):
     con = sqlite3.connect(ledger)
     rows = dict(con.execute("select metric, coalesce(note, value) from results where cell in ('kernel', 'engine')"))
     assert "MoE backend" in rows["vllm_log"] and rows["moe_kernel"].startswith("CPU")
+    assert rows["moe_quant"].endswith("activations unquantized"), rows["moe_quant"]  # read across the process
     assert "engine core, added" in rows["peak_memory_bytes"]
     record = json.loads(con.execute("select record from settings").fetchone()[0])
     assert record["non_default"]["engine_process"] == "separate"
