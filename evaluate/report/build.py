@@ -81,7 +81,9 @@ def kernel_table(results: pd.DataFrame, kind: str = "engine") -> pd.DataFrame:
     logs = results[(results.kind == kind) & (results.metric == "vllm_log")]
     rows = [dict(zip(KEY, (getattr(r, k) for k in KEY))) | kernels.summary((r.note or "").splitlines())
             for r in logs.itertuples()]
-    return pd.DataFrame(rows, columns=KEY + ["moe_kernel", "moe_config"])
+    # what the experts compute with, read from vLLM's worker (rows since H200 session 6; older rows: NaN)
+    quant = results[(results.kind == kind) & (results.metric == "moe_quant")].set_index(KEY).note.rename("moe_quant")
+    return pd.DataFrame(rows, columns=KEY + ["moe_kernel", "moe_config"]).join(quant, on=KEY)
 
 
 def perf_table(results: pd.DataFrame, mem: pd.DataFrame, settings: dict,
