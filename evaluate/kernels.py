@@ -18,10 +18,13 @@ REFUSALS = re.compile(
     r"_C::\w+\(\) expected at most 0 argument", re.IGNORECASE)
 LOG_LINES = re.compile(r"MoE backend|MoE config|for MoE layer|Simulating MoE routing")
 BACKEND = re.compile(r"Using '?(\S+?)'? (?:\S+ )?MoE backend")
+# the Triton config file vLLM looks up is named after the kernel variant it runs: dtype=fp8_w8a8, int8_w8a16, ...
+KERNEL_DTYPE = re.compile(r"dtype=([a-z0-9]+_w\d+a\d+)")
 
 
 def summary(lines: list[str]) -> dict:
-    """{moe_kernel, moe_config} from vLLM's log lines about its MoE layers."""
+    """{moe_kernel, moe_config, moe_dtype} from vLLM's log lines about its MoE layers (moe_dtype: the
+    variant named in the Triton config file looked up; None where no such name was logged)."""
     kernel = ", ".join(dict.fromkeys(m[1] for line in lines if (m := BACKEND.search(line)))) or "not logged"
     tuned = [line for line in lines if "for MoE layer" in line]
     if any("default MoE config" in line for line in lines):
@@ -32,7 +35,8 @@ def summary(lines: list[str]) -> dict:
         config = "none (not a Triton kernel)"
     else:
         config = "not logged"
-    return {"moe_kernel": kernel, "moe_config": config}
+    dtype = next((m[1] for line in lines if "MoE" in line and (m := KERNEL_DTYPE.search(line))), None)
+    return {"moe_kernel": kernel, "moe_config": config, "moe_dtype": dtype}
 
 
 def metrics(lines: list[str]) -> list[dict]:

@@ -83,7 +83,7 @@ def kernel_table(results: pd.DataFrame, kind: str = "engine") -> pd.DataFrame:
             for r in logs.itertuples()]
     # what the experts compute with, read from vLLM's worker (rows since H200 session 6; older rows: NaN)
     quant = results[(results.kind == kind) & (results.metric == "moe_quant")].set_index(KEY).note.rename("moe_quant")
-    return pd.DataFrame(rows, columns=KEY + ["moe_kernel", "moe_config"]).join(quant, on=KEY)
+    return pd.DataFrame(rows, columns=KEY + ["moe_kernel", "moe_config", "moe_dtype"]).join(quant, on=KEY)
 
 
 def perf_table(results: pd.DataFrame, mem: pd.DataFrame, settings: dict,
@@ -105,6 +105,8 @@ def perf_table(results: pd.DataFrame, mem: pd.DataFrame, settings: dict,
     df["gpus"] = [gpus_of(settings, tuple(getattr(r, k) for k in KEY)) for r in df.itertuples()]
     df["throughput_per_gpu"] = df.throughput / df.gpus  # so an engine on 2 GPUs compares fairly with one on 1
     df = df.merge(kernel_table(results), on=KEY, how="left")
+    formats = scheme_formats(results)
+    df["experts_a16"] = [unquantized_experts(f, d) for f, d in zip(df.scheme.map(formats), df.moe_dtype)]
     df = with_baseline(df, ["cell"], ["throughput_ceiling"])
     probes = pd.DataFrame(columns=routing_load.COLUMNS) if probes is None else probes
     # a degenerate dummy router is the cause of any physics flag on its rows, so it is named first
@@ -115,6 +117,13 @@ def perf_table(results: pd.DataFrame, mem: pd.DataFrame, settings: dict,
     df["flag"] = [f if isinstance(f, str) or r.scheme == BASELINE or key not in base.index else f"baseline: {base[key]}"
                   for f, r, key in zip(df.flag, df.itertuples(), map(tuple, df[GROUP + ["cell"]].to_numpy()))]
     return df
+
+
+def unquantized_experts(fmt: dict | None, kernel_dtype) -> bool:
+    """A checkpoint that asks for quantized activations whose experts' kernel vLLM ran as 16-bit-activation
+    (vLLM 0.26 runs a dynamic per-token W8A8-INT8 MoE as int8_w8a16: NOTES.md, H200 session 6)."""
+    return bool(fmt) and fmt.get("activation_bits", 16) < 16 and isinstance(kernel_dtype, str) \
+        and kernel_dtype.endswith("a16")
 
 
 def model_configs(results: pd.DataFrame) -> dict:

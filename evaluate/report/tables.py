@@ -152,9 +152,10 @@ def perf_display(perf: pd.DataFrame) -> pd.DataFrame:
         "TTFT p50 / p99 ms": [f"{a} / {b}" for a, b in zip(ms("ttft_p50", ",.1f"), ms("ttft_p99", ",.1f"))],
         "ITL p50 / p99 ms": [f"{a} / {b}" if a != MISSING else f"mean {c}, p99 of request means {d}"
                              for a, b, c, d in zip(ms("itl_p50"), ms("itl_p99"), ms("itl_mean"), ms("itl_request_p99"))],
-        "MoE kernel (Triton config)": [f"{k} ({c})" + (f"; {q.split(': ', 1)[-1]}" if isinstance(q, str) else "")
+        "MoE kernel (Triton config)": [f"{k}{f' {d}' if isinstance(d, str) else ''} ({c})"
+                                       + (f"; {q.split(': ', 1)[-1]}" if isinstance(q, str) else "")
                                        if isinstance(k, str) else MISSING
-                                       for k, c, q in zip(p.moe_kernel, p.moe_config, p.moe_quant)],
+                                       for k, d, c, q in zip(p.moe_kernel, p.moe_dtype, p.moe_config, p.moe_quant)],
         "Ceiling tok/s": [fmt_rate(c) if pd.notna(c) else r for c, r in zip(p.throughput_ceiling, p.roofline)],
         "% of ceiling (balanced)": [fmt(a, ".1f", suffix="%") + (f" ({b:.1f}%)" if pd.notna(b) and b != a else "")
                                     for a, b in zip(p.pct_of_ceiling, p.pct_of_balanced)],

@@ -134,6 +134,22 @@ def test_kernel_log_summary():
     assert got["moe_kernel"] == "VLLM_CUTLASS" and got["moe_config"].startswith("default")
 
 
+def test_the_kernel_variant_vllm_ran_is_read_from_its_config_lookup():
+    """H200 session 6: vLLM 0.26 looked up an int8_w8a16 config for W8A8-INT8 checkpoints (experts on
+    16-bit activations); the report must say so for a scheme that asks for 8-bit activations, and only then."""
+    from moeq.evaluate.report.build import unquantized_experts
+    lines = ["Using TRITON Int8 MoE backend out of potential backends: ['TRITON', 'HUMMING', 'CPU'].",
+             "Using default MoE config. Performance might be sub-optimal! Config file not found at "
+             "/x/configs/E=64,N=1024,device_name=NVIDIA_H200,dtype=int8_w8a16.json"]
+    got = kernels.summary(lines)
+    assert got["moe_kernel"] == "TRITON" and got["moe_dtype"] == "int8_w8a16"
+    assert kernels.summary(lines[:1])["moe_dtype"] is None
+    w8a8, w8a16 = {"weight_bits": 8, "activation_bits": 8}, {"weight_bits": 8, "activation_bits": 16}
+    assert unquantized_experts(w8a8, "int8_w8a16")
+    assert not unquantized_experts(w8a16, "int8_w8a16") and not unquantized_experts(w8a8, "fp8_w8a8")
+    assert not unquantized_experts(w8a8, None) and not unquantized_experts(None, "int8_w8a16")
+
+
 def test_only_a_kernel_refusal_is_unsupported():
     assert kernels.REFUSALS.search("ValueError: Unsupported FP8 MoE backend: NONE")
     assert kernels.REFUSALS.search("RuntimeError: _C::static_scaled_fp8_quant() expected at most 0 argument(s)")
