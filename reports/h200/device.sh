@@ -32,8 +32,8 @@ step_chunk() { mkdir -p /tmp/chunks && cp .device/p*/part* /tmp/chunks/ && ls /t
 step_install() {
   step_chunk
   cat /tmp/chunks/part* | tar x -C /tmp && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/whl/*.whl || return 1
-  # vLLM's OpenAI server (serve=) also needs uvicorn and python-multipart, which the bundle's resolver left out:
-  # .device/serve holds them (pip download, manylinux cp312), carried in this call when serving is planned
+  # vLLM's OpenAI server (serve=) also needs wheels the bundle's resolver left out (uvicorn, model-hosting-container-
+  # standards, jmespath, ...: serve-plan.md lists them): .device/serve, carried in this call when serving is planned
   if [ -d .device/serve ]; then python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/serve/*.whl || return 1; fi
   # a frozen copy of moeq: later calls run the code this call brought, whatever the tree holds then
   # laid out as pyproject.toml installs it: core/ is the package moeq, the rest its subpackages
