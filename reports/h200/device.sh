@@ -2,11 +2,12 @@
 # Device side of reports/h200: how the H200 runs were made (REPRODUCE.md says how to rerun them on any
 # CUDA machine with `make`). The machine has no network and no vLLM: vLLM 0.26.0 and its dependencies
 # come as wheel parts (.device/pN, made by shared/device/bundle.py), one call each; the shape-only
-# folders (config files only) are made on a CPU machine and carried as checkpoints/.shape-only.
+# folders (config files only) are made on a CPU machine and carried as checkpoints/.shape-only. The image has no
+# llm-compressor and no lm-eval either: wheel sets .device/quant and .device/eval (BUILD-PLAN.md), carried likewise.
 #   bash reports/h200/device.sh STEP[=ARG] ...
 #   steps: chunk | install | sweep=MODELS[/SCHEMES] | variant=MODEL/SCHEME/KEY=VALUE | bench=MODEL/SCHEME/BATCH,...
 #          | harness=MODEL/SCHEME/BATCH | serve=MODEL/SCHEMES[/KEY=VALUE,...] | routing=MODEL/SCHEME,...
-#          | build=MODEL | wait=MODEL | outliers=MODEL
+#          | build=MODEL | wait=MODEL | outliers=MODEL | quantize=MODEL[/SCHEMES] | score=MODEL[/SCHEMES[/TASKS]]
 # Everything finished is copied to $OUT at exit, also after a timeout: the ledger gets one transaction
 # per cell, so a cut-off step loses only its cell in flight, and the next call resumes from the ledger.
 # On a host of several GPUs, streams run side by side, one per GPU, each with its own ledger copy, log
@@ -22,12 +23,23 @@ SRC=${SRC:-.}  # the moeq that runs: the tree, or a clean `git archive` of a com
 PLAN=$SRC/reports/h200/${PLANFILE:-plan.yaml} LEDGER=$W/ledger$TAG.sqlite CKPT=$W/checkpoints  # PLANFILE=plan-separate.yaml: another plan
 [ -f $LEDGER ] || [ ! -f $W/ledger.sqlite ] || cp $W/ledger.sqlite $LEDGER  # a new stream starts from the committed ledger
 trap 'cp -f $LEDGER "$OUT"/ 2>/dev/null; (cd $W && tar cf "$OUT/results$TAG.tar" *.json 2>/dev/null)' EXIT
+[ -x $W/quant-python ] && export MOEQ_QUANT_PYTHON=$W/quant-python  # the quantize environment, once install wrote it
 END=$((SECONDS + ${BUDGET:-560}))  # every step stops in time for the trap to run inside the call's limit
 left() { echo $((END - SECONDS > 5 ? END - SECONDS : 5)); }
 # moeq's own lines and vLLM's kernel choice on the console; everything in $OUT/device.log
-show() { tee -a "$OUT/device$TAG.log" | grep --line-buffered -E '^\[(eval|sweep|serve)\]|^routing:|run [0-9]/|MoE backend|MoE config|Throughput|Error|error:|Traceback' ; }
+show() { tee -a "$OUT/device$TAG.log" | grep --line-buffered -E '^\[(eval|sweep|serve|quantize)\]|^routing:|run [0-9]/|MoE backend|MoE config|Throughput|Error|error:|Traceback' ; }
 
-step_chunk() { mkdir -p /tmp/chunks && cp .device/p*/part* /tmp/chunks/ && ls /tmp/chunks | tr '\n' ' '; }
+# the vLLM parts to /tmp/chunks, those of the wheel sets (.device/quant/pN, .device/eval/pN) to folders beside them
+step_chunk() {
+  mkdir -p /tmp/chunks/quant /tmp/chunks/eval; cp .device/p*/part* /tmp/chunks/ 2>/dev/null
+  for set in quant eval; do cp .device/$set/p*/part* /tmp/chunks/$set/ 2>/dev/null; done
+  (cd /tmp/chunks && ls part* quant eval 2>/dev/null | tr '\n' ' ')
+}
+unpack() {  # unpack SET TARGET: a wheel set's parts, where this call or an earlier chunk call carried them, into TARGET
+  ls /tmp/chunks/$1/part* >/dev/null 2>&1 || return 0
+  mkdir -p /tmp/$1 && cat /tmp/chunks/$1/part* | tar x -C /tmp/$1 &&
+    python3 -m pip install -q --no-index --no-deps --no-compile --target $2 /tmp/$1/whl/*.whl
+}
 
 step_install() {
   step_chunk
@@ -35,6 +47,13 @@ step_install() {
   # vLLM's OpenAI server (serve=) also needs wheels the bundle's resolver left out (uvicorn, model-hosting-container-
   # standards, jmespath, ...: serve-plan.md lists them): .device/serve, carried in this call when serving is planned
   if [ -d .device/serve ]; then python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/serve/*.whl || return 1; fi
+  # issue 10: llm-compressor needs compressed-tensors 0.19, vLLM 0.17 (README, "Why two environments"), so the
+  # quantize set goes to a folder of its own that /tmp/site never sees, lm-eval's set beside vLLM in /tmp/site
+  unpack quant /tmp/quant-site && unpack eval /tmp/site || return 1
+  if [ -d /tmp/quant-site ]; then  # the quantize environment's interpreter, which moeq finds by MOEQ_QUANT_PYTHON
+    printf '#!/bin/sh\nPYTHONPATH=/tmp/quant-site:%s exec %s "$@"\n' $W/pkg "$(command -v python3)" > $W/quant-python
+    chmod +x $W/quant-python && export MOEQ_QUANT_PYTHON=$W/quant-python
+  fi
   # a frozen copy of moeq: later calls run the code this call brought, whatever the tree holds then
   # laid out as pyproject.toml installs it: core/ is the package moeq, the rest its subpackages
   rm -rf $W/pkg && mkdir -p $W/pkg && cp -r $SRC/core $W/pkg/moeq && (cd $SRC && cp -r quantize evaluate recipes $W/pkg/moeq/)
@@ -44,6 +63,11 @@ step_install() {
   cp reports/h200/ledger.sqlite $W/ledger.sqlite && chmod u+w $W/ledger.sqlite
   [ $LEDGER = $W/ledger.sqlite ] || cp $W/ledger.sqlite $LEDGER
   python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)" 2>&1 | tail -1
+  # the wheel sets import here, before a build is waited on; pip check names any pin the image's versions break
+  if [ -d /tmp/eval ]; then python3 -c "import lm_eval.models.vllm_causallms, datasets; from importlib.metadata import version as v; print('lm-eval', v('lm_eval'), 'datasets', v('datasets'))" 2>&1 | tail -1
+    python3 -m pip check 2>&1 | grep -iE '^(lm.eval|datasets|evaluate|rouge.score|nltk|typepy) '; fi
+  if [ -x $W/quant-python ]; then $W/quant-python -c "import llmcompressor, compressed_tensors as c, datasets; print('llmcompressor', llmcompressor.__version__, 'compressed-tensors', c.__version__)" 2>&1 | tail -1
+    $W/quant-python -m pip check 2>&1 | tail -n 5; fi
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 }
 
@@ -125,6 +149,23 @@ step_wait() {  # wait=moe-500m: follow a detached build until it ends or this ca
   cp -f $W/build-$1.log "$OUT"/ 2>/dev/null
   cp -f $MOEQ_CACHE/models/$1.build.json $MOEQ_CACHE/models/$1/moeq_build.json "$OUT"/ 2>/dev/null
   cp -f $W/pkg/moeq/corpora/$1.tsv.gz "$OUT"/ 2>/dev/null
+}
+# Issue 10 after the build, in the same lease (the checkpoint stays on the machine): every scheme quantized by
+# llm-compressor on the GPU, then scored natively in vLLM with lm-eval (BUILD-PLAN.md, "Quantize and score in the same lease")
+step_quantize() {  # quantize=moe-500m[/fp8,w4a16-gptq]: default every scheme with a checkpoint (bf16 and fp8-online have none)
+  # each checkpoint is written whole or not at all: a call cut by its limit loses the scheme in flight, the next reuses the rest
+  local model schemes; IFS=/ read -r model schemes <<< "$1"
+  [ -x $W/quant-python ] || { echo "no quantize environment: carry .device/quant in the install call"; return 1; }
+  freeze
+  HF_HUB_OFFLINE=1 timeout $(left) $W/quant-python -m moeq.cli quantize --model $model --scheme ${schemes:-all} --out $CKPT 2>&1 | show
+  # each checkpoint's manifest (calibration, expert coverage, libraries, seconds) comes back in results.tar
+  for m in $CKPT/$model/*/manifest.json; do [ -f $m ] && cp $m $W/quantize-$model-$(basename $(dirname $m)).json; done
+}
+step_score() {  # score=moe-500m/bf16,fp8-online,fp8[/TASKS]: real weights, perf cells and lm-eval (default: moeq's tasks)
+  # into the ledger; a scheme vLLM refuses is scored on its BF16 copy, made by the quantize environment
+  local model schemes tasks; IFS=/ read -r model schemes tasks <<< "$1"
+  HF_HUB_OFFLINE=1 timeout $(left) python3 -m moeq.cli eval --model $model ${schemes:+--scheme $schemes} ${tasks:+--tasks $tasks} \
+    --ledger $LEDGER --checkpoints $CKPT 2>&1 | show
 }
 step_outliers() {  # outliers=moe-500m (or tiny, or a checkpoint folder): activation max/median and weight kurtosis
   freeze
