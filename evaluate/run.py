@@ -252,10 +252,12 @@ def start_dequantizing(paths: list[Path]) -> subprocess.Popen | None:
 def evaluate(models=None, schemes=None, tasks=None, batches=None, input_lens=(512,), output_lens=(128,),
              repeats=3, limit=None, force=False, ledger=Path("results/ledger.sqlite"),
              checkpoints=Path("checkpoints"), engine_args=None, weights="real", routing=None,
-             warmup_tokens=None, restarts=1, cells=None, prompts=None, engine_process=None, log=print) -> int:
+             warmup_tokens=None, restarts=1, cells=None, prompts=None, engine_process=None, perf=True,
+             log=print) -> int:
     """Measure every target: perf cells in one engine per target (and per restart), accuracy tasks in
     another. `cells` (explicit (batch, in, out) triples, as a sweep plan lists them) replace the
-    product of batches x input_lens x output_lens."""
+    product of batches x input_lens x output_lens. perf=False: accuracy only (no perf engine; a GPU lease
+    that must score many checkpoints saves an engine start per scheme)."""
     from moeq.evaluate import accuracy
     if weights not in ("real", "dummy"):
         raise UserError(f"unknown WEIGHTS {weights!r}; valid: real, dummy")
@@ -264,6 +266,10 @@ def evaluate(models=None, schemes=None, tasks=None, batches=None, input_lens=(51
     cells = [tuple(c) for c in cells] if cells else [
         (b, i, o) for b in batches or (GPU_BATCHES if gpu else CPU_BATCHES) for i in input_lens for o in output_lens]
     tasks = [] if shape_only else accuracy.DEFAULT_TASKS if tasks is None else tasks
+    if not perf and not tasks:
+        raise UserError("BATCH=none measures accuracy only, and there are no tasks to score "
+                        + ("(shape-only weights have no accuracy)" if shape_only else "(TASKS=none)"))
+    cells = cells if perf else []
     if tasks:
         accuracy.check_tasks(tasks)
     settings = engine_settings.build(gpu=gpu, cells=cells, shape_only=shape_only, user_args=engine_args,
@@ -288,7 +294,7 @@ def evaluate(models=None, schemes=None, tasks=None, batches=None, input_lens=(51
         for target in targets:
             perf_job = job_for(target, ledger, settings, cells, repeats, tasks, limit, force)
             try:
-                for start in range(restarts):
+                for start in range(restarts if perf else 0):
                     run_job(replace(perf_job, restart=start))
                     if unsupported(ledger, perf_job):
                         break

@@ -207,6 +207,7 @@ def test_corrupt_checkpoint_gives_a_clear_error(checkpoints, tmp_path, damage):
 
 @pytest.mark.parametrize("flags, message", [
     (["--batch", "0"], "--batch 0: must be at least 1"),
+    (["--batch", "none", "--tasks", "none"], "BATCH=none measures accuracy only"),
     (["--repeats", "0"], "--repeats 0"),
     (["--limit", "-5"], "--limit -5"),
     (["--engine-arg", "enforce_eagr=true"], "unknown engine argument 'enforce_eagr'"),
@@ -219,6 +220,16 @@ def test_bad_input_fails_before_any_engine_and_writes_nothing(tmp_path, flags, m
     proc = serve_moeq("eval", "--model", "tiny", "--ledger", ledger, "--checkpoints", tmp_path, *flags, check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert "starting the engine" not in proc.stdout and not ledger.exists()
+
+
+def test_accuracy_only_starts_no_perf_engine(tiny_model, tmp_path):
+    """BATCH=none (a GPU lease scoring many checkpoints): accuracy rows, and no perf or engine rows."""
+    ledger = tmp_path / "ledger.sqlite"
+    proc = serve_moeq("eval", "--model", "tiny", "--scheme", "bf16", "--batch", "none", "--tasks", "moeq_mc4",
+                      *FEW_ITEMS, "--ledger", ledger, "--checkpoints", tmp_path, timeout=900)
+    assert "0 cells" in proc.stdout
+    kinds = {r["kind"] for r in rows(ledger)}
+    assert kinds == {"accuracy"}, kinds
 
 
 def test_engine_core_in_a_process_of_its_own(tiny_model, tmp_path):

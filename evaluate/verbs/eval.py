@@ -15,7 +15,8 @@ def add_args(p):
                    help="comma list incl. bf16 and fp8-online (default: bf16 + every checkpoint)")
     p.add_argument("--tasks", default=env_default("TASKS"),
                    help="lm-eval tasks, comma list (default: moeq_ppl,moeq_mc4,moeq_nextline; 'none' for perf only)")
-    p.add_argument("--batch", default=env_default("BATCH"), help="batch sizes (default: 1,8,32 on CPU; 1,16,64,128 on GPU)")
+    p.add_argument("--batch", default=env_default("BATCH"),
+                   help="batch sizes (default: 1,8,32 on CPU; 1,16,64,128 on GPU); 'none': accuracy only, no perf engine")
     p.add_argument("--input-len", default=env_default("INPUT_LEN", "512"))
     p.add_argument("--output-len", default=env_default("OUTPUT_LEN", "128"))
     p.add_argument("--repeats", default=env_default("REPEATS", "3"), help="timed runs per cell (default 3)")
@@ -67,7 +68,7 @@ def run(args):
     from moeq.evaluate.run import evaluate
     return evaluate(
         models=csv(args.model), schemes=csv(args.scheme), tasks=[] if args.tasks == "none" else csv(args.tasks),
-        batches=int_list(args.batch, "--batch"), input_lens=int_list(args.input_len, "--input-len") or [512],
+        perf=args.batch != "none", batches=None if args.batch == "none" else int_list(args.batch, "--batch"), input_lens=int_list(args.input_len, "--input-len") or [512],
         output_lens=int_list(args.output_len, "--output-len") or [128],
         repeats=int_at_least(args.repeats, "--repeats", 1), limit=int_at_least(args.limit, "--limit", 1),
         force=args.force or env_flag("FORCE"), ledger=Path(args.ledger), checkpoints=Path(args.checkpoints),

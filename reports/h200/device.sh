@@ -163,6 +163,7 @@ step_quantize() {  # quantize=moe-500m[/fp8,w4a16-gptq]: default every scheme wi
 }
 step_score() {  # score=moe-500m/bf16,fp8-online,fp8[/TASKS]: real weights, perf cells and lm-eval (default: moeq's tasks)
   # into the ledger; a scheme vLLM refuses is scored on its BF16 copy, made by the quantize environment
+  # (MOEQ_BATCH=none: accuracy only, one engine per scheme instead of two: the lease's first pass)
   local model schemes tasks; IFS=/ read -r model schemes tasks <<< "$1"
   HF_HUB_OFFLINE=1 timeout $(left) python3 -m moeq.cli eval --model $model ${schemes:+--scheme $schemes} ${tasks:+--tasks $tasks} \
     --ledger $LEDGER --checkpoints $CKPT 2>&1 | show
