@@ -106,7 +106,7 @@ def perf_table(results: pd.DataFrame, mem: pd.DataFrame, settings: dict,
     df["throughput_per_gpu"] = df.throughput / df.gpus  # so an engine on 2 GPUs compares fairly with one on 1
     df = df.merge(kernel_table(results), on=KEY, how="left")
     formats = scheme_formats(results)
-    df["experts_a16"] = [unquantized_experts(f, d) for f, d in zip(df.scheme.map(formats), df.moe_dtype)]
+    df["experts_a16"] = [unquantized_experts(f, d, q) for f, d, q in zip(df.scheme.map(formats), df.moe_dtype, df.moe_quant)]
     df = with_baseline(df, ["cell"], ["throughput_ceiling"])
     probes = pd.DataFrame(columns=routing_load.COLUMNS) if probes is None else probes
     # a degenerate dummy router is the cause of any physics flag on its rows, so it is named first
@@ -119,11 +119,16 @@ def perf_table(results: pd.DataFrame, mem: pd.DataFrame, settings: dict,
     return df
 
 
-def unquantized_experts(fmt: dict | None, kernel_dtype) -> bool:
-    """A checkpoint that asks for quantized activations whose experts' kernel vLLM ran as 16-bit-activation
-    (vLLM 0.26 runs a dynamic per-token W8A8-INT8 MoE as int8_w8a16: NOTES.md, H200 session 6)."""
-    return bool(fmt) and fmt.get("activation_bits", 16) < 16 and isinstance(kernel_dtype, str) \
-        and kernel_dtype.endswith("a16")
+def unquantized_experts(fmt: dict | None, kernel_dtype, quant_note=None) -> bool:
+    """A checkpoint that asks for quantized activations whose experts vLLM ran on 16-bit activations (vLLM
+    0.26 runs a dynamic per-token W8A8-INT8 MoE as int8_w8a16: NOTES.md, H200 session 6). Told by the
+    experts' quant config read from vLLM's worker where recorded (kernels.moe_quant), else by the variant in
+    the name of the Triton config vLLM looked up (every row with a logged Triton config)."""
+    if not fmt or fmt.get("activation_bits", 16) >= 16:
+        return False
+    if isinstance(quant_note, str) and ": activations " in quant_note:
+        return ": activations unquantized" in quant_note
+    return isinstance(kernel_dtype, str) and kernel_dtype.endswith("a16")
 
 
 def model_configs(results: pd.DataFrame) -> dict:

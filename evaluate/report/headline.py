@@ -199,10 +199,10 @@ def caveats(gkey: dict, perf: pd.DataFrame, settings: dict) -> list[str]:
     untuned = sorted(untuned[untuned.str.startswith("default")].index)
     if untuned:
         out.append("untuned Triton config: " + ", ".join(untuned))
-    a16 = perf[perf.experts_a16.fillna(False).astype(bool)].groupby("scheme").moe_dtype.first() \
-        if "experts_a16" in perf else ()
+    a16 = perf[perf.experts_a16.fillna(False).astype(bool)].groupby("scheme").moe_dtype.first()
     if len(a16):
-        out.append("experts ran with 16-bit activations: " + ", ".join(f"{s} (vLLM's {d} kernel)" for s, d in a16.items()))
+        out.append("experts ran with 16-bit activations: " + ", ".join(
+            f"{s} (vLLM's {d} kernel)" if isinstance(d, str) else s for s, d in a16.items()))
     if perf.moe_kernel.isna().all():
         out.append("kernels not recorded")
     return out

@@ -68,7 +68,8 @@ def run(args):
     from moeq.evaluate.run import evaluate
     return evaluate(
         models=csv(args.model), schemes=csv(args.scheme), tasks=[] if args.tasks == "none" else csv(args.tasks),
-        perf=args.batch != "none", batches=None if args.batch == "none" else int_list(args.batch, "--batch"), input_lens=int_list(args.input_len, "--input-len") or [512],
+        perf=args.batch != "none", batches=None if args.batch == "none" else int_list(args.batch, "--batch"),
+        input_lens=int_list(args.input_len, "--input-len") or [512],
         output_lens=int_list(args.output_len, "--output-len") or [128],
         repeats=int_at_least(args.repeats, "--repeats", 1), limit=int_at_least(args.limit, "--limit", 1),
         force=args.force or env_flag("FORCE"), ledger=Path(args.ledger), checkpoints=Path(args.checkpoints),

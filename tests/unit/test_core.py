@@ -148,6 +148,11 @@ def test_the_kernel_variant_vllm_ran_is_read_from_its_config_lookup():
     assert unquantized_experts(w8a8, "int8_w8a16")
     assert not unquantized_experts(w8a16, "int8_w8a16") and not unquantized_experts(w8a8, "fp8_w8a8")
     assert not unquantized_experts(w8a8, None) and not unquantized_experts(None, "int8_w8a16")
+    # the experts' quant config read from vLLM's worker, where recorded, decides (any kernel, Triton or not)
+    read = "CompressedTensorsW8A8Int8MoEMethod: activations {}"
+    assert unquantized_experts(w8a8, None, read.format("unquantized (int8_w8a16)"))
+    assert not unquantized_experts(w8a8, "int8_w8a16", read.format("torch.int8 per-token (int8_w8a8)"))
+    assert unquantized_experts(w8a8, "int8_w8a16", "not readable: AttributeError: x")  # then the config name
 
 
 def test_only_a_kernel_refusal_is_unsupported():
