@@ -166,7 +166,7 @@ step_score() {  # score=moe-500m/bf16,fp8-online,fp8[/TASKS]: real weights, perf
   # (MOEQ_BATCH=none: accuracy only, one engine per scheme instead of two: the lease's first pass)
   local model schemes tasks; IFS=/ read -r model schemes tasks <<< "$1"
   HF_HUB_OFFLINE=1 timeout $(left) python3 -m moeq.cli eval --model $model ${schemes:+--scheme $schemes} ${tasks:+--tasks $tasks} \
-    --ledger $LEDGER --checkpoints $CKPT 2>&1 | show
+    ${MOEQ_BATCH:+--batch $MOEQ_BATCH} --ledger $LEDGER --checkpoints $CKPT 2>&1 | show
 }
 step_outliers() {  # outliers=moe-500m (or tiny, or a checkpoint folder): activation max/median and weight kurtosis
   freeze
