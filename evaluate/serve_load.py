@@ -54,14 +54,18 @@ def slo_text(slo: dict[str, float]) -> str:
 
 def _requests(run: dict) -> list[dict]:
     """The successful requests of a saved run, one dict each (vLLM keeps per-request lists)."""
-    keys = ("ttfts", "itls", "latencies", "start_times", "output_lens", "errors")
-    if missing := [k for k in keys[:4] if k not in run]:
+    keys = ("ttfts", "itls", "start_times")
+    if missing := [k for k in keys if k not in run]:
         raise ValueError(f"the saved run has no {missing[0]!r}: it must be saved with --save-detailed")
     n = len(run["ttfts"])
     errors = run.get("errors") or [""] * n
-    return [{"ttft": run["ttfts"][i], "itl": run["itls"][i], "latency": run["latencies"][i],
+    # vLLM 0.26 saves no per-request latency (0.32 does): there it is the client's own sum, the first
+    # token's time plus every later gap, i.e. the time of the last token
+    latencies = run.get("latencies") or [run["ttfts"][i] + sum(run["itls"][i]) if run["ttfts"][i] else 0.0
+                                         for i in range(n)]
+    return [{"ttft": run["ttfts"][i], "itl": run["itls"][i], "latency": latencies[i],
              "start": run["start_times"][i], "output_len": (run.get("output_lens") or [0] * n)[i]}
-            for i in range(n) if not errors[i] and run["latencies"][i] > 0]
+            for i in range(n) if not errors[i] and latencies[i] > 0]
 
 
 def request_meets(req: dict, slo: dict[str, float]) -> bool:

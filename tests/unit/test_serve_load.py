@@ -182,3 +182,13 @@ def test_a_shape_only_server_takes_the_tokenizer_given_and_says_where_it_looked(
         tokenizer_for(target, str(given))  # an empty folder is named, not taken
     (given / "tokenizer.json").write_text("{}")
     assert tokenizer_for(target, str(given)) == str(given)
+
+
+def test_a_run_saved_by_vllm_0_26_has_its_latencies_summed_from_ttft_and_gaps():
+    # vLLM 0.26's --save-detailed keeps ttfts, itls and start_times but no per-request latency (0.32 adds it)
+    slo = {"ttft": 1.0, "e2el": 0.5}
+    run = saved_run([0.2, 0.2], [[0.01] * 15, [0.05] * 15], [0, 1], [0.35, 0.95], duration=4)
+    old = {k: v for k, v in run.items() if k != "latencies"}
+    assert [r["latency"] for r in serve_load._requests(old)] == pytest.approx([0.35, 0.95])
+    assert serve_load.goodput(old, slo) == serve_load.goodput(run, slo) == (1, 0.25)
+    assert serve_load.rates(old) == pytest.approx(serve_load.rates(run))
