@@ -155,3 +155,9 @@ def test_a_cached_build_of_another_registry_entry_is_stale(tmp_path):
     assert "registry entry (config or train) changed" in tiny.stale_reason(changed)
     described = registry.Model("small", {**spec, "description": "reworded"}, model.path, source="built")
     assert tiny.stale_reason(described) is None  # only what the build depends on counts
+
+
+def test_routing_is_counted_on_the_gpu_only_when_the_weights_fit():
+    from moeq.quantize import coverage
+    assert coverage.fits_on_gpu(1 << 30, 140 << 30)  # moe-500m's 0.9 GiB on an H200
+    assert not coverage.fits_on_gpu(93 << 30, 80 << 30)  # Mixtral-8x7B's 93 GiB on an 80 GiB GPU: stays on the CPU
