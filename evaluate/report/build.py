@@ -314,6 +314,23 @@ def scheme_formats(results: pd.DataFrame) -> dict:
     return out
 
 
+def read_builds(folder: Path) -> pd.DataFrame:
+    """What the builder recorded for each embedded model (builds/NAME.build.json beside the ledger, copied from
+    the build's moeq_build.json): size, tokens, speed, held-out bits per byte against unigram and tiny, routing."""
+    rows = []
+    for f in sorted(Path(folder).glob("*.build.json")):
+        d = json.loads(f.read_text())
+        bpb = d.get("bits_per_byte", {})
+        row = {k: d.get(k) for k in ("model", "params", "active_params", "train_tokens_seen", "train_tokens_unique",
+                                     "epochs", "tokens_per_s", "mfu", "device", "ce_ratio", "min_expert_share_of_fair")}
+        row["train_s"] = d.get("timings", {}).get("train_s")
+        for group, r in bpb.get("model", {}).items():
+            row |= {f"bpb_{group}": r["bpb"], f"unigram_bpb_{group}": r.get("unigram_bpb"),
+                    f"tiny_bpb_{group}": bpb.get("tiny", {}).get(group, {}).get("bpb")}
+        rows.append(row | {"file": f.name})
+    return pd.DataFrame(rows)
+
+
 def read_outliers(folder: Path) -> pd.DataFrame:
     """`moeq outliers` results beside the ledger (outliers/outliers-*.json): per model and tensor, the largest
     activation max/median (and its layer) and the median over layers; per weight, the largest kurtosis."""
@@ -376,6 +393,7 @@ def build_report(ledger_path: Path, name: str = "default", out_root: Path = Path
     groups = [tuple(g) for g in keys[GROUP].drop_duplicates().itertuples(index=False)]
     tables = {"summary": headline.numbers(perf, acc, mem), "verdicts": verdict, "performance": perf, "accuracy": acc,
               "recovery": recovery_table(acc, scores), "outliers": read_outliers(ledger_path.parent / "outliers"),
+              "builds": read_builds(ledger_path.parent / "builds"),
               "routing": probes,
               "memory": mem, "findings": precision_findings(perf, formats, settings),
               "recommendations": headline.recommendations(verdict, perf, mem, keys, settings, groups), "keys": keys}

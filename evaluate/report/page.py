@@ -119,7 +119,7 @@ def blocks(name, ledger_path, tables_, unsupported, env, settings, claims, forma
                 ("details", "Every such cell, with both kernels and any kernel variant", "findings",
                  [("table", tables.findings_display(found), "findings")])]
     out += anchors_section(tables_["anchors"], tables_["recovery"], tables_["anchor_notes"])
-    out += outliers_section(tables_["outliers"], tables_["outliers_published"])
+    out += outliers_section(tables_["outliers"], tables_["outliers_published"], tables_["builds"])
     out += routing_section(tables_["routing"], tables_["performance"], keys, settings)
     out += [("h2", "The guide's other claims"),
             ("p", "Active experts, expert count, FFN width, pruning, batch size, speculative decoding, fused kernels and "
@@ -139,10 +139,12 @@ def blocks(name, ledger_path, tables_, unsupported, env, settings, claims, forma
     out += [("h2", "Every verdict"),
             ("details", "One row per claim × scheme × group × cell or task", "verdicts",
              [("table", tables.verdict_display(tables_["verdicts"]), "verdicts")])]
-    out += [("h2", "Methods"), ("p", METHODS_MD),
-            ("table", pd.DataFrame(verdicts.RULES.items(), columns=["Verdict", "When"]), "verdict-rules"),
-            ("p", "Roofline. " + roofline.__doc__.split("\n", 1)[1].strip()
-             + " Peak rates come from devices.yaml; devices it lacks (every CPU) show no roofline.")]
+    out += [("h2", "Methods"),
+            ("details", "How each number is compared, measured and judged; the verdict rules; the roofline", "methods",
+             [("p", METHODS_MD),
+              ("table", pd.DataFrame(verdicts.RULES.items(), columns=["Verdict", "When"]), "verdict-rules"),
+              ("p", "Roofline. " + roofline.__doc__.split("\n", 1)[1].strip()
+               + " Peak rates come from devices.yaml; devices it lacks (every CPU) show no roofline.")])]
     out += [("h2", "Provenance"),
             ("details", "Where each number comes from: one row per group; `env` is the ledger's environment record "
                         "(library versions, device, commit)", "provenance",
@@ -166,15 +168,33 @@ def anchors_section(anchors: pd.DataFrame, recovery: pd.DataFrame, notes: dict) 
              [("table", tables.anchors_display(anchors), "anchors")])]
 
 
-def outliers_section(measured: pd.DataFrame, published: pd.DataFrame) -> list[tuple]:
-    """Activation outliers and weight kurtosis of the embedded models beside published values for real LLMs."""
+def builds_text(builds: pd.DataFrame) -> str:
+    """One sentence per embedded model trained by moeq: is it a real language model, and how was it made."""
+    out = []
+    for b in builds.itertuples():
+        if pd.isna(getattr(b, "mfu", None)) or pd.isna(getattr(b, "train_s", None)):
+            continue  # built on a CPU (tiny): its record has no speed or per-group figures
+        held = "; ".join(f"{g} {getattr(b, 'bpb_' + g):.3f} (unigram {getattr(b, 'unigram_bpb_' + g):.3f}"
+                         + (f", tiny {getattr(b, 'tiny_bpb_' + g):.3f}" if pd.notna(getattr(b, 'tiny_bpb_' + g, None)) else "")
+                         + ")" for g in ("stdlib", "packages") if pd.notna(getattr(b, "bpb_" + g, None)))
+        out.append(f"{b.model}: {b.params / 1e6:,.1f}M parameters ({b.active_params / 1e6:,.1f}M active), trained on "
+                   f"{b.train_tokens_seen / 1e6:,.1f}M tokens ({b.epochs:.2f} epochs of {b.train_tokens_unique / 1e6:,.1f}M) "
+                   f"in {b.train_s:,.0f} s on {b.device} ({b.tokens_per_s:,.0f} tok/s, MFU {100 * b.mfu:.1f}%); held-out "
+                   f"bits per byte {held}; least-used expert {100 * b.min_expert_share_of_fair:.0f}% of a fair share")
+    return "Trained by moeq (`builds/`, the builder's record): " + "; ".join(out) + ". " if out else ""
+
+
+def outliers_section(measured: pd.DataFrame, published: pd.DataFrame, builds: pd.DataFrame) -> list[tuple]:
+    """What the embedded models are, and their activation outliers and weight kurtosis beside published values
+    for real LLMs."""
     lines = []
     for model, g in measured.groupby("model"):
         act, wts = g[g.quantity.str.startswith("activation")], g[g.quantity == "weight kurtosis"]
         top, kurt = act.loc[act["max"].idxmax()], wts.loc[wts["max"].idxmax()]
         lines.append(f"{model}: largest activation max/median {top['max']:,.0f} (layer {top.layer}, the input of "
                      f"{top.tensor}), largest weight kurtosis {kurt['max']:.2f} ({kurt.tensor}; a Gaussian's is 3)")
-    body = [("p", "Quantization error in real LLMs comes largely from activation outliers that grow with scale. "
+    body = [("p", builds_text(builds)
+                  + "Quantization error in real LLMs comes largely from activation outliers that grow with scale. "
                   "Measured by `moeq outliers` on held-out text (files beside the ledger, `outliers/`): "
                   + ("; ".join(lines) + "." if lines else "nothing yet for this ledger's models.")
                   + (f" Published for real LLMs (**external**, not the same quantity everywhere; all with sources "

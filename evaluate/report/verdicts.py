@@ -211,14 +211,15 @@ def verdict_table(claims: dict, formats: dict, keys: pd.DataFrame, perf, acc, me
             # the schemes this group measured (BF16 too, for an absolute claim)
             covered = sorted(s for s, f in formats.items() if covers(claim, f, gkey["model"]) and s in present)
             for scheme in covered:
-                if (*g, scheme) in unsupported and not (
+                if (claim["quantity"] == "accuracy_loss" and gkey["provenance"].startswith("shape-only")
+                        and BASELINE in present):
+                    found = [{"note": "shape-only weights: accuracy not measured"}]  # whether vLLM runs it or not
+                elif (*g, scheme) in unsupported and not (
                         # accuracy can still be scored on decompressed weights (each such row says so)
                         claim["quantity"] == "accuracy_loss" and _measured(perf, acc, mem, "accuracy_loss", gkey, scheme)):
                     found = [{"note": unsupported[(*g, scheme)]}]
                 elif BASELINE not in present and not absolute:
                     found = [{"note": NO_BASELINE}]
-                elif claim["quantity"] == "accuracy_loss" and gkey["provenance"].startswith("shape-only"):
-                    found = [{"note": "shape-only weights: accuracy not measured"}]
                 else:
                     found = _measured(perf, acc, mem, claim["quantity"], gkey, scheme) or [{"note": "no data"}]
                 for f in found:
