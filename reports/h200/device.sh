@@ -8,6 +8,8 @@
 #   steps: chunk | install | sweep=MODELS[/SCHEMES] | variant=MODEL/SCHEME/KEY=VALUE | bench=MODEL/SCHEME/BATCH,...
 #          | harness=MODEL/SCHEME/BATCH | serve=MODEL/SCHEMES[/KEY=VALUE,...] | routing=MODEL/SCHEME,...
 #          | build=MODEL | wait=MODEL | outliers=MODEL | quantize=MODEL[/SCHEMES] | score=MODEL[/SCHEMES[/TASKS]]
+#          | detach=NAME (the steps after it, in the background) | collect=NAMES | fetch=MODEL/K | restore=MODEL
+#          | set=KEY=VALUE (for the steps after it, e.g. set=MOEQ_BATCH=none: accuracy only)
 # Everything finished is copied to $OUT at exit, also after a timeout: the ledger gets one transaction
 # per cell, so a cut-off step loses only its cell in flight, and the next call resumes from the ledger.
 # On a host of several GPUs, streams run side by side, one per GPU, each with its own ledger copy, log
@@ -15,14 +17,17 @@
 # GPU so its ratios to BF16 are measured side by side on one device:
 #   CUDA_VISIBLE_DEVICES=1 TAG=-gpu1 bash reports/h200/device.sh sweep=qwen3moe/fp8-block &
 set -u
-W=/tmp/h200; OUT=${OUT:-$W/out}; TAG=${TAG:-}; mkdir -p "$W" "$OUT"
+W=${MOEQ_DEVICE_DIR:-/tmp/h200}; OUT=${OUT:-$W/out}; TAG=${TAG:-}; mkdir -p "$W" "$OUT"
 export PYTHONPATH=/tmp/site:$W/pkg VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export MOEQ_CACHE=$W/cache CUDA_DEVICE_ORDER=PCI_BUS_ID  # CUDA's GPU numbers = NVML's (memory is read by NVML)
 SRC=${SRC:-.}  # the moeq that runs: the tree, or a clean `git archive` of a commit carried beside it:
 #   git archive HEAD core quantize evaluate recipes benchmarks reports/h200/device.sh reports/h200/plan.yaml reports/h200/plan-separate.yaml | tar x -C .h200/src
 PLAN=$SRC/reports/h200/${PLANFILE:-plan.yaml} LEDGER=$W/ledger$TAG.sqlite CKPT=$W/checkpoints  # PLANFILE=plan-separate.yaml: another plan
 [ -f $LEDGER ] || [ ! -f $W/ledger.sqlite ] || cp $W/ledger.sqlite $LEDGER  # a new stream starts from the committed ledger
-trap 'cp -f $LEDGER "$OUT"/ 2>/dev/null; (cd $W && tar cf "$OUT/results$TAG.tar" *.json 2>/dev/null)' EXIT
+# the ledger gzipped: with lm-eval's per-item scores it nears the 16 MiB a returned file may have (15 MiB in session 7)
+snapshot() { python3 -c "import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))" $LEDGER $W/.snap$TAG 2>/dev/null &&
+  gzip -c $W/.snap$TAG > "$1/$(basename $LEDGER).gz"; (cd $W && tar cf "$1/results$TAG.tar" *.json 2>/dev/null); }
+trap 'snapshot "$OUT"' EXIT
 [ -x $W/quant-python ] && export MOEQ_QUANT_PYTHON=$W/quant-python  # the quantize environment, once install wrote it
 END=$((SECONDS + ${BUDGET:-560}))  # every step stops in time for the trap to run inside the call's limit
 left() { echo $((END - SECONDS > 5 ? END - SECONDS : 5)); }
@@ -142,7 +147,8 @@ step_build() {  # build=moe-500m
   step_wait $1
 }
 step_wait() {  # wait=moe-500m: follow a detached build until it ends or this call's time is up
-  local pid; pid=$(cat $W/build-$1.pid)
+  local pid; while [ ! -f $W/build-$1.pid ] && [ $(left) -gt 20 ]; do sleep 5; done  # another stream starts it
+  pid=$(cat $W/build-$1.pid)
   while kill -0 $pid 2>/dev/null && [ $(left) -gt 20 ]; do sleep 5; done
   kill -0 $pid 2>/dev/null && echo "build $1 still running (pid $pid): next call wait=$1" || echo "build $1 ended"
   tail -n 60 $W/build-$1.log
@@ -174,8 +180,53 @@ step_outliers() {  # outliers=moe-500m (or tiny, or a checkpoint folder): activa
     --out "$OUT/outliers-$(basename $1).json" 2>&1 | tail -n 5
 }
 
-for step in "$@"; do
-  name=${step%%=*}; arg=; [[ $step == *=* ]] && arg=${step#*=}
-  echo "== $step ($(date +%T), ${SECONDS}s)"; step_$name $arg
+# Work that outlives a call (session 7 lost its quantization to call boundaries): `detach=NAME` runs the steps
+# after it in the background (setsid, no time budget but the lease's), writing to $W/bg-NAME/ instead of $OUT;
+# the calls meanwhile only follow it (`collect=NAME`: its log's tail, ledger, log and results into $BACK) or fetch:
+#   OUT=/tmp/io bash device.sh install && CUDA_VISIBLE_DEVICES=0 bash device.sh detach=g0 build=moe-500m quantize=...
+#   OUT=/tmp/io BACK=$OUT bash device.sh collect=g0,g1      # every following call, within the machine's 30 s
+step_collect() {  # OUT=/tmp/io BACK=$OUT bash device.sh collect=g0,g1 (BACK: what goes back, without this call's own ledger)
+  for name in ${1//,/ }; do  # one file per stream: bg-NAME.tgz (console, full log, ledger, results, what a build wrote)
+    local pid; pid=$(cat $W/bg-$name.pid 2>/dev/null)
+    kill -0 ${pid:-0} 2>/dev/null && echo "$name running (pid $pid)" || echo "$name ended"
+    tail -n 8 $W/bg-$name/console.log 2>/dev/null | sed "s/^/$name /"
+    (LEDGER=$W/ledger-$name.sqlite TAG=-$name; snapshot $W/bg-$name)
+    tar czf "${BACK:-$OUT}/bg-$name.tgz" -C $W/bg-$name .
+  done
+}
+# A build is ~1 GB, and a machine starts bare: fetch=MODEL/K brings pieces 4K..4K+3 (15 MiB each: a call returns
+# 64 MiB) of MODEL's build folder back; the pieces, carried into a later lease (.h200/builds/MODEL/pN), go back
+# into place with restore=MODEL (sha256 checked), saving the ~9-minute rebuild. Identity is the folder's own.
+step_fetch() {  # OUT=/tmp/io BACK=$OUT bash device.sh fetch=moe-500m/0 (then /1, ... until "last piece")
+  local model=${1%%/*} k=${1#*/} dir=$W/fetch/${1%%/*}
+  if [ ! -f $dir/SHA256 ]; then
+    mkdir -p $dir && tar cf - -C $MOEQ_CACHE/models $model | split -b 15M -d -a 3 - $dir/$model.tar.
+    (cd $dir && sha256sum $model.tar.* > SHA256)
+  fi
+  local pieces=($(cd $dir && ls $model.tar.*)) n=0
+  for p in "${pieces[@]:$((4 * k)):4}"; do cp $dir/$p "${BACK:-$OUT}/"; n=$((n + 1)); done
+  [ $((4 * k + n)) -ge ${#pieces[@]} ] && { cp $dir/SHA256 "${BACK:-$OUT}/$model.SHA256"; echo "last piece: ${#pieces[@]} in all"; }
+  echo "fetched $n of ${#pieces[@]} pieces of $model"
+}
+step_restore() {  # restore=moe-500m: pieces carried in (.h200/builds/MODEL/pN/*), checked, unpacked into the cache
+  local model=$1 dir=/tmp/chunks/build-$1; mkdir -p $dir $MOEQ_CACHE/models
+  cp .h200/builds/$model/p*/* $dir/ 2>/dev/null
+  (cd $dir && sha256sum -c --quiet $model.SHA256) || { echo "restore $model: pieces missing or damaged"; return 1; }
+  cat $dir/$model.tar.* | tar x -C $MOEQ_CACHE/models && echo "restored $model into $MOEQ_CACHE/models"
+}
+
+step_set() { export "$1"; }  # set=MOEQ_BATCH=none: an environment variable for the steps after it
+
+args=("$@")
+for i in "${!args[@]}"; do
+  step=${args[$i]}; name=${step%%=*}; arg=; [[ $step == *=* ]] && arg=${step#*=}
+  echo "== $step ($(date +%T), ${SECONDS}s)"
+  if [ $name = detach ]; then  # the rest of the steps, in the background
+    mkdir -p $W/bg-$arg
+    OUT=$W/bg-$arg TAG=-$arg BUDGET=${BUDGET_DETACHED:-3600} setsid nohup bash $0 "${args[@]:$((i + 1))}" \
+      > $W/bg-$arg/console.log 2>&1 < /dev/null & echo $! > $W/bg-$arg.pid
+    echo "detached $arg (pid $!): ${args[*]:$((i + 1))}"; break
+  fi
+  step_$name $arg
 done
 echo "== done ($(date +%T), ${SECONDS}s)"

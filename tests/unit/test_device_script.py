@@ -1,0 +1,60 @@
+"""reports/h200/device.sh's own plumbing, run here: a build folder leaves in pieces and comes back whole
+(fetch/restore), and steps run detached are followed by collect (session 7 lost its quantization to call limits)."""
+import os
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "reports/h200/device.sh"
+
+
+def device(tmp_path, *steps, **env):
+    return subprocess.run(["bash", str(SCRIPT), *steps], cwd=tmp_path / "repo", capture_output=True, text=True,
+                          env=os.environ | {"MOEQ_DEVICE_DIR": str(tmp_path / "w"), "OUT": str(tmp_path / "io")} | env)
+
+
+def test_a_build_folder_goes_back_in_pieces_and_is_restored_whole(tmp_path):
+    model = tmp_path / "w/cache/models/fake"
+    model.mkdir(parents=True)
+    payload = os.urandom(40 * 2**20)  # three 15 MiB pieces
+    (model / "model.safetensors").write_bytes(payload)
+    (model / ".moeq-complete").touch()
+    (tmp_path / "repo").mkdir()
+    back = tmp_path / "back"
+    back.mkdir()
+    r = device(tmp_path, "fetch=fake/0", BACK=str(back))
+    assert "last piece: 3 in all" in r.stdout, r.stdout + r.stderr
+    assert sorted(p.name for p in back.iterdir()) == ["fake.SHA256", "fake.tar.000", "fake.tar.001", "fake.tar.002"]
+    assert max(p.stat().st_size for p in back.iterdir()) == 15 * 2**20
+
+    carried = tmp_path / "repo/.h200/builds/fake/p0"
+    carried.mkdir(parents=True)
+    for p in back.iterdir():
+        (carried / p.name).write_bytes(p.read_bytes())
+    (model / "model.safetensors").unlink()
+    r = device(tmp_path, "restore=fake")
+    assert "restored fake" in r.stdout and (model / "model.safetensors").read_bytes() == payload
+
+    (carried / "fake.tar.001").write_bytes(b"damaged")
+    (model / "model.safetensors").unlink()
+    r = device(tmp_path, "restore=fake")
+    assert "pieces missing or damaged" in r.stdout and not (model / "model.safetensors").exists()
+
+
+def test_steps_after_detach_run_in_the_background_and_collect_follows_them(tmp_path):
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "w/cache/models/fake").mkdir(parents=True)
+    (tmp_path / "w/cache/models/fake/config.json").write_text("{}")
+    r = device(tmp_path, "detach=g9", "fetch=fake/0")
+    assert "detached g9" in r.stdout and "fetched" not in r.stdout  # the step ran elsewhere
+    for _ in range(100):
+        back = tmp_path / "back"
+        back.mkdir(exist_ok=True)
+        r = device(tmp_path, "collect=g9", BACK=str(back))
+        if "g9 ended" in r.stdout:
+            break
+        time.sleep(0.1)
+    assert "g9 == fetch=fake/0" in r.stdout and "fetched 1 of 1 pieces" in r.stdout
+    with tarfile.open(back / "bg-g9.tgz") as t:
+        assert {"./console.log", "./ledger-g9.sqlite.gz", "./results-g9.tar"} <= set(t.getnames())
