@@ -8,7 +8,7 @@
 #   steps: chunk | install | sweep=MODELS[/SCHEMES] | variant=MODEL/SCHEME/KEY=VALUE | bench=MODEL/SCHEME/BATCH,...
 #          | harness=MODEL/SCHEME/BATCH | serve=MODEL/SCHEMES[/KEY=VALUE,...] | routing=MODEL/SCHEME,...
 #          | build=MODEL | wait=MODEL | outliers=MODEL | quantize=MODEL[/SCHEMES] | score=MODEL[/SCHEMES[/TASKS]]
-#          | detach=NAME (the steps after it, in the background) | collect=NAMES | fetch=MODEL/K | restore=MODEL
+#          | detach=NAME (the steps after it, in the background) | collect=NAMES | fetch=MODEL/K | stash=MODEL | restore=MODEL
 #          | set=KEY=VALUE (for the steps after it, e.g. set=MOEQ_BATCH=none: accuracy only)
 # Everything finished is copied to $OUT at exit, also after a timeout: the ledger gets one transaction
 # per cell, so a cut-off step loses only its cell in flight, and the next call resumes from the ledger.
@@ -195,8 +195,9 @@ step_collect() {  # OUT=/tmp/io BACK=$OUT bash device.sh collect=g0,g1 (BACK: wh
   done
 }
 # A build is ~1 GB, and a machine starts bare: fetch=MODEL/K brings pieces 4K..4K+3 (15 MiB each: a call returns
-# 64 MiB) of MODEL's build folder back; the pieces, carried into a later lease (.h200/builds/MODEL/pN), go back
-# into place with restore=MODEL (sha256 checked), saving the ~9-minute rebuild. Identity is the folder's own.
+# 64 MiB) of MODEL's build folder back; carried into a later lease two at a time (.h200/builds/MODEL/uN/, with
+# stash=MODEL in each upload call), they go back into place with restore=MODEL (sha256 checked), saving the
+# ~9-minute rebuild. Identity is the folder's own (moeq_build.json, the weights' hash in the ledger).
 step_fetch() {  # OUT=/tmp/io BACK=$OUT bash device.sh fetch=moe-500m/0 (then /1, ... until "last piece")
   local model=${1%%/*} k=${1#*/} dir=$W/fetch/${1%%/*}
   if [ ! -f $dir/SHA256 ]; then
@@ -208,13 +209,16 @@ step_fetch() {  # OUT=/tmp/io BACK=$OUT bash device.sh fetch=moe-500m/0 (then /1
   [ $((4 * k + n)) -ge ${#pieces[@]} ] && { cp $dir/SHA256 "${BACK:-$OUT}/$model.SHA256"; echo "last piece: ${#pieces[@]} in all"; }
   echo "fetched $n of ${#pieces[@]} pieces of $model"
 }
-step_restore() {  # restore=moe-500m: pieces carried in (.h200/builds/MODEL/pN/*), checked, unpacked into the cache
-  local model=$1 dir=/tmp/chunks/build-$1; mkdir -p $dir $MOEQ_CACHE/models
-  cp .h200/builds/$model/p*/* $dir/ 2>/dev/null
+CHUNKS=${MOEQ_CHUNKS:-/tmp/chunks}
+step_stash() {  # stash=moe-500m: this call's carried pieces (.h200/builds/MODEL/*/) to $CHUNKS, for restore
+  mkdir -p $CHUNKS/build-$1 && cp .h200/builds/$1/*/* $CHUNKS/build-$1/ 2>/dev/null
+  echo "$(ls $CHUNKS/build-$1 | wc -l) pieces of $1 stashed"
+}
+step_restore() {  # restore=moe-500m: every stashed piece (and this call's), checked, unpacked into the cache
+  local model=$1 dir=$CHUNKS/build-$1; step_stash $model; mkdir -p $MOEQ_CACHE/models
   (cd $dir && sha256sum -c --quiet $model.SHA256) || { echo "restore $model: pieces missing or damaged"; return 1; }
   cat $dir/$model.tar.* | tar x -C $MOEQ_CACHE/models && echo "restored $model into $MOEQ_CACHE/models"
 }
-
 step_set() { export "$1"; }  # set=MOEQ_BATCH=none: an environment variable for the steps after it
 
 args=("$@")

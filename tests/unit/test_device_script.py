@@ -28,17 +28,24 @@ def test_a_build_folder_goes_back_in_pieces_and_is_restored_whole(tmp_path):
     assert sorted(p.name for p in back.iterdir()) == ["fake.SHA256", "fake.tar.000", "fake.tar.001", "fake.tar.002"]
     assert max(p.stat().st_size for p in back.iterdir()) == 15 * 2**20
 
-    carried = tmp_path / "repo/.h200/builds/fake/p0"
-    carried.mkdir(parents=True)
-    for p in back.iterdir():
-        (carried / p.name).write_bytes(p.read_bytes())
+    # carried in over two calls (a call's carried folders are gone from the next call's tree)
+    pieces = sorted(back.iterdir())
+    for call, names in enumerate((pieces[:2], pieces[2:])):
+        carried = tmp_path / "repo/.h200/builds/fake/u0"
+        carried.mkdir(parents=True, exist_ok=True)
+        for old in carried.iterdir():
+            old.unlink()
+        for p in names:
+            (carried / p.name).write_bytes(p.read_bytes())
+        r = device(tmp_path, "stash=fake", MOEQ_CHUNKS=str(tmp_path / "chunks"))
+        assert f"{2 * (call + 1)} pieces of fake stashed" in r.stdout, r.stdout + r.stderr
     (model / "model.safetensors").unlink()
-    r = device(tmp_path, "restore=fake")
+    r = device(tmp_path, "restore=fake", MOEQ_CHUNKS=str(tmp_path / "chunks"))
     assert "restored fake" in r.stdout and (model / "model.safetensors").read_bytes() == payload
 
-    (carried / "fake.tar.001").write_bytes(b"damaged")
+    (tmp_path / "chunks/build-fake/fake.tar.000").write_bytes(b"damaged")  # not in this call's carried folder
     (model / "model.safetensors").unlink()
-    r = device(tmp_path, "restore=fake")
+    r = device(tmp_path, "restore=fake", MOEQ_CHUNKS=str(tmp_path / "chunks"))
     assert "pieces missing or damaged" in r.stdout and not (model / "model.safetensors").exists()
 
 
