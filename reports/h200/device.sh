@@ -9,7 +9,7 @@
 #          | harness=MODEL/SCHEME/BATCH | serve=MODEL/SCHEMES[/KEY=VALUE,...] | routing=MODEL/SCHEME,...
 #          | build=MODEL | wait=MODEL | outliers=MODEL | quantize=MODEL[/SCHEMES] | score=MODEL[/SCHEMES[/TASKS]]
 #          | detach=NAME (the steps after it, in the background) | collect=NAMES | fetch=MODEL/K | stash=MODEL | restore=MODEL
-#          | set=KEY=VALUE (for the steps after it, e.g. set=MOEQ_BATCH=none: accuracy only)
+#          | set=KEY=VALUE (for the steps after it, e.g. set=MOEQ_BATCH=none: accuracy only) | await=MODEL/SCHEMES
 # Everything finished is copied to $OUT at exit, also after a timeout: the ledger gets one transaction
 # per cell, so a cut-off step loses only its cell in flight, and the next call resumes from the ledger.
 # On a host of several GPUs, streams run side by side, one per GPU, each with its own ledger copy, log
@@ -173,6 +173,13 @@ step_score() {  # score=moe-500m/bf16,fp8-online,fp8[/TASKS]: real weights, perf
   local model schemes tasks; IFS=/ read -r model schemes tasks <<< "$1"
   HF_HUB_OFFLINE=1 timeout $(left) python3 -m moeq.cli eval --model $model ${schemes:+--scheme $schemes} ${tasks:+--tasks $tasks} \
     ${MOEQ_BATCH:+--batch $MOEQ_BATCH} --ledger $LEDGER --checkpoints $CKPT 2>&1 | show
+}
+step_await() {  # await=moe-500m/w4a16-gptq,w8a16: until another stream has written these checkpoints (score= needs all)
+  local model=${1%%/*} list=${1#*/} s
+  for s in ${list//,/ }; do
+    while [ ! -f $CKPT/$model/$s/.moeq-complete ] && [ $(left) -gt 20 ]; do sleep 5; done
+    [ -f $CKPT/$model/$s/.moeq-complete ] && echo "$model/$s written" || echo "$model/$s not written in time"
+  done
 }
 step_outliers() {  # outliers=moe-500m (or tiny, or a checkpoint folder): activation max/median and weight kurtosis
   freeze

@@ -65,3 +65,12 @@ def test_steps_after_detach_run_in_the_background_and_collect_follows_them(tmp_p
     assert "g9 == fetch=fake/0" in r.stdout and "fetched 1 of 1 pieces" in r.stdout
     with tarfile.open(back / "bg-g9.tgz") as t:
         assert {"./console.log", "./ledger-g9.sqlite.gz", "./results-g9.tar"} <= set(t.getnames())
+
+
+def test_await_waits_for_checkpoints_another_stream_writes(tmp_path):
+    (tmp_path / "repo").mkdir()
+    done = tmp_path / "w/checkpoints/m/fp8"
+    done.mkdir(parents=True)
+    (done / ".moeq-complete").touch()
+    r = device(tmp_path, "await=m/fp8,w8a16", BUDGET="22")  # w8a16 never comes: gives up when the budget ends
+    assert "m/fp8 written" in r.stdout and "m/w8a16 not written in time" in r.stdout
