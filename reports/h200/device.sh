@@ -64,6 +64,7 @@ step_install() {
   rm -rf $W/pkg && mkdir -p $W/pkg && cp -r $SRC/core $W/pkg/moeq && (cd $SRC && cp -r quantize evaluate recipes $W/pkg/moeq/)
   # carried paths are gone from the next call's copy of the repository: keep them under /tmp
   mkdir -p $CKPT && cp -r checkpoints/.shape-only $CKPT/ && cp -r .h200/tokenizer $W/tokenizer
+  [ -d .h200/tiny ] && [ ! -d $MOEQ_CACHE/models/tiny ] && mkdir -p $MOEQ_CACHE/models && cp -r .h200/tiny $MOEQ_CACHE/models/  # for build=
   # the committed ledger goes on: cells it already holds (same settings, same checkpoint) are skipped
   cp reports/h200/ledger.sqlite $W/ledger.sqlite && chmod u+w $W/ledger.sqlite
   [ $LEDGER = $W/ledger.sqlite ] || cp $W/ledger.sqlite $LEDGER
@@ -234,7 +235,8 @@ for i in "${!args[@]}"; do
   echo "== $step ($(date +%T), ${SECONDS}s)"
   if [ $name = detach ]; then  # the rest of the steps, in the background
     mkdir -p $W/bg-$arg
-    OUT=$W/bg-$arg TAG=-$arg BUDGET=${BUDGET_DETACHED:-3600} setsid nohup bash $0 "${args[@]:$((i + 1))}" \
+    cp -f $0 $W/device.sh  # the call's tree (and what it carried) may be gone before the chain ends
+    OUT=$W/bg-$arg TAG=-$arg BUDGET=${BUDGET_DETACHED:-3600} setsid nohup bash $W/device.sh "${args[@]:$((i + 1))}" \
       > $W/bg-$arg/console.log 2>&1 < /dev/null & echo $! > $W/bg-$arg.pid
     echo "detached $arg (pid $!): ${args[*]:$((i + 1))}"; break
   fi
