@@ -25,7 +25,7 @@ SRC=${SRC:-.}  # the moeq that runs: the tree, or a clean `git archive` of a com
 PLAN=$SRC/reports/h200/${PLANFILE:-plan.yaml} LEDGER=$W/ledger$TAG.sqlite CKPT=$W/checkpoints  # PLANFILE=plan-separate.yaml: another plan
 [ -f $LEDGER ] || [ ! -f $W/ledger.sqlite ] || cp $W/ledger.sqlite $LEDGER  # a new stream starts from the committed ledger
 # the ledger gzipped: with lm-eval's per-item scores it nears the 16 MiB a returned file may have (15 MiB in session 7)
-snapshot() { python3 -c "import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))" $LEDGER $W/.snap$TAG 2>/dev/null &&
+snapshot() { [ -f $LEDGER ] && python3 -c "import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))" $LEDGER $W/.snap$TAG 2>/dev/null &&
   gzip -c $W/.snap$TAG > "$1/$(basename $LEDGER).gz"; (cd $W && tar cf "$1/results$TAG.tar" *.json 2>/dev/null); }
 trap 'snapshot "$OUT"' EXIT
 [ -x $W/quant-python ] && export MOEQ_QUANT_PYTHON=$W/quant-python  # the quantize environment, once install wrote it
@@ -64,7 +64,8 @@ step_install() {
   rm -rf $W/pkg && mkdir -p $W/pkg && cp -r $SRC/core $W/pkg/moeq && (cd $SRC && cp -r quantize evaluate recipes $W/pkg/moeq/)
   # carried paths are gone from the next call's copy of the repository: keep them under /tmp
   mkdir -p $CKPT && cp -r checkpoints/.shape-only $CKPT/ && cp -r .h200/tokenizer $W/tokenizer
-  [ -d .h200/tiny ] && [ ! -d $MOEQ_CACHE/models/tiny ] && mkdir -p $MOEQ_CACHE/models && cp -r .h200/tiny $MOEQ_CACHE/models/  # for build=
+  # tiny, built on a CPU and carried (.h200/tiny), only for build='s bits-per-byte comparison
+  [ -d .h200/tiny ] && [ ! -d $MOEQ_CACHE/models/tiny ] && mkdir -p $MOEQ_CACHE/models && cp -r .h200/tiny $MOEQ_CACHE/models/
   # the committed ledger goes on: cells it already holds (same settings, same checkpoint) are skipped
   cp reports/h200/ledger.sqlite $W/ledger.sqlite && chmod u+w $W/ledger.sqlite
   [ $LEDGER = $W/ledger.sqlite ] || cp $W/ledger.sqlite $LEDGER
@@ -139,8 +140,6 @@ step_routing() {  # routing=qwen3moe/bf16,...: expert load of each shape's dummy
 freeze() { [ -d $W/pkg/moeq ] || { mkdir -p $W/pkg && cp -r $SRC/core $W/pkg/moeq && (cd $SRC && cp -r quantize evaluate recipes $W/pkg/moeq/); }; }
 step_build() {  # build=moe-500m
   freeze
-  # tiny, built on a CPU and carried (.h200/tiny), only for the bits-per-byte comparison
-  [ -d .h200/tiny ] && mkdir -p $MOEQ_CACHE/models && cp -rn .h200/tiny $MOEQ_CACHE/models/
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   # the tokenizer encodes on every core (the top of this script turns that off for vLLM's sake)
   (cd $W && PYTHONPATH=$W/pkg TOKENIZERS_PARALLELISM=true setsid nohup python3 -c "import sys; from moeq import registry; from moeq.quantize import tiny; print(tiny.ensure_built(registry.resolve(sys.argv[1])))" \

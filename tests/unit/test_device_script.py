@@ -1,6 +1,8 @@
 """reports/h200/device.sh's own plumbing, run here: a build folder leaves in pieces and comes back whole
 (fetch/restore), and steps run detached are followed by collect (session 7 lost its quantization to call limits)."""
+import gzip
 import os
+import sqlite3
 import subprocess
 import tarfile
 import time
@@ -53,6 +55,9 @@ def test_steps_after_detach_run_in_the_background_and_collect_follows_them(tmp_p
     (tmp_path / "repo").mkdir()
     (tmp_path / "w/cache/models/fake").mkdir(parents=True)
     (tmp_path / "w/cache/models/fake/config.json").write_text("{}")
+    with sqlite3.connect(tmp_path / "w/ledger.sqlite") as db:  # what install leaves: each stream starts from it
+        db.execute("CREATE TABLE results (cell TEXT)")
+        db.execute("INSERT INTO results VALUES ('b1')")
     r = device(tmp_path, "detach=g9", "fetch=fake/0")
     assert "detached g9" in r.stdout and "fetched" not in r.stdout  # the step ran elsewhere
     for _ in range(100):
@@ -65,6 +70,8 @@ def test_steps_after_detach_run_in_the_background_and_collect_follows_them(tmp_p
     assert "g9 == fetch=fake/0" in r.stdout and "fetched 1 of 1 pieces" in r.stdout
     with tarfile.open(back / "bg-g9.tgz") as t:
         assert {"./console.log", "./ledger-g9.sqlite.gz", "./results-g9.tar"} <= set(t.getnames())
+        (tmp_path / "g9.sqlite").write_bytes(gzip.decompress(t.extractfile("./ledger-g9.sqlite.gz").read()))
+    assert sqlite3.connect(tmp_path / "g9.sqlite").execute("SELECT cell FROM results").fetchall() == [("b1",)]
 
 
 def test_await_waits_for_checkpoints_another_stream_writes(tmp_path):
