@@ -72,6 +72,7 @@ def load_linearized(src: Path, model):
     names vLLM's weight loader expects.
     """
     import torch
+    from compressed_tensors.offload import remove_dispatch
     from llmcompressor.modeling.moe.conversion_mappings import set_save_conversion_mapping
     from llmcompressor.modeling.moe.linearize import linearize_moe
     from transformers import AutoModelForCausalLM
@@ -79,6 +80,11 @@ def load_linearized(src: Path, model):
     from transformers.core_model_loading import WeightRenaming
 
     lm = linearize_moe(AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16))
+    # linearize_moe leaves each new expert offloaded (compressed-tensors' OffloadCache, onload and offload on the
+    # CPU): lm.to("cuda") then copies the weights back into that CPU cache and the experts still run on the CPU
+    # (session 8's coverage count on the H200: "cuda:0 and cpu" in one add). A plain model moves whole;
+    # llm-compressor's pipelines set their own offloading at oneshot (set_onload_device).
+    remove_dispatch(lm)
     names = model.spec.get("expert_names") or {}
     if names:
         keep = [c for c in get_checkpoint_conversion_mapping(lm.config.model_type) or [] if isinstance(c, WeightRenaming)]

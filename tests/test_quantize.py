@@ -75,6 +75,19 @@ def test_coverage_counts_every_expert(checkpoints):
         assert len(counts) == EXPERTS and sum(counts) == cover["tokens"] * cover["top_k"]
 
 
+
+def test_linearized_model_moves_whole_to_another_device(tiny_model):
+    """The coverage count moves the model to the GPU when it fits. linearize_moe had left every expert offloaded
+    in a CPU cache, so .to() kept their weights on the CPU (on the H200: "cuda:0 and cpu" in one add); no CUDA
+    here, so the meta device stands in: it refuses the same cache outright."""
+    code = ("import sys, torch; from pathlib import Path; from moeq import registry; "
+            "from moeq.quantize.run import load_linearized; "
+            "lm = load_linearized(Path(sys.argv[1]), registry.resolve('tiny')).to('meta'); "
+            "print(sorted({p.device.type for p in lm.parameters()}))")
+    proc = subprocess.run([QUANT_PYTHON, "-c", code, tiny_model], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "['meta']"
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_outputs_stay_close_to_bf16(tiny_model, checkpoints, scheme):
     result = verify(tiny_model, checkpoints / "tiny" / scheme)
