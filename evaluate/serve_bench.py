@@ -146,12 +146,15 @@ def measure(run_once, load: Load, label: str, closed_loop: bool, log=print) -> t
     medians used for the ladder."""
     runs = []
     for rep in range(load.repeats):
-        runs.append(serve_load.run_metrics(run_once(rep), load.slo))
+        run = run_once(rep)
+        runs.append(serve_load.run_metrics(run, load.slo))
         m = runs[-1]
         log(f"[serve]  {label}: {m['request_throughput']:.3g} req/s done, TTFT p99 {1e3 * m['ttft_p99']:.0f} ms, "
             f"ITL p99 {1e3 * m['itl_p99']:.1f} ms, goodput {m['goodput']:.3g} req/s"
             + ("" if closed_loop else f", arrivals {m['arrival_rate']:.3g}/s, completions {m['completion_rate']:.3g}/s")
             + (f", {m['failed']:.0f} failed" if m["failed"] else ""))
+        if m["failed"]:  # why, in the client's words (session 8 saw a few per run on the H200, the same for every scheme)
+            log(f"[serve]  {label}: failed requests: {serve_load.failure_reasons(run)}")
     # a closed loop (fixed concurrency) sends as fast as requests complete: arrivals say nothing there
     skip = ("arrival_rate", "completion_rate", "saturated") if closed_loop else ()
     median = {k: float(statistics.median([r[k] for r in runs])) for k in runs[0]

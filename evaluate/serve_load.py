@@ -13,6 +13,7 @@ not compute is computed here from its per-request lists:
   as overload. A run completing at under SUSTAINED of its arrival rate is saturated (its queue grew).
 """
 import math
+from collections import Counter
 
 import numpy as np
 
@@ -66,6 +67,13 @@ def _requests(run: dict) -> list[dict]:
     return [{"ttft": run["ttfts"][i], "itl": run["itls"][i], "latency": latencies[i],
              "start": run["start_times"][i], "output_len": (run.get("output_lens") or [0] * n)[i]}
             for i in range(n) if not errors[i] and latencies[i] > 0]
+
+
+
+def failure_reasons(run: dict, most: int = 3) -> str:
+    """The commonest error texts of a saved run's failed requests, with counts: '2x Bad Request: ...'."""
+    texts = Counter(" ".join(str(e).split())[:200] for e in run.get("errors") or [] if e)
+    return "; ".join(f"{n}x {text}" for text, n in texts.most_common(most)) or "no error text saved"
 
 
 def request_meets(req: dict, slo: dict[str, float]) -> bool:

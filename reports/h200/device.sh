@@ -27,7 +27,10 @@ PLAN=$SRC/reports/h200/${PLANFILE:-plan.yaml} LEDGER=$W/ledger$TAG.sqlite CKPT=$
 # the ledger gzipped: with lm-eval's per-item scores it nears the 16 MiB a returned file may have (15 MiB in session 7)
 snapshot() { [ -f $LEDGER ] && python3 -c "import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))" $LEDGER $W/.snap$TAG 2>/dev/null &&
   gzip -c $W/.snap$TAG > "$1/$(basename $LEDGER).gz"; (cd $W && tar cf "$1/results$TAG.tar" *.json 2>/dev/null); }
-trap 'snapshot "$OUT"' EXIT
+# a call that only follows or fetches (collect=, fetch=, stash=, restore=) returns what it fetched and nothing else:
+# session 8 had set OUT=/tmp/io BACK=$OUT for that, and bash expands BACK=$OUT after OUT=/tmp/io, so nothing came back
+FOLLOW_ONLY=1; for a in "$@"; do [[ $a =~ ^(collect|fetch|stash|restore)= ]] || FOLLOW_ONLY=; done
+trap '[ -n "$FOLLOW_ONLY" ] || snapshot "$OUT"' EXIT
 [ -x $W/quant-python ] && export MOEQ_QUANT_PYTHON=$W/quant-python  # the quantize environment, once install wrote it
 END=$((SECONDS + ${BUDGET:-560}))  # every step stops in time for the trap to run inside the call's limit
 left() { echo $((END - SECONDS > 5 ? END - SECONDS : 5)); }
@@ -35,6 +38,8 @@ left() { echo $((END - SECONDS > 5 ? END - SECONDS : 5)); }
 show() { tee -a "$OUT/device$TAG.log" | grep --line-buffered -E '^\[(eval|sweep|serve|quantize)\]|^routing:|run [0-9]/|MoE backend|MoE config|Throughput|Error|error:|Traceback' ; }
 
 # the vLLM parts to /tmp/chunks, those of the wheel sets (.device/quant/pN, .device/eval/pN) to folders beside them
+# (a call takes 64 MiB with the tree, which the ledger has grown to 26 MiB: bundle.py's 40 MiB parts no longer fit;
+#  session 8 cut them again at 34 MiB, same bytes: cat .device/p*/part* | split -b 34M -d -a 2 - part, one per .device/pN)
 step_chunk() {
   mkdir -p /tmp/chunks/quant /tmp/chunks/eval; cp .device/p*/part* /tmp/chunks/ 2>/dev/null
   for set in quant eval; do cp .device/$set/p*/part* /tmp/chunks/$set/ 2>/dev/null; done
@@ -117,6 +122,10 @@ step_serve() {  # serve=mixtral/bf16,fp8[/KEY=VALUE,...]: vLLM's OpenAI server u
   timeout $(left) python3 -m moeq.cli serve-bench --model "$models" --scheme "$schemes" --weights dummy "${args[@]}" \
     --tokenizer $W/tokenizer --rate-start 4 --max-rates 6 --seconds 20 --concurrency 1,16,64 --input-len 512 \
     --output-len 128 --ledger $LEDGER --checkpoints $CKPT 2>&1 | show
+  # the servers' own errors (a failed request's cause), counted, into the log that comes back
+  grep -h -E 'ERROR|Error|" [45][0-9][0-9] ' $W/serve/*/*/*/server.log 2>/dev/null |
+    sed -E 's/^[^A-Z]*(ERROR|[A-Za-z]*Error)/\1/; s/[0-9.]+:[0-9]+ - /HOST - /' | sort | uniq -c |
+    sort -rn | head -n 20 | tee -a "$OUT/device$TAG.log"
 }
 
 step_harness() {  # harness=mixtral/fp8/128: moeq's cell (engine in-process and in its own process) beside vllm bench
@@ -189,31 +198,31 @@ step_outliers() {  # outliers=moe-500m (or tiny, or a checkpoint folder): activa
 
 # Work that outlives a call (session 7 lost its quantization to call boundaries): `detach=NAME` runs the steps
 # after it in the background (setsid, no time budget but the lease's), writing to $W/bg-NAME/ instead of $OUT;
-# the calls meanwhile only follow it (`collect=NAME`: its log's tail, ledger, log and results into $BACK) or fetch:
+# the calls meanwhile only follow it (`collect=NAME`: its log's tail, ledger, log and results into $OUT) or fetch:
 #   OUT=/tmp/io bash device.sh install && CUDA_VISIBLE_DEVICES=0 bash device.sh detach=g0 build=moe-500m quantize=...
-#   OUT=/tmp/io BACK=$OUT bash device.sh collect=g0,g1      # every following call, within the machine's 30 s
-step_collect() {  # OUT=/tmp/io BACK=$OUT bash device.sh collect=g0,g1 (BACK: what goes back, without this call's own ledger)
+#   bash /tmp/h200/device.sh collect=g0,g1      # every following call, within the machine's 30 s
+step_collect() {  # bash /tmp/h200/device.sh collect=g0,g1: one bundle per stream into $OUT
   for name in ${1//,/ }; do  # one file per stream: bg-NAME.tgz (console, full log, ledger, results, what a build wrote)
     local pid; pid=$(cat $W/bg-$name.pid 2>/dev/null)
     kill -0 ${pid:-0} 2>/dev/null && echo "$name running (pid $pid)" || echo "$name ended"
     tail -n 8 $W/bg-$name/console.log 2>/dev/null | sed "s/^/$name /"
     (LEDGER=$W/ledger-$name.sqlite TAG=-$name; snapshot $W/bg-$name)
-    tar czf "${BACK:-$OUT}/bg-$name.tgz" -C $W/bg-$name .
+    tar czf "$OUT/bg-$name.tgz" -C $W/bg-$name .
   done
 }
 # A build is ~1 GB, and a machine starts bare: fetch=MODEL/K brings pieces 4K..4K+3 (15 MiB each: a call returns
 # 64 MiB) of MODEL's build folder back; carried into a later lease two at a time (.h200/builds/MODEL/uN/, with
 # stash=MODEL in each upload call), they go back into place with restore=MODEL (sha256 checked), saving the
 # ~9-minute rebuild. Identity is the folder's own (moeq_build.json, the weights' hash in the ledger).
-step_fetch() {  # OUT=/tmp/io BACK=$OUT bash device.sh fetch=moe-500m/0 (then /1, ... until "last piece")
+step_fetch() {  # bash /tmp/h200/device.sh fetch=moe-500m/0 (then /1, ... until "last piece")
   local model=${1%%/*} k=${1#*/} dir=$W/fetch/${1%%/*}
   if [ ! -f $dir/SHA256 ]; then
     mkdir -p $dir && tar cf - -C $MOEQ_CACHE/models $model | split -b 15M -d -a 3 - $dir/$model.tar.
     (cd $dir && sha256sum $model.tar.* > SHA256)
   fi
   local pieces=($(cd $dir && ls $model.tar.*)) n=0
-  for p in "${pieces[@]:$((4 * k)):4}"; do cp $dir/$p "${BACK:-$OUT}/"; n=$((n + 1)); done
-  [ $((4 * k + n)) -ge ${#pieces[@]} ] && { cp $dir/SHA256 "${BACK:-$OUT}/$model.SHA256"; echo "last piece: ${#pieces[@]} in all"; }
+  for p in "${pieces[@]:$((4 * k)):4}"; do cp $dir/$p "$OUT/"; n=$((n + 1)); done
+  [ $((4 * k + n)) -ge ${#pieces[@]} ] && { cp $dir/SHA256 "$OUT/$model.SHA256"; echo "last piece: ${#pieces[@]} in all"; }
   echo "fetched $n of ${#pieces[@]} pieces of $model"
 }
 CHUNKS=${MOEQ_CHUNKS:-/tmp/chunks}

@@ -25,7 +25,7 @@ def test_a_build_folder_goes_back_in_pieces_and_is_restored_whole(tmp_path):
     (tmp_path / "repo").mkdir()
     back = tmp_path / "back"
     back.mkdir()
-    r = device(tmp_path, "fetch=fake/0", BACK=str(back))
+    r = device(tmp_path, "fetch=fake/0", OUT=str(back))
     assert "last piece: 3 in all" in r.stdout, r.stdout + r.stderr
     assert sorted(p.name for p in back.iterdir()) == ["fake.SHA256", "fake.tar.000", "fake.tar.001", "fake.tar.002"]
     assert max(p.stat().st_size for p in back.iterdir()) == 15 * 2**20
@@ -63,11 +63,13 @@ def test_steps_after_detach_run_in_the_background_and_collect_follows_them(tmp_p
     for _ in range(100):
         back = tmp_path / "back"
         back.mkdir(exist_ok=True)
-        r = device(tmp_path, "collect=g9", BACK=str(back))
+        r = device(tmp_path, "collect=g9", OUT=str(back))
         if "g9 ended" in r.stdout:
             break
         time.sleep(0.1)
     assert "g9 == fetch=fake/0" in r.stdout and "fetched 1 of 1 pieces" in r.stdout
+    # a call that only follows returns its bundle and nothing of its own (no ledger, no results)
+    assert sorted(p.name for p in back.iterdir()) == ["bg-g9.tgz"]
     with tarfile.open(back / "bg-g9.tgz") as t:
         assert {"./console.log", "./ledger-g9.sqlite.gz", "./results-g9.tar"} <= set(t.getnames())
         (tmp_path / "g9.sqlite").write_bytes(gzip.decompress(t.extractfile("./ledger-g9.sqlite.gz").read()))

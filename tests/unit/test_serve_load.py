@@ -192,3 +192,9 @@ def test_a_run_saved_by_vllm_0_26_has_its_latencies_summed_from_ttft_and_gaps():
     assert [r["latency"] for r in serve_load._requests(old)] == pytest.approx([0.35, 0.95])
     assert serve_load.goodput(old, slo) == serve_load.goodput(run, slo) == (1, 0.25)
     assert serve_load.rates(old) == pytest.approx(serve_load.rates(run))
+
+
+def test_failure_reasons_name_the_commonest_errors_with_counts():
+    run = {"errors": ["", "Bad Request:  prompt too\nlong", "Bad Request: prompt too long", "", "timeout"]}
+    assert serve_load.failure_reasons(run) == "2x Bad Request: prompt too long; 1x timeout"
+    assert serve_load.failure_reasons({"errors": ["", ""]}) == "no error text saved"
