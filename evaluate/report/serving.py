@@ -27,6 +27,8 @@ METRICS = ["request_throughput", "output_throughput", "throughput", "goodput", "
            "itl_p99", "tpot_p99", "e2el_p50", "e2el_p99", "arrival_rate", "completion_rate", "saturated", "slo_met",
            "completed", "failed"]
 NO_ROOFLINE = "no verdict: speed on a device with no roofline (a CPU)"
+UNSTABLE = ("a ladder went back inside the SLO after leaving it, so its p99s are noise at this many runs per rate; "
+            "repeat each rate (--repeats) for a capacity")
 
 
 def serve_table(results: pd.DataFrame) -> pd.DataFrame:
@@ -70,6 +72,10 @@ def capacity(points: list[tuple[float, float]]) -> tuple[float, str]:
     last = next((i for i in range(len(points)) if points[i][1] < 1), None)
     if last is None:
         return points[-1][0], "lower bound"
+    if any(h >= 1 for _, h in points[last + 1:]):
+        # back inside after leaving (session 8: Qwen3 bf16 out at 8 req/s, in at 16 and 32, one run per rate):
+        # p99 noise, not a capacity; a crossing picked from it would make any ratio (it made +388%)
+        return np.nan, "not monotonic"
     (x0, h0), (x1, h1) = points[last - 1], points[last]
     t = np.log(h0) / (np.log(h0) - np.log(h1))
     return float(x0 + t * (x1 - x0)), "at"
@@ -110,7 +116,7 @@ def capacity_table(serve: pd.DataFrame, kernels: pd.DataFrame | None = None) -> 
 
 def capacity_ratio(base: pd.DataFrame, other: pd.DataFrame, slo: dict) -> tuple[float, float, float]:
     """Percent more requests/s the other ladder sustains than the base under the SLO, with a bootstrap
-    interval when every point has 2+ runs (NaN interval otherwise)."""
+    interval when every point has 2+ runs (NaN interval otherwise); NaN when a capacity is not a crossing."""
     cap = lambda g, pick=None: capacity([_point(r, slo, pick(r) if pick else None) for r in g.itertuples()])
     (b, bk), (o, ok) = cap(base), cap(other)
     if bk != "at" or ok != "at":
@@ -147,7 +153,9 @@ def claim_table(serve: pd.DataFrame, claims: list[dict], formats: dict) -> pd.Da
             if base is None:
                 verdict, why = NOT_MEASURED, "no bf16 ladder in this group and shape"
             elif np.isnan(pct):
-                verdict, why = INCONCLUSIVE, "a capacity is only bounded (a ladder never left, or never entered, the SLO)"
+                kinds = {capacity([_point(r, slo) for r in x.itertuples()])[1] for x in (base, g)}
+                verdict, why = INCONCLUSIVE, (UNSTABLE if "not monotonic" in kinds else
+                                              "a capacity is only bounded (a ladder never left, or never entered, the SLO)")
             elif roofline.match_device(gkey["device"]) is None:
                 verdict, why = NO_ROOFLINE, ""
             else:
@@ -183,7 +191,9 @@ def capacity_display(cap: pd.DataFrame) -> pd.DataFrame:
         "Prompt tokens (in ± spread / out)": [f"{r.input_len:.0f} ± {100 * r.input_spread:.0f}% / {r.output_len:.0f}"
                                              for r in cap.itertuples()],
         "SLO": cap.slo, "Rates tried, req/s": cap.rates,
-        "Capacity under the SLO, req/s": [("≥ " if r.capacity_kind == "lower bound" else "< " if r.capacity_kind ==
+        "Capacity under the SLO, req/s": ["not placed: the ladder went back inside the SLO after leaving it"
+                                          if r.capacity_kind == "not monotonic" else
+                                          ("≥ " if r.capacity_kind == "lower bound" else "< " if r.capacity_kind ==
                                            "upper bound" else "") + f"{r.capacity:.3g}" for r in cap.itertuples()],
         "Ladder": cap.outcome, "Runs per rate": cap.runs_per_rate, "MoE kernel (Triton config)": cap.moe_kernel})
 
@@ -197,6 +207,7 @@ def rows_display(serve: pd.DataFrame) -> pd.DataFrame:
         "Goodput, req/s": s.goodput.map(lambda x: f"{x:.3g}"), "TTFT p50 / p99, ms": [f"{_ms(a)} / {_ms(b)}" for a, b in zip(s.ttft_p50, s.ttft_p99)],
         "ITL p50 / p99, ms": [f"{_ms(a)} / {_ms(b)}" for a, b in zip(s.itl_p50, s.itl_p99)],
         "E2E p99, ms": s.e2el_p99.map(_ms),
+        "Failed": [f"{f:.0f} of {c + f:.0f}" if pd.notna(f) and pd.notna(c) else "—" for f, c in zip(s.failed, s.completed)],
         "Saturated": s.saturated.map({1.0: "yes", 0.0: "no"}).fillna("—"), "SLO met": s.slo_met.map({1.0: "yes", 0.0: "no"}).fillna("—")})
 
 
@@ -219,5 +230,10 @@ def section(tables_: dict, folder, stem: str) -> list[tuple]:
     inner += [("h3", "Capacity under the SLO, per scheme"), ("table", capacity_display(cap), "serving-capacity")]
     if made := plots.serving(folder, stem, serve):
         inner.append(("img", *made))
-    inner += [("h3", "Every run"), ("table", rows_display(serve), "serving-runs")]
+    inner += [("h3", "Every run")]
+    if (failing := serve[serve.failed.fillna(0) > 0]).shape[0]:  # vLLM's client counts them apart from the metrics
+        inner.append(("p", f"{len(failing)} of {len(serve)} runs had failed requests ({failing.failed.sum():.0f} of "
+                           f"{(failing.failed + failing.completed).sum():.0f} sent): the latencies and throughputs "
+                           "are those of the completed requests only; `moeq serve-bench` logs their causes."))
+    inner += [("table", rows_display(serve), "serving-runs")]
     return out + [("details", "Serving: rate ladders, capacity under the SLO, the claims at equal SLO", "serving", inner)]

@@ -115,6 +115,8 @@ def test_capacity_interpolates_where_the_slo_is_crossed_and_keeps_bounds():
     assert serving.capacity([(1, 4.0), (2, 2.0), (4, 0.5)]) == (pytest.approx(2 + 2 * math.log(2) / math.log(4)), "at")
     assert serving.capacity([(1, 4.0), (2, 2.0)]) == (2, "lower bound")
     assert serving.capacity([(1, 0.9), (2, 0.5)]) == (1, "upper bound")
+    # out at 2, back in at 4 (session 8's Qwen3 bf16 ladder, one run per rate): no crossing to interpolate
+    assert serving.capacity([(1, 4.0), (2, 0.5), (4, 1.5), (8, 0.4)])[1] == "not monotonic"
     assert serving.headroom({"ttft_p99": 1.0, "itl_p99": 0.05}, {"ttft": 2.0, "itl": 0.1}) == 2.0
     assert serving.headroom({"ttft_p99": 1.0, "arrival_rate": 10, "completion_rate": 4.5}, {"ttft": 2.0}) == 0.5
 
@@ -158,6 +160,20 @@ def test_repeats_give_an_interval():
                          + ladder("fp8", pts_f, runs=[runs(d, t) for _, d, t, _ in pts_f]))
     row = serving.claim_table(serve, claims, formats).iloc[0]
     assert row.low < row.change_pct < row.high and row.verdict == "holds"
+
+
+
+def test_a_ladder_back_inside_the_slo_gives_no_ratio():
+    claims = [{"text": "FP8", "quantity": "throughput", "bound": {"min": 20},
+               "covers": {"weight_type": ["float"], "weight_bits": [8]}}]
+    formats = {"fp8": {"weight_type": "float", "weight_bits": 8}}
+    base = ladder("bf16", [(4, 4, 0.9, False), (8, 8, 3.1, False), (16, 15, 0.2, False), (64, 30, 9.0, True)])
+    fp8 = ladder("fp8", [(4, 4, 0.2, False), (8, 8, 0.2, False), (16, 15, 0.2, False), (64, 30, 9.0, True)])
+    serve = pd.DataFrame(base + fp8)
+    row = serving.claim_table(serve, claims, formats).iloc[0]
+    assert math.isnan(row.change_pct) and row.verdict == "inconclusive" and row.why == serving.UNSTABLE
+    shown = serving.capacity_display(serving.capacity_table(serve)).set_index("Scheme")["Capacity under the SLO, req/s"]
+    assert shown["bf16"].startswith("not placed") and not shown["fp8"].startswith("not placed")
 
 
 def test_a_failed_servers_root_error_is_vllms_own():
