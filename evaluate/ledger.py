@@ -35,7 +35,7 @@ CREATE TABLE IF NOT EXISTS items (
   model TEXT NOT NULL, scheme TEXT NOT NULL, provenance TEXT NOT NULL, backend TEXT NOT NULL,
   device TEXT NOT NULL, settings TEXT NOT NULL, task TEXT NOT NULL, metric TEXT NOT NULL, item INTEGER NOT NULL,
   value REAL NOT NULL,
-  PRIMARY KEY (model, scheme, provenance, backend, device, settings, task, metric, item));
+  PRIMARY KEY (model, scheme, provenance, backend, device, settings, task, metric, item)) WITHOUT ROWID;
 """
 KEY = ("model", "scheme", "provenance", "backend", "device", "settings")
 COLUMNS = (*KEY, "kind", "cell", "metric", "value", "spread", "spread_kind", "n", "unit", "repeats", "status",
@@ -52,40 +52,61 @@ def schema_version(db: sqlite3.Connection) -> int:
     return version or VERSION  # an empty file is created at the current version
 
 
+def rowid_items(db: sqlite3.Connection) -> bool:
+    """Whether per-item scores are stored with a rowid: their primary key is then a second copy of every row
+    (80k items were 14 of the H200 ledger's 16 MiB, and a device call carries the ledger in 64 MiB with vLLM)."""
+    sql = db.execute("SELECT sql FROM sqlite_master WHERE name = 'items'").fetchone()
+    return sql is not None and "WITHOUT ROWID" not in sql[0].upper()
+
+
 def migrate(path: Path, legacy_record: dict | None = None) -> bool:
-    """Bring a schema-1 ledger to the current schema on a copy, then swap it in: a failure at any point
-    leaves the original untouched. Returns whether anything was migrated."""
+    """Bring a schema-1 ledger to the current schema, and items stored with a rowid to a table without one,
+    on a copy, then swap it in: a failure at any point leaves the original untouched. Returns whether
+    anything was migrated."""
     with contextlib.closing(sqlite3.connect(path)) as db:
-        version = schema_version(db)
-    if version == VERSION:
+        version, rowid = schema_version(db), rowid_items(db)
+    if version == VERSION and not rowid:
         return False
-    if version != 1:
+    if version not in (1, VERSION):
         raise UserError(f"{path} has ledger schema {version}; this moeq reads {VERSION} (and migrates 1)")
     tmp = path.with_name(f".{path.name}.migrating-{os.getpid()}")
     shutil.copy2(path, tmp)
     try:
-        with contextlib.closing(sqlite3.connect(tmp)) as db, db:
-            for table in ("results", "items"):
-                db.execute(f"ALTER TABLE {table} RENAME TO old_{table}")
-            db.executescript(SCHEMA)
-            old = [c[1] for c in db.execute("PRAGMA table_info(old_results)")]
-            db.execute(f"INSERT INTO results ({', '.join(old)}, settings) SELECT {', '.join(old)}, ? FROM old_results",
-                       (LEGACY,))
-            old = [c[1] for c in db.execute("PRAGMA table_info(old_items)")]
-            db.execute(f"INSERT INTO items ({', '.join(old)}, settings) SELECT {', '.join(old)}, ? FROM old_items",
-                       (LEGACY,))
-            # schema 1's ITL percentiles were over per-request mean ITLs, not over inter-token gaps
-            for q in ("p50", "p99"):
-                db.execute("UPDATE results SET metric = ? WHERE metric = ?", (f"itl_request_{q}", f"itl_{q}"))
-            db.execute("DROP TABLE old_results")
-            db.execute("DROP TABLE old_items")
-            db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)",
-                       (LEGACY, json.dumps(legacy_record or LEGACY_RECORD, sort_keys=True)))
-            db.execute(f"PRAGMA user_version = {VERSION}")
+        with contextlib.closing(sqlite3.connect(tmp)) as db:
+            if version == 1:
+                _from_schema_1(db, legacy_record)
+            else:
+                with db:
+                    db.execute("ALTER TABLE items RENAME TO old_items")
+                    db.executescript(SCHEMA)
+                    db.execute("INSERT INTO items SELECT * FROM old_items")
+                    db.execute("DROP TABLE old_items")
+            db.execute("VACUUM")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return True
+
+
+def _from_schema_1(db: sqlite3.Connection, legacy_record: dict | None):
+    with db:
+        for table in ("results", "items"):
+            db.execute(f"ALTER TABLE {table} RENAME TO old_{table}")
+        db.executescript(SCHEMA)
+        old = [c[1] for c in db.execute("PRAGMA table_info(old_results)")]
+        db.execute(f"INSERT INTO results ({', '.join(old)}, settings) SELECT {', '.join(old)}, ? FROM old_results",
+                   (LEGACY,))
+        old = [c[1] for c in db.execute("PRAGMA table_info(old_items)")]
+        db.execute(f"INSERT INTO items ({', '.join(old)}, settings) SELECT {', '.join(old)}, ? FROM old_items",
+                   (LEGACY,))
+        # schema 1's ITL percentiles were over per-request mean ITLs, not over inter-token gaps
+        for q in ("p50", "p99"):
+            db.execute("UPDATE results SET metric = ? WHERE metric = ?", (f"itl_request_{q}", f"itl_{q}"))
+        db.execute("DROP TABLE old_results")
+        db.execute("DROP TABLE old_items")
+        db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)",
+                   (LEGACY, json.dumps(legacy_record or LEGACY_RECORD, sort_keys=True)))
+        db.execute(f"PRAGMA user_version = {VERSION}")
 
 
 class Ledger:

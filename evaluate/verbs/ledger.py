@@ -40,7 +40,8 @@ def run(args):
     if args.action == "migrate":
         record = yaml.safe_load(Path(args.legacy_settings).read_text()) if args.legacy_settings else None
         done = ledger.migrate(path, record)
-        print(f"{path}: " + ("migrated to schema " if done else "already at schema ") + str(ledger.VERSION))
+        print(f"{path}: " + ("migrated to schema " if done else "already at schema ") + str(ledger.VERSION)
+              + ", per-item scores stored without a rowid")
         return 0
     db = ledger.Ledger(path, readonly=not args.remove)
     poisoned = [r for r in db.rows(cell="status") if not REFUSALS.search(r["note"] or "")]

@@ -1,4 +1,5 @@
 """Fast tier: pure functions, no engine, no trained model (seconds). `make test` runs these first."""
+import contextlib
 import json
 import sqlite3
 
@@ -264,3 +265,18 @@ def test_plain_eval_skips_hidden_folders_and_finds_models_quantized_from_a_path(
     (root / "orphan" / "fp8").mkdir(parents=True)
     with pytest.raises(UserError, match="no checkpoint there names its source model"):
         _base_of(root, "orphan")
+
+
+def test_items_kept_with_a_rowid_are_moved_to_a_table_without_one(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    with contextlib.closing(sqlite3.connect(path)) as db, db:  # schema 2 as moeq wrote it until session 8
+        db.executescript(ledger_mod.SCHEMA.replace(" WITHOUT ROWID", ""))
+        db.execute(f"PRAGMA user_version = {ledger_mod.VERSION}")
+        db.executemany("INSERT INTO items VALUES ('m', 'bf16', 'real', 'vllm-cuda', 'H200', 's', 't', 'acc', ?, ?)",
+                       [(i, i % 2) for i in range(5000)])
+    before = path.stat().st_size
+    led = Ledger(path)
+    assert not ledger_mod.rowid_items(led.db)
+    assert tuple(led.db.execute("SELECT COUNT(*), SUM(value) FROM items").fetchone()) == (5000, 2500)
+    assert path.stat().st_size < 0.75 * before
+    assert not ledger_mod.migrate(path)  # once only
