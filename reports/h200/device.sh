@@ -38,8 +38,9 @@ left() { echo $((END - SECONDS > 5 ? END - SECONDS : 5)); }
 show() { tee -a "$OUT/device$TAG.log" | grep --line-buffered -E '^\[(eval|sweep|serve|quantize)\]|^routing:|run [0-9]/|MoE backend|MoE config|Throughput|Error|error:|Traceback' ; }
 
 # the vLLM parts to /tmp/chunks, those of the wheel sets (.device/quant/pN, .device/eval/pN) to folders beside them
-# (a call takes 64 MiB with the tree, which the ledger has grown to 26 MiB: bundle.py's 40 MiB parts no longer fit;
-#  session 8 cut them again at 34 MiB, same bytes: cat .device/p*/part* | split -b 34M -d -a 2 - part, one per .device/pN)
+# (a call takes 64 MiB with the tree, which the ledger had grown to 26 MiB: bundle.py's 40 MiB parts no longer fit;
+#  session 8 cut them again at 34 MiB, same bytes: cat .device/p*/part* | split -b 34M -d -a 2 - part, one per .device/pN;
+#  the tree is 18 MiB since per-item scores are stored without a rowid)
 step_chunk() {
   mkdir -p /tmp/chunks/quant /tmp/chunks/eval; cp .device/p*/part* /tmp/chunks/ 2>/dev/null
   for set in quant eval; do cp .device/$set/p*/part* /tmp/chunks/$set/ 2>/dev/null; done
