@@ -147,7 +147,9 @@ def job_for(target: Target, ledger: Path, settings: engine_settings.EngineSettin
     if recipe and recipe.online:
         ckpt = f"{source}+vllm:{recipe.online}"
     elif recipe and not shape_only:  # a shape-only folder is its config.json, quantization_config included
-        ckpt = identity.checkpoint_identity(target.path)
+        # the base it was made from, readable: the report pairs a scheme with bf16 only on one build of a model
+        base = identity.read_manifest(target.path).get("source", {}).get("digest")
+        ckpt = identity.checkpoint_identity(target.path) + (f"+from:{base}" if base else "")
     else:
         ckpt = source
     return Job(model=target.model, scheme=target.scheme, path=str(target.path), ledger=str(ledger),

@@ -50,6 +50,38 @@ def read_ledger(path: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, d
     return results, items, env, settings
 
 
+def base_of(checkpoint) -> str | None:
+    """The model build a row measured, where its checkpoint says: a load-time scheme's '<source>+vllm:<method>',
+    a quantized checkpoint's '<identity>+from:<source>' (written since session 8; older rows do not say)."""
+    if not isinstance(checkpoint, str):
+        return None
+    if "+from:" in checkpoint:
+        return checkpoint.split("+from:", 1)[1]
+    return checkpoint.split("+vllm:", 1)[0] if "+vllm:" in checkpoint else None
+
+
+def drop_other_builds(results: pd.DataFrame, items: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Rows measured on another build of a model than its group's newest bf16 row (an embedded model rebuilt
+    between sessions: each build is its own weights) pair with nothing, so they are left out, items
+    included; returned as (results, items, what was left out: group, scheme, cells, their build, bf16's)."""
+    none = pd.DataFrame(columns=GROUP + ["scheme", "build", "current", "cell"])
+    real = results[results.provenance == "real"].dropna(subset=["checkpoint"])
+    newest = real[real.scheme == BASELINE].sort_values("created").groupby(GROUP).checkpoint.last()
+    if newest.empty:
+        return results, items, none
+    row_base = real.checkpoint.where(real.scheme == BASELINE, real.checkpoint.map(base_of))
+    current = real[GROUP].join(newest.rename("current"), on=GROUP).current
+    stale = real.index[row_base.notna() & current.notna() & (row_base != current)]
+    if not len(stale):
+        return results, items, none
+    gone = results.loc[stale].assign(build=row_base[stale], current=current[stale])
+    cells = gone[KEY + ["cell"]].drop_duplicates()
+    items = items.merge(cells.rename(columns={"cell": "task"}), on=KEY + ["task"], how="left", indicator=True)
+    items = items[items._merge == "left_only"].drop(columns="_merge")
+    left_out = gone.groupby(GROUP + ["scheme", "build", "current"]).cell.agg(lambda c: len(set(c))).reset_index()
+    return results.drop(index=stale), items, left_out
+
+
 def with_baseline(df: pd.DataFrame, on: list[str], cols: list[str]) -> pd.DataFrame:
     """Each row beside the `cols` of the bf16 row of its group (suffix _bf16; NaN where there is none)."""
     base = df.loc[df.scheme == BASELINE, GROUP + on + cols]
@@ -373,6 +405,7 @@ def build_report(ledger_path: Path, name: str = "default", out_root: Path = Path
         raise UserError(f"the report folder {final} holds the ledger {ledger_path}, and a report replaces its "
                         "folder whole: choose another --name or --out")
     results, items, env, settings = read_ledger(ledger_path)
+    results, items, other_builds = drop_other_builds(results, items)
     formats = scheme_formats(results)
     claims = verdicts.load_claims()
     mem = memory_table(results)
@@ -393,7 +426,7 @@ def build_report(ledger_path: Path, name: str = "default", out_root: Path = Path
     groups = [tuple(g) for g in keys[GROUP].drop_duplicates().itertuples(index=False)]
     tables = {"summary": headline.numbers(perf, acc, mem), "verdicts": verdict, "performance": perf, "accuracy": acc,
               "recovery": recovery_table(acc, scores), "outliers": read_outliers(ledger_path.parent / "outliers"),
-              "builds": read_builds(ledger_path.parent / "builds"),
+              "builds": read_builds(ledger_path.parent / "builds"), "other_builds": other_builds,
               "routing": probes,
               "memory": mem, "findings": precision_findings(perf, formats, settings),
               "recommendations": headline.recommendations(verdict, perf, mem, keys, settings, groups), "keys": keys}

@@ -83,3 +83,23 @@ def test_published_anchors_are_consistent_and_name_moeq_schemes():
     assert len(outliers) >= 4
     for o in outliers.itertuples():
         assert o.source.startswith("https://") and o.quote and o.quantity and o.value, o.model
+
+
+def test_rows_of_an_earlier_build_pair_with_nothing():
+    from moeq.evaluate.report.build import drop_other_builds
+    from moeq.evaluate.report.page import other_builds_text
+    key = dict(model="moe-500m", provenance="real", backend="vllm-cuda", device="H200", settings="s")
+    rows = [  # session 7's build (old), then session 9's (new): bf16 accuracy rescored, fp8-online not
+        ("bf16", "b1", "old", "t1"), ("bf16", "moeq_xl", "new", "t3"), ("fp8-online", "moeq_xl", "old+vllm:fp8", "t2"),
+        ("fp8", "moeq_xl", "q2+from:new", "t4"), ("w8a16", "moeq_xl", "q1", "t2"),  # q1: written before builds were said
+    ]
+    results = pd.DataFrame([key | dict(scheme=s, kind="x", cell=c, metric="m", value=1.0, checkpoint=k, created=t)
+                            for s, c, k, t in rows])
+    items = pd.DataFrame([key | dict(scheme=s, task=c, metric="m", item=0, value=1.0) for s, c, _, _ in rows])
+    kept, kept_items, left_out = drop_other_builds(results, items)
+    assert sorted(zip(kept.scheme, kept.cell)) == [("bf16", "moeq_xl"), ("fp8", "moeq_xl"), ("w8a16", "moeq_xl")]
+    assert sorted(kept_items.scheme) == ["bf16", "fp8", "w8a16"]
+    assert sorted(left_out.scheme) == ["bf16", "fp8-online"] and set(left_out.build) == {"old"}
+    assert "fp8-online (1 cells) on build old" in other_builds_text(left_out) and "measures new" in other_builds_text(left_out)
+    # one build only: nothing left out
+    assert drop_other_builds(kept, kept_items)[2].empty
