@@ -4,6 +4,7 @@ import gzip
 import os
 import sqlite3
 import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -83,3 +84,24 @@ def test_await_waits_for_checkpoints_another_stream_writes(tmp_path):
     (done / ".moeq-complete").touch()
     r = device(tmp_path, "await=m/fp8,w8a16", BUDGET="22")  # w8a16 never comes: gives up when the budget ends
     assert "m/fp8 written" in r.stdout and "m/w8a16 not written in time" in r.stdout
+
+
+def test_merge_back_unpacks_bundles_and_merges_their_ledgers(tmp_path):
+    from moeq.evaluate.ledger import Ledger
+    key = dict(model="m", scheme="bf16", provenance="real", backend="b", device="d", settings="s")
+    Ledger(tmp_path / "reports/ledger.sqlite").write(key, "perf", "b1", [{"metric": "tps", "value": 1.0}])
+    stream = tmp_path / "stream"
+    stream.mkdir()
+    Ledger(stream / "ledger-g0.sqlite").write(key, "perf", "b16", [{"metric": "tps", "value": 16.0}])
+    (stream / "outliers-m.json").write_text("{}")
+    subprocess.run(["gzip", str(stream / "ledger-g0.sqlite")], check=True)
+    with tarfile.open(tmp_path / "bg-g0.tgz", "w:gz") as t:
+        t.add(stream, arcname=".")
+    moeq = Path(sys.executable).parent / "moeq"
+    r = subprocess.run(["bash", str(SCRIPT.parent / "merge-back.sh"), "s0", str(tmp_path / "bg-g0.tgz")], cwd=tmp_path,
+                       capture_output=True, text=True, env=os.environ | {"LEDGER": "reports/ledger.sqlite",
+                                                                          "MOEQ": str(moeq), "NO_REPORT": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / ".h200/back/s0/g0/ledger-g0.sqlite").is_file() and (tmp_path / "reports/outliers/outliers-m.json").is_file()
+    cells = Ledger(tmp_path / "reports/ledger.sqlite", readonly=True).db.execute("SELECT cell FROM results").fetchall()
+    assert sorted(c[0] for c in cells) == ["b1", "b16"]

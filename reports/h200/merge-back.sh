@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Here, after a device session: what its collect calls brought back goes into the committed ledger.
+#   bash reports/h200/merge-back.sh s9 /work/.device/61/bg-g0.tgz /work/.device/61/bg-g1.tgz ...
+# Each bundle (bg-NAME.tgz, device.sh collect=) is unpacked into .h200/back/SESSION/NAME/ (a later bundle of a
+# stream replaces an earlier one: they are cumulative), its ledger merged (a cell measured later wins), its
+# outliers put beside the ledger; then the reports are regenerated (NO_REPORT=1: not).
+set -euo pipefail
+session=$1; shift
+LEDGER=${LEDGER:-reports/h200/ledger.sqlite}; MOEQ=${MOEQ:-.venv/serve/bin/moeq}
+for bundle in "$@"; do
+  name=$(basename "$bundle" .tgz); dir=.h200/back/$session/${name#bg-}
+  rm -rf "$dir" && mkdir -p "$dir" && tar xzf "$bundle" -C "$dir"
+  for gz in "$dir"/ledger-*.sqlite.gz; do [ -f "$gz" ] && gunzip -f "$gz"; done
+  for db in "$dir"/ledger-*.sqlite; do [ -f "$db" ] && $MOEQ ledger merge --ledger "$LEDGER" --from "$db"; done
+  for o in "$dir"/outliers-*.json; do [ -f "$o" ] && mkdir -p "$(dirname "$LEDGER")/outliers" && cp "$o" "$(dirname "$LEDGER")/outliers/"; done
+  [ -f "$dir/moeq_build.json" ] && echo "$dir/moeq_build.json: a build's record (builds/ beside the ledger takes it by hand)"
+  echo "$bundle -> $dir"
+done
+[ -n "${NO_REPORT:-}" ] || $MOEQ report --ledger "$LEDGER" --name report --out "$(dirname "$LEDGER")"
