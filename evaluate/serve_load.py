@@ -150,5 +150,8 @@ def ladder_outcome(points: list[tuple[float, bool, bool]]) -> dict:
     else:
         text = (f"saturated at {first_sat:g} req/s; "
                 + (f"{best:g} req/s is the highest sustained under the SLO" if best else "no rate met the SLO"))
+    missed = [r for r, sat, met in points if not (met and not sat) and best is not None and r < best]
+    if missed:  # outside below a rate inside: one run per rate is noise there (session 8, Qwen3 on the H200)
+        text += f" (but not at {', '.join(f'{r:g}' for r in missed)} req/s below it)"
     return {"max_rate_under_slo": best, "saturated_at": first_sat, "top_rate": top,
             "lower_bound": first_sat is None and best is not None and best == top, "text": text}

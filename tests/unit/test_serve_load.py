@@ -116,6 +116,8 @@ def test_capacity_interpolates_where_the_slo_is_crossed_and_keeps_bounds():
     assert serving.capacity([(1, 4.0), (2, 2.0)]) == (2, "lower bound")
     assert serving.capacity([(1, 0.9), (2, 0.5)]) == (1, "upper bound")
     # out at 2, back in at 4 (session 8's Qwen3 bf16 ladder, one run per rate): no crossing to interpolate
+    assert serve_load.ladder_outcome([(1, False, True), (2, False, False), (4, False, True), (8, True, False)])[
+        "text"] == "saturated at 8 req/s; 4 req/s is the highest sustained under the SLO (but not at 2 req/s below it)"
     assert serving.capacity([(1, 4.0), (2, 0.5), (4, 1.5), (8, 0.4)])[1] == "not monotonic"
     assert serving.headroom({"ttft_p99": 1.0, "itl_p99": 0.05}, {"ttft": 2.0, "itl": 0.1}) == 2.0
     assert serving.headroom({"ttft_p99": 1.0, "arrival_rate": 10, "completion_rate": 4.5}, {"ttft": 2.0}) == 0.5
