@@ -69,7 +69,6 @@ def _requests(run: dict) -> list[dict]:
             for i in range(n) if not errors[i] and latencies[i] > 0]
 
 
-
 def failure_reasons(run: dict, most: int = 3) -> str:
     """The commonest error texts of a saved run's failed requests, with counts: '2x Bad Request: ...'."""
     texts = Counter(" ".join(str(e).split())[:200] for e in run.get("errors") or [] if e)
