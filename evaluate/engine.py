@@ -275,10 +275,15 @@ def run(job: Job, log=print) -> str | None:
         write("status", "status", [{"metric": "supported", "value": 0, "status": "unsupported", "note": reason}])
         return reason
     load = time.perf_counter() - t0
+
+    def write_kernels():  # what the experts computed with: it decides accuracy as much as speed
+        write("engine", "kernel", kernels.metrics(kernel_log.lines + (core_log.lines if core_log else []))
+              + [kernels.moe_quant(llm)])
     if tasks:
         from moeq.evaluate import accuracy
         for task, result in accuracy.score(lm, tasks, job.limit, log=log).items():
             write("accuracy", task, [dict(m, note=job.accuracy_note) for m in result["metrics"]], result["items"])
+        write_kernels()
         log(f"[eval] {job.model} / {job.scheme} accuracy done")
         return None
     wbytes = perf.weights_bytes(llm)
@@ -300,8 +305,7 @@ def run(job: Job, log=print) -> str | None:
         if job.restart:
             metrics = merged(ledger.rows(cell=name, **key), metrics)
         write("perf", name, metrics + physics(facts, device, batch, inp, out, settings.routing, metrics, settings.gpus))
-    write("engine", "kernel", kernels.metrics(kernel_log.lines + (core_log.lines if core_log else []))
-          + [kernels.moe_quant(llm)])
+    write_kernels()
     if not job.restart:
         write_memory(write, llm, job, facts, wbytes, load, on_gpu=backend == "vllm-cuda", separate=separate)
     log(f"[eval] {job.model} / {job.scheme} done")

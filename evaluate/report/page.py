@@ -64,12 +64,18 @@ def device_body(device, groups, all_groups, tables_, claims, formats, folder) ->
     return out
 
 
+def engines_of(perf, acc):
+    """The kernel columns of a group's perf and accuracy engines (a lease may score accuracy alone)."""
+    cols = ["scheme", "moe_kernel", "moe_config", "moe_dtype", "experts_a16"]
+    return pd.concat([perf, acc[[c for c in cols if c in acc]]], ignore_index=True)
+
+
 def group_details(g, tables_, unsupported, settings) -> tuple:
     gkey = dict(zip(GROUP, g))
     perf, acc, mem, keys = (tables_[k] for k in ("performance", "accuracy", "memory", "keys"))
     gp, ga = in_group(perf, gkey), in_group(acc, gkey)
     inner = [("p", "Engine settings: " + settings_text(settings.get(gkey["settings"], {})) + ". Caveats: "
-                   + "; ".join(headline.caveats(gkey, gp, settings) or ["none"]) + ".")]
+                   + "; ".join(headline.caveats(gkey, engines_of(gp, ga), settings) or ["none"]) + ".")]
     if gkey["provenance"].startswith("shape-only"):
         inner.append(("p", "Shape-only: the real architecture with random weights, so speed and memory are "
                            "measured but accuracy is not measured."))

@@ -1,5 +1,6 @@
 """The report's data rules without a ledger: which cells get no speed verdict, and how a claim's cells
 read as one sentence."""
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -103,3 +104,24 @@ def test_rows_of_an_earlier_build_pair_with_nothing():
     assert "fp8-online (1 cells) on build old" in other_builds_text(left_out) and "measures new" in other_builds_text(left_out)
     # one build only: nothing left out
     assert drop_other_builds(kept, kept_items)[2].empty
+
+
+def test_accuracy_rows_say_when_experts_ran_on_16_bit_activations():
+    """Session 9: vLLM 0.26 ran moe-500m's W8A8-INT8 experts as int8_w8a16, so its accuracy row measures weight
+    rounding only; the accuracy table says so from the kernel its engine logged (FP8's row stays unmarked)."""
+    from moeq.evaluate.report.build import KEY, with_experts_a16
+    from moeq.evaluate.report.tables import accuracy_display
+    key = dict(model="moe-500m", provenance="real", backend="vllm-cuda", device="H200", settings="s")
+    log = "Using default MoE config. Config file not found at /c/E=16,N=1536,device_name=NVIDIA_H200,dtype={}.json"
+    fmt = lambda a: json.dumps({"format": {"weight_bits": 8, "activation_bits": a}})
+    results = pd.DataFrame([key | dict(scheme=s, kind=k, cell=c, metric=m, note=n) for s, k, c, m, n in [
+        ("w8a8-int8", "engine", "kernel", "vllm_log", log.format("int8_w8a16")),
+        ("fp8", "engine", "kernel", "vllm_log", log.format("fp8_w8a8")),
+        ("w8a8-int8", "model", "config", "config", fmt(8)), ("fp8", "model", "config", "config", fmt(8))]])
+    assert set(KEY) <= set(results.columns)
+    acc = pd.DataFrame([key | dict(scheme=s, task="moeq_mc4_xl", metric="acc", primary=True, value=0.87, stderr=0.004,
+                                   n=5996, delta_pct=-0.1, delta_lo=-0.3, delta_hi=0.1, paired_items=5996, note=np.nan)
+                        for s in ("bf16", "fp8", "w8a8-int8")])
+    notes = dict(zip(acc.scheme, accuracy_display(with_experts_a16(acc, results)).Note))
+    assert notes["w8a8-int8"].startswith("experts ran on 16-bit activations (vLLM's int8_w8a16)")
+    assert notes["fp8"] == "" and notes["bf16"] == ""
