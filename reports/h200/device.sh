@@ -60,6 +60,10 @@ step_install() {
   # issue 10: llm-compressor needs compressed-tensors 0.19, vLLM 0.17 (README, "Why two environments"), so the
   # quantize set goes to a folder of its own that /tmp/site never sees, lm-eval's set beside vLLM in /tmp/site
   unpack quant /tmp/quant-site && unpack eval /tmp/site || return 1
+  # humming-kernels (vLLM 0.26 pins 0.1.10, the bundle left it out): the one Int8 MoE backend of 0.26 that quantizes
+  # the experts' activations (NOTES.md, session 9), in a folder of its own so that default runs see the packages
+  # they always saw; a step opts in with set=PYTHONPATH=/tmp/humming:/tmp/site:$W/pkg set=MOEQ_ENGINE_ARG=moe_backend=humming
+  if [ -d .device/humming ]; then python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/humming .device/humming/*.whl || return 1; fi
   if [ -d /tmp/quant-site ]; then  # the quantize environment's interpreter, which moeq finds by MOEQ_QUANT_PYTHON
     printf '#!/bin/sh\nPYTHONPATH=/tmp/quant-site:%s exec %s "$@"\n' $W/pkg "$(command -v python3)" > $W/quant-python
     chmod +x $W/quant-python && export MOEQ_QUANT_PYTHON=$W/quant-python
@@ -180,14 +184,19 @@ step_score() {  # score=moe-500m/bf16,fp8-online,fp8[/TASKS]: real weights, perf
   # into the ledger; a scheme vLLM refuses is scored on its BF16 copy, made by the quantize environment
   # (MOEQ_BATCH=none: accuracy only, one engine per scheme instead of two: the lease's first pass)
   local model schemes tasks; IFS=/ read -r model schemes tasks <<< "$1"
+  # (MOEQ_ENGINE_ARG=KEY=VALUE: one engine argument, e.g. moe_backend=humming; its rows form a settings group of their own)
   HF_HUB_OFFLINE=1 timeout $(left) python3 -m moeq.cli eval --model $model ${schemes:+--scheme $schemes} ${tasks:+--tasks $tasks} \
-    ${MOEQ_BATCH:+--batch $MOEQ_BATCH} --ledger $LEDGER --checkpoints $CKPT 2>&1 | show
+    ${MOEQ_BATCH:+--batch $MOEQ_BATCH} ${MOEQ_ENGINE_ARG:+--engine-arg $MOEQ_ENGINE_ARG} --ledger $LEDGER --checkpoints $CKPT 2>&1 | show
 }
 step_await() {  # await=moe-500m/w4a16-gptq,w8a16: until another stream has written these checkpoints (score= needs all)
   local model=${1%%/*} list=${1#*/} s
+  # gives up once no quantization runs (a failed one writes nothing, and the chain would wait out the lease); the
+  # first 15 s wait regardless (a stream detached beside this one may not have started); /proc, as the image may lack pgrep
+  local t0=$SECONDS
   for s in ${list//,/ }; do
-    while [ ! -f $CKPT/$model/$s/.moeq-complete ] && [ $(left) -gt 20 ]; do sleep 5; done
-    [ -f $CKPT/$model/$s/.moeq-complete ] && echo "$model/$s written" || echo "$model/$s not written in time"
+    while [ ! -f $CKPT/$model/$s/.moeq-complete ] && [ $(left) -gt 20 ] &&
+      { grep -qsa "moeq\.cli.quantize" /proc/[0-9]*/cmdline || [ $((SECONDS - t0)) -lt 15 ]; }; do sleep 5; done
+    [ -f $CKPT/$model/$s/.moeq-complete ] && echo "$model/$s written" || echo "$model/$s not written (no quantization running, or time up)"
   done
 }
 step_outliers() {  # outliers=moe-500m (or tiny, or a checkpoint folder): activation max/median and weight kurtosis

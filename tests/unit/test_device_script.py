@@ -78,12 +78,42 @@ def test_steps_after_detach_run_in_the_background_and_collect_follows_them(tmp_p
 
 
 def test_await_waits_for_checkpoints_another_stream_writes(tmp_path):
+    """await= waits while a quantization runs and gives up once none does (a failed one writes nothing)."""
     (tmp_path / "repo").mkdir()
     done = tmp_path / "w/checkpoints/m/fp8"
     done.mkdir(parents=True)
     (done / ".moeq-complete").touch()
-    r = device(tmp_path, "await=m/fp8,w8a16", BUDGET="22")  # w8a16 never comes: gives up when the budget ends
-    assert "m/fp8 written" in r.stdout and "m/w8a16 not written in time" in r.stdout
+    t0 = time.monotonic()
+    r = device(tmp_path, "await=m/fp8,w8a16", BUDGET="120")  # w8a16 never comes and nothing quantizes
+    assert "m/fp8 written" in r.stdout and "m/w8a16 not written (no quantization running" in r.stdout
+    assert 14 < time.monotonic() - t0 < 60  # the 15 s grace, not the 120 s budget
+    # a quantization running (its command line, as the quantize environment's python runs it): waited for
+    quantizer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(25)", "-m", "moeq.cli", "quantize"])
+    try:
+        late = tmp_path / "w/checkpoints/m/w8a16"
+        writer = subprocess.Popen(["bash", "-c", f"sleep 20; mkdir -p {late} && touch {late}/.moeq-complete"])
+        r = device(tmp_path, "await=m/w8a16", BUDGET="120")
+        writer.wait()
+    finally:
+        quantizer.kill()
+    assert "m/w8a16 written" in r.stdout
+
+
+def test_score_passes_one_engine_argument(tmp_path):
+    """set=MOEQ_ENGINE_ARG=moe_backend=humming reaches moeq eval (a W8A8-INT8 run with the experts' activations
+    quantized, vLLM 0.26's HUMMING backend); without it no engine argument is passed."""
+    (tmp_path / "repo").mkdir()
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "python3").write_text('#!/bin/sh\necho "ARGS: $*"\n')
+    (bin_ / "python3").chmod(0o755)
+    path = f"{bin_}:{os.environ['PATH']}"
+    log = tmp_path / "io/device.log"  # the full output (the console shows moeq's own lines only)
+    device(tmp_path, "set=MOEQ_ENGINE_ARG=moe_backend=humming", "score=m/w8a8-int8/none", PATH=path)
+    assert "--scheme w8a8-int8 --tasks none --engine-arg moe_backend=humming" in log.read_text()
+    log.unlink()
+    device(tmp_path, "score=m/w8a8-int8/none", PATH=path)
+    assert "ARGS: -m moeq.cli eval" in log.read_text() and "--engine-arg" not in log.read_text()
 
 
 def test_merge_back_unpacks_bundles_and_merges_their_ledgers(tmp_path):
