@@ -38,8 +38,8 @@ left() { echo $((END - SECONDS > 5 ? END - SECONDS : 5)); }
 show() { tee -a "$OUT/device$TAG.log" | grep --line-buffered -E '^\[(eval|sweep|serve|quantize)\]|^routing:|run [0-9]/|MoE backend|MoE config|Throughput|Error|error:|Traceback' ; }
 
 # the vLLM parts to /tmp/chunks, those of the wheel sets (.device/quant/pN, .device/eval/pN) to folders beside them
-# (a call takes 64 MiB with the tree: bundle.py's 40 MiB parts and the 18.6 MiB tree fit; should the tree outgrow
-#  them, cut the same bytes smaller, as session 8 did: cat .device/p*/part* | split -b 34M -d -a 2 - part, one per .device/pN)
+# (a call takes 64 MiB with the tree, 23.6 MiB since session 9's rows: bundle.py's 40 MiB parts no longer leave room,
+#  so the same bytes are cut at 34 MiB, ten parts: cat .device/p*/part* | split -b 34M -d -a 2 - part, one per .device/pN)
 step_chunk() {
   mkdir -p /tmp/chunks/quant /tmp/chunks/eval; cp .device/p*/part* /tmp/chunks/ 2>/dev/null
   for set in quant eval; do cp .device/$set/p*/part* /tmp/chunks/$set/ 2>/dev/null; done
@@ -220,7 +220,7 @@ step_collect() {  # bash /tmp/h200/device.sh collect=g0,g1: one bundle per strea
   done
 }
 # A build is ~1 GB, and a machine starts bare: fetch=MODEL/K brings pieces 4K..4K+3 (15 MiB each: a call returns
-# 64 MiB) of MODEL's build folder back; carried into a later lease 40 MiB at a time (.h200/builds/MODEL/uN/, with
+# 64 MiB) of MODEL's build folder back; carried into a later lease 34 MiB at a time (.h200/builds/MODEL/uN/, with
 # stash=MODEL in each upload call), they go back into place with restore=MODEL (sha256 checked), saving the
 # ~9-minute rebuild. Identity is the folder's own (moeq_build.json, the weights' hash in the ledger).
 step_fetch() {  # bash /tmp/h200/device.sh fetch=moe-500m/0 (then /1, ... until "last piece")
