@@ -56,7 +56,7 @@ EVAL_FLAGS = $(call flag,MODEL,model) $(call flag,SCHEME,scheme) $(call flag,TAS
   $(call flag,RESTARTS,restarts) $(call flag,LIMIT,limit) $(call flag,LEDGER,ledger) $(call flag,WEIGHTS,weights) \
   $(call flag,ROUTING,routing) $(call flag,WARMUP_TOKENS,warmup-tokens) $(call flag,PROMPTS,prompts) $(call flag,ENGINE_PROCESS,engine-process) $(call flag,CHECKPOINTS,checkpoints) \
   $(call flag,TP,tp) $(call flag,EP,ep) $(call flag,DP,dp) $(call flag,PP,pp) \
-  $(if $(filter 1 true yes,$(FORCE)),--force) $(foreach a,$(ENGINE_ARGS),--engine-arg $(a))
+  $(if $(filter 1 true yes,$(FORCE)),--force) $(if $(filter 1 true yes,$(ONE_ENGINE)),--one-engine) $(foreach a,$(ENGINE_ARGS),--engine-arg $(a))
 
 quantize: $(QUANT)/.ready
 	$(QUANT)/bin/moeq quantize --model $(or $(MODEL),tiny) --scheme $(or $(SCHEME),all) $(if $(filter 1 true yes,$(FORCE)),--force) \

@@ -1,4 +1,4 @@
-"""One vLLM engine for one (model, scheme): every perf cell, or every accuracy task, run inside it.
+"""One vLLM engine for one (model, scheme): every perf cell, or every accuracy task, or both, run inside it.
 
 Run as its own process (`python -m moeq.evaluate.engine job.json`) so that peak memory is this
 engine's alone, a crash cannot take the sweep down, and each finished cell is already in the ledger
@@ -10,7 +10,9 @@ engine_process=separate vLLM's engine core runs in a process of its own (as `vll
 it); its log reaches the stdout and stderr it inherits, which are then read through pipes for the same lines.
 
 Perf cells run in a bare `vllm.LLM`; accuracy in lm-eval's vLLM wrapper, in an engine of its own, so
-that neither changes the other's settings.
+that neither changes the other's settings. A one-engine job (`--one-engine`) runs both in lm-eval's wrapper,
+timed cells first, with vLLM's own batch limit instead of lm-eval's: one engine start per scheme, where a
+GPU lease pays about a minute for each.
 """
 import json
 import logging
@@ -48,6 +50,7 @@ class Job:
     limit: int | None = None
     force: bool = False
     perf: bool = True  # False: an accuracy-only engine
+    one_engine: bool = False  # perf cells, then the tasks, in one engine
     restart: int = 0  # 0 for the first engine start; k adds the k-th start's repeats to each cell
     format: dict = field(default_factory=dict)  # weight/activation type and bits of the scheme
     checkpoint: str | None = None  # identity of what is measured (checkpoint, or source + vLLM method)
@@ -185,8 +188,10 @@ class EngineProcessLog:
 def build_engine(job: Job, llm_args: dict):
     """lm-eval's vLLM wrapper for accuracy (it owns the LLM), else a bare LLM for perf cells."""
     args = speculative.engine_args(llm_args)  # a registry draft's name -> its built folder
-    if not job.perf:
+    if not job.perf or job.one_engine:
         from lm_eval.models.vllm_causallms import VLLM
+        if job.one_engine:  # lm-eval would cap the batch at 256 sequences: the timed cells get vLLM's own limit
+            args.setdefault("max_num_seqs", None)
         lm = VLLM(pretrained=job.path, batch_size="auto", **args)
         return lm, lm.model
     from vllm import LLM
@@ -243,7 +248,8 @@ def run(job: Job, log=print) -> str | None:
             return ledger.has(key, cell, job.checkpoint) and (rows[0]["value"] if rows else 1) <= job.restart
         return not ledger.has(key, cell, job.checkpoint)
     cells = [c for c in job.cells if todo(perf.cell_name(*c))] if job.perf else []
-    tasks = [] if job.perf else [t for t in job.tasks if job.force or not ledger.has(key, t, job.checkpoint, job.limit)]
+    tasks = [] if job.perf and not job.one_engine else [
+        t for t in job.tasks if job.force or not ledger.has(key, t, job.checkpoint, job.limit)]
     if not cells and not tasks and (not job.perf or job.restart or ledger.has(key, "engine", job.checkpoint)):
         log(f"[eval] {job.model} / {job.scheme}: everything already measured")
         return None
@@ -279,12 +285,15 @@ def run(job: Job, log=print) -> str | None:
     def write_kernels():  # what the experts computed with: it decides accuracy as much as speed
         write("engine", "kernel", kernels.metrics(kernel_log.lines + (core_log.lines if core_log else []))
               + [kernels.moe_quant(llm)])
-    if tasks:
+
+    def score_tasks():
         from moeq.evaluate import accuracy
         for task, result in accuracy.score(lm, tasks, job.limit, log=log).items():
             write("accuracy", task, [dict(m, note=job.accuracy_note) for m in result["metrics"]], result["items"])
-        write_kernels()
         log(f"[eval] {job.model} / {job.scheme} accuracy done")
+    if not job.perf:
+        write_kernels()
+        score_tasks()
         return None
     wbytes = perf.weights_bytes(llm)
     facts = model_facts(Path(job.path), wbytes, job.format, settings.llm)
@@ -308,6 +317,8 @@ def run(job: Job, log=print) -> str | None:
     write_kernels()
     if not job.restart:
         write_memory(write, llm, job, facts, wbytes, load, on_gpu=backend == "vllm-cuda", separate=separate)
+    if tasks:  # after every timing and the memory reading: scoring neither waits in them nor adds to them
+        score_tasks()
     log(f"[eval] {job.model} / {job.scheme} done")
     return None
 

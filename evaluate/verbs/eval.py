@@ -24,6 +24,9 @@ def add_args(p):
                    help="engine starts per target; 2+ puts engine-restart variance into the intervals")
     p.add_argument("--limit", default=env_default("LIMIT"), help="items per task (default: all)")
     p.add_argument("--force", action="store_true", help="re-measure what the ledger has (MOEQ_FORCE=1)")
+    p.add_argument("--one-engine", action="store_true",
+                   help="the accuracy tasks in the perf engine, after its timed cells: one engine start per "
+                        "scheme instead of two (MOEQ_ONE_ENGINE=1)")
     add_ledger_args(p)
     p.add_argument("--weights", default=env_default("WEIGHTS", "real"), choices=["real", "dummy"],
                    help="real, or dummy: the registry model's shape with dummy weights (shape-only, perf only)")
@@ -75,4 +78,5 @@ def run(args):
         force=args.force or env_flag("FORCE"), ledger=Path(args.ledger), checkpoints=Path(args.checkpoints),
         engine_args=engine_args(args), weights=args.weights, routing=args.routing,
         warmup_tokens=int_at_least(args.warmup_tokens, "--warmup-tokens", 1),
-        restarts=int_at_least(args.restarts, "--restarts", 1), prompts=args.prompts, engine_process=args.engine_process)
+        restarts=int_at_least(args.restarts, "--restarts", 1), prompts=args.prompts, engine_process=args.engine_process,
+        one_engine=args.one_engine or env_flag("ONE_ENGINE"))

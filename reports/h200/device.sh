@@ -70,7 +70,10 @@ step_install() {
   fi
   # a frozen copy of moeq: later calls run the code this call brought, whatever the tree holds then
   # laid out as pyproject.toml installs it: core/ is the package moeq, the rest its subpackages
-  rm -rf $W/pkg && mkdir -p $W/pkg && cp -r $SRC/core $W/pkg/moeq && (cd $SRC && cp -r quantize evaluate recipes $W/pkg/moeq/)
+  # (kept when a build detached before this install runs from it: the build needs no vLLM, so it may start first)
+  local pid busy=; for pid in $(cat $W/build-*.pid 2>/dev/null); do kill -0 $pid 2>/dev/null && busy=1; done
+  [ -n "$busy" ] && echo "keeping $W/pkg: a build runs from it" ||
+    { rm -rf $W/pkg && mkdir -p $W/pkg && cp -r $SRC/core $W/pkg/moeq && (cd $SRC && cp -r quantize evaluate recipes $W/pkg/moeq/); }
   # carried paths are gone from the next call's copy of the repository: keep them under /tmp
   mkdir -p $CKPT && cp -r checkpoints/.shape-only $CKPT/ && cp -r .h200/tokenizer $W/tokenizer
   # tiny, built on a CPU and carried (.h200/tiny), only for build='s bits-per-byte comparison
@@ -182,7 +185,8 @@ step_quantize() {  # quantize=moe-500m[/fp8,w4a16-gptq]: default every scheme wi
 }
 step_score() {  # score=moe-500m/bf16,fp8-online,fp8[/TASKS]: real weights, perf cells and lm-eval (default: moeq's tasks)
   # into the ledger; a scheme vLLM refuses is scored on its BF16 copy, made by the quantize environment
-  # (MOEQ_BATCH=none: accuracy only, one engine per scheme instead of two: the lease's first pass)
+  # (MOEQ_BATCH=none: accuracy only, one engine per scheme instead of two: the lease's first pass;
+  #  MOEQ_ONE_ENGINE=1: perf cells then tasks in one engine, moeq reads it as --one-engine: session 10's second pass)
   local model schemes tasks; IFS=/ read -r model schemes tasks <<< "$1"
   # (MOEQ_ENGINE_ARG=KEY=VALUE: one engine argument, e.g. moe_backend=humming; its rows form a settings group of their own)
   HF_HUB_OFFLINE=1 timeout $(left) python3 -m moeq.cli eval --model $model ${schemes:+--scheme $schemes} ${tasks:+--tasks $tasks} \
