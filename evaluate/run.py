@@ -21,7 +21,7 @@ from moeq.atomic import is_complete
 from moeq.env import env_flag, env_number
 from moeq.errors import UserError
 from moeq.evaluate import parallel, settings as engine_settings, speculative
-from moeq.evaluate.engine import Job, job_json
+from moeq.evaluate.engine import NEIGHBOUR_EXIT, Job, job_json
 from moeq.evaluate.ledger import Ledger, lock
 
 CPU_BATCHES, GPU_BATCHES = [1, 8, 32], [1, 16, 64, 128]
@@ -184,6 +184,9 @@ class EngineProcess:
             self.tmp.cleanup()
         if rc == 2:  # the engine printed the reason (bad input, ledger not writable): stop the run
             raise UserError(f"the engine process for {self.job.model} / {self.job.scheme} stopped on the error above")
+        if rc == NEIGHBOUR_EXIT:
+            raise EngineStartRace(f"engine process for {self.job.model} / {self.job.scheme}: its start-up memory "
+                                  "profile was spoiled by another process freeing GPU memory")
         if rc != 0:
             raise RuntimeError(f"engine process for {self.job.model} / {self.job.scheme} exited {rc}")
 
@@ -194,9 +197,17 @@ class EngineProcess:
         self.tmp.cleanup()
 
 
-def run_job(job: Job) -> None:
-    """Run one engine process to its end; raises if it fails."""
-    EngineProcess(job).wait()
+class EngineStartRace(RuntimeError):
+    """The engine could not start for a neighbour's reason (NEIGHBOUR_EXIT): worth one more start."""
+
+
+def run_job(job: Job, log=print) -> None:
+    """Run one engine process to its end (once more after a start spoiled by a neighbour); raises if it fails."""
+    try:
+        EngineProcess(job).wait()
+    except EngineStartRace as e:
+        log(f"[eval] {e}: starting it once more")
+        EngineProcess(job).wait()
 
 
 def accuracy_engines(gpu: bool, acc_settings) -> int:
@@ -302,7 +313,7 @@ def evaluate(models=None, schemes=None, tasks=None, batches=None, input_lens=(51
             perf_job = job_for(target, ledger, settings, cells, repeats, tasks, limit, force)
             try:
                 for start in range(restarts if perf else 0):
-                    run_job(replace(perf_job, restart=start, one_engine=one_engine and start == 0))
+                    run_job(replace(perf_job, restart=start, one_engine=one_engine and start == 0), log)
                     if unsupported(ledger, perf_job):
                         break
                 if not one_engine or unsupported(ledger, perf_job):  # else its tasks are scored
@@ -338,7 +349,7 @@ def score_jobs(jobs, width: int, log=print) -> list[str]:
             for target, job, reason in jobs]
     jobs.sort(key=lambda j: j[2] is not None)  # those needing no copy first, while the copies are made
     copying = start_dequantizing([t.path for t, _, reason in jobs if reason])
-    failures, running = [], []
+    failures, running, retried = [], [], []
 
     def reap(block: bool):
         while running:
@@ -347,6 +358,14 @@ def score_jobs(jobs, width: int, log=print) -> list[str]:
                 running.remove(e)
                 try:
                     e.wait()
+                except EngineStartRace as err:
+                    if e.job in retried:
+                        log(f"[eval] ERROR: {err}")
+                        failures.append(str(err))
+                    else:
+                        log(f"[eval] {err}: starting it once more")
+                        retried.append(e.job)
+                        running.append(EngineProcess(e.job))
                 except RuntimeError as err:
                     log(f"[eval] ERROR: {err}")
                     failures.append(str(err))
