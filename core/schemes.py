@@ -86,14 +86,21 @@ class Recipe:
         return any(kind != "QuantizationModifier" or args.get("scheme") not in ("FP8_DYNAMIC", "FP8_BLOCK")
                    for kind, args in self.modifiers())
 
-    def for_model(self, ignore: list[str]) -> str:
-        """The recipe text llm-compressor runs: the model's full-precision modules added to every ignore."""
+    def for_model(self, ignore: list[str], model_type: str | None = None) -> str:
+        """The recipe text llm-compressor runs: the model's full-precision modules added to every ignore, and
+        the modifier arguments the `moeq: by_model_type:` block sets for this architecture (null removes one:
+        llm-compressor's own default then applies, e.g. its AWQ mappings for the architecture)."""
         doc = copy.deepcopy(self.doc)
-        doc.pop("moeq")
+        overrides = (doc.pop("moeq").get("by_model_type") or {}).get(model_type) or {}
         for key, stage in doc.items():
             if key.endswith("_stage"):
                 for group, mods in stage.items():
                     for kind, args in mods.items():
+                        for name, value in (overrides.get(kind) or {}).items():
+                            if value is None:
+                                args.pop(name, None)
+                            else:
+                                args[name] = value
                         if "ignore" in args or "targets" in args:
                             args["ignore"] = list(dict.fromkeys([*args.get("ignore", []), *ignore]))
         return yaml.safe_dump(doc, sort_keys=False)
@@ -121,7 +128,15 @@ def _load(path: Path) -> Recipe:
     elif not any(k.endswith("_stage") and isinstance(v, dict) for k, v in doc.items()):
         raise UserError(f"recipe {path} has no `<name>_stage:` block of modifiers "
                         "(nor `vllm_quantization:` for a scheme vLLM applies at load time)")
-    return Recipe(path.stem, path, doc)
+    recipe = Recipe(path.stem, path, doc)
+    kinds = {kind for kind, _ in recipe.modifiers()}
+    for model_type, mods in (meta.get("by_model_type") or {}).items():
+        if not isinstance(mods, dict) or not all(isinstance(a, dict) for a in mods.values()):
+            raise UserError(f"recipe {path}: by_model_type.{model_type} must map modifier names to arguments")
+        if unknown := set(mods) - kinds:
+            raise UserError(f"recipe {path}: by_model_type.{model_type} names {', '.join(sorted(unknown))}, "
+                            f"which the recipe does not run; its modifiers: {', '.join(sorted(kinds))}")
+    return recipe
 
 
 def all_recipes() -> dict[str, Recipe]:

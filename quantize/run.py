@@ -99,8 +99,9 @@ def planned_recipe(model, recipe, src: Path) -> tuple[str, dict]:
     quantization groups). Widths come from the config on the meta device, so a reuse check loads no weights."""
     from transformers import AutoConfig
     from moeq.quantize.shape import meta_model
-    kept = ragged_layers(meta_model(AutoConfig.from_pretrained(src)), recipe) if recipe.group_sizes() else {}
-    return recipe.for_model([*model.ignore, *kept]), kept
+    config = AutoConfig.from_pretrained(src)
+    kept = ragged_layers(meta_model(config), recipe) if recipe.group_sizes() else {}
+    return recipe.for_model([*model.ignore, *kept], config.model_type), kept
 
 
 def reuse_or_redo(out: Path, manifest: dict, force: bool, log) -> bool:
@@ -125,7 +126,7 @@ def quantize(model_name: str, scheme: str, out_root: Path, samples: int | None =
              seq_len: int | None = None, force: bool = False, log=print) -> Path:
     model = registry.resolve(model_name)
     recipe = schemes.checkpoint_recipe(scheme)
-    schemes.validate(recipe.for_model(model.ignore), str(recipe.path))
+    schemes.validate(recipe.for_model(model.ignore, model.spec.get("config", {}).get("model_type")), str(recipe.path))
     out = checkpoint_dir(out_root, model.name, recipe.name)
     calib = model.calibration
     samples, seq_len = samples or calib["samples"], seq_len or calib["seq_len"]

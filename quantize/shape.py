@@ -98,7 +98,8 @@ def small_quantization_config(model, recipe, cfg: dict, layers: int, log=print) 
             kwargs = dict(dataset=Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 32] * 4}),
                           num_calibration_samples=4, max_seq_length=32)
         log(f"[shape] llm-compressor: {recipe.name} on a {layers}-layer narrow {cfg['model_type']}")
-        oneshot(model=lm, recipe=recipe.for_model(model.ignore), moe_calibrate_all_experts=True, **kwargs)
+        oneshot(model=lm, recipe=recipe.for_model(model.ignore, cfg["model_type"]), moe_calibrate_all_experts=True,
+                **kwargs)
         lm.save_pretrained(dst, save_compressed=True)
         return json.loads((dst / "config.json").read_text())["quantization_config"]
 
@@ -126,7 +127,7 @@ def shape_checkpoint(model: str, scheme: str, out: Path, log=print) -> Path:
     recipe = None if scheme == schemes.BASELINE else schemes.load(scheme)
     qc, kept = None, {}
     if recipe is not None:
-        schemes.validate(recipe.for_model(spec.ignore), str(recipe.path))
+        schemes.validate(recipe.for_model(spec.ignore, cfg["model_type"]), str(recipe.path))
         from moeq.quantize.run import ragged_layers
         kept = ragged_layers(meta_model(config), recipe)  # real widths: the narrow instance has none
         full = layer_signatures(config)
@@ -144,7 +145,7 @@ def shape_checkpoint(model: str, scheme: str, out: Path, log=print) -> Path:
         data["moeq_shape_only"] = True
         (tmp / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         if recipe is not None:
-            (tmp / "moeq_recipe.yaml").write_text(recipe.for_model([*spec.ignore, *kept]))
+            (tmp / "moeq_recipe.yaml").write_text(recipe.for_model([*spec.ignore, *kept], cfg["model_type"]))
         (tmp / "manifest.json").write_text(json.dumps({
             "model": spec.name, "scheme": scheme, "shape_only": True, "hub_id": spec.spec.get("hub_id"),
             "recipe_sha256": recipe.file_hash if recipe else None, "full_precision_ragged_groups": kept}, indent=2))

@@ -32,7 +32,7 @@ fi
 [ -d .h200/tiny ] || cp -r "$(.venv/quant/bin/moeq build tiny | tail -n 1)" .h200/tiny
 [ -d .h200/tokenizer ] || .venv/quant/bin/python -c "from pathlib import Path; from moeq.quantize.shape import word_tokenizer; word_tokenizer(32000, Path('.h200/tokenizer'))"
 for model in qwen3moe mixtral olmoe deepseek-v2-lite; do
-  for scheme in bf16 fp8 w8a16 w4a16-gptq fp8-block fp8-static w8a8-int8; do  # plan.yaml's (w4a16-awq: the format and kernel of w4a16-gptq)
+  for scheme in bf16 fp8 w8a16 w4a16-gptq fp8-block fp8-static w8a8-int8; do  # plan.yaml's
     out=checkpoints/.shape-only/$model/$scheme
     [ -f $out/.moeq-complete ] || .venv/quant/bin/moeq shape $model $scheme $out >/dev/null
   done
