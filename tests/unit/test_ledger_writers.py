@@ -42,6 +42,22 @@ def test_merge_takes_missing_and_newer_cells_and_keeps_the_rest(tmp_path):
     assert main.merge(tmp_path / "gpu1.sqlite") == (0, 3)  # merging again changes nothing
 
 
+def test_merge_leaves_no_free_pages(tmp_path):
+    """Per-item scores replaced by a later copy's would leave free pages; the merged file is compacted."""
+    items = [("moeq_mc4", "acc", i, 1.0) for i in range(20000)]
+    main = Ledger(tmp_path / "main.sqlite")
+    main.add_settings("s1", {"llm": {}})
+    main.write(dict(KEY, provenance="real"), "accuracy", "moeq_mc4", [{"metric": "acc", "value": 1.0}], items)
+    time.sleep(1.1)
+    other = Ledger(tmp_path / "gpu1.sqlite")
+    other.add_settings("s1", {"llm": {}})
+    other.write(dict(KEY, provenance="real"), "accuracy", "moeq_mc4", [{"metric": "acc", "value": 0.5}], items[:10])
+    other.close()
+    assert main.merge(tmp_path / "gpu1.sqlite") == (1, 0)
+    assert main.db.execute("PRAGMA freelist_count").fetchone()[0] == 0
+    assert main.db.execute("SELECT COUNT(*) FROM items").fetchone()[0] == 10
+
+
 def test_merge_verb_refuses_a_missing_ledger(tmp_path):
     ledger_with(tmp_path / "main.sqlite", ["b1"]).close()
     out = subprocess.run([sys.executable, "-m", "moeq.cli", "ledger", "merge", "--ledger", str(tmp_path / "main.sqlite"),
