@@ -164,50 +164,55 @@ def job_for(target: Target, ledger: Path, settings: engine_settings.EngineSettin
 
 class EngineProcess:
     """One engine process, started under the run's own folder (its job file in a .job- folder that is
-    removed when it ends; a killed driver's is removed by the next run)."""
+    removed when it ends; a killed driver's is removed by the next run). An engine whose start was spoiled
+    by a neighbour (NEIGHBOUR_EXIT) is started once more; a second such start is a failure."""
 
-    def __init__(self, job: Job):
-        self.job = job
+    def __init__(self, job: Job, log=print):
+        self.job, self.log, self.restarted = job, log, False
         self.tmp = tempfile.TemporaryDirectory(prefix=".job-", dir=Path(job.ledger).parent)
         (Path(self.tmp.name) / "job.json").write_text(job_json(job))
-        self.proc = subprocess.Popen([sys.executable, "-m", "moeq.evaluate.engine", str(Path(self.tmp.name) / "job.json")],
-                                     env=engine_env() | {"MOEQ_DRIVER_PID": str(os.getpid())})
+        self.proc = self._start()
+
+    def _start(self):
+        return subprocess.Popen([sys.executable, "-m", "moeq.evaluate.engine", str(Path(self.tmp.name) / "job.json")],
+                                env=engine_env() | {"MOEQ_DRIVER_PID": str(os.getpid())})
+
+    def _restart_if_spoiled(self) -> bool:
+        if self.proc.returncode != NEIGHBOUR_EXIT or self.restarted:
+            return False
+        self.log(f"[eval] {self.job.model} / {self.job.scheme}: its start-up memory profile was spoiled by another "
+                 "process freeing GPU memory: starting it once more")
+        self.restarted, self.proc = True, self._start()
+        return True
 
     def done(self) -> bool:
-        return self.proc.poll() is not None
+        return self.proc.poll() is not None and not self._restart_if_spoiled()
 
     def wait(self) -> None:
         """Raises if the engine failed: UserError (stop the run) or RuntimeError (this target failed)."""
         try:
             rc = self.proc.wait()
+            while self._restart_if_spoiled():
+                rc = self.proc.wait()
         finally:
             self.tmp.cleanup()
         if rc == 2:  # the engine printed the reason (bad input, ledger not writable): stop the run
             raise UserError(f"the engine process for {self.job.model} / {self.job.scheme} stopped on the error above")
-        if rc == NEIGHBOUR_EXIT:
-            raise EngineStartRace(f"engine process for {self.job.model} / {self.job.scheme}: its start-up memory "
-                                  "profile was spoiled by another process freeing GPU memory")
         if rc != 0:
-            raise RuntimeError(f"engine process for {self.job.model} / {self.job.scheme} exited {rc}")
+            raise RuntimeError(f"engine process for {self.job.model} / {self.job.scheme} exited {rc}"
+                               + (": its start-up memory profile was spoiled twice by another process freeing GPU "
+                                  "memory" if rc == NEIGHBOUR_EXIT else ""))
 
     def stop(self) -> None:
-        if not self.done():
+        if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
         self.tmp.cleanup()
 
 
-class EngineStartRace(RuntimeError):
-    """The engine could not start for a neighbour's reason (NEIGHBOUR_EXIT): worth one more start."""
-
-
 def run_job(job: Job, log=print) -> None:
-    """Run one engine process to its end (once more after a start spoiled by a neighbour); raises if it fails."""
-    try:
-        EngineProcess(job).wait()
-    except EngineStartRace as e:
-        log(f"[eval] {e}: starting it once more")
-        EngineProcess(job).wait()
+    """Run one engine process to its end; raises if it fails."""
+    EngineProcess(job, log).wait()
 
 
 def accuracy_engines(gpu: bool, acc_settings) -> int:
@@ -349,7 +354,7 @@ def score_jobs(jobs, width: int, log=print) -> list[str]:
             for target, job, reason in jobs]
     jobs.sort(key=lambda j: j[2] is not None)  # those needing no copy first, while the copies are made
     copying = start_dequantizing([t.path for t, _, reason in jobs if reason])
-    failures, running, retried = [], [], []
+    failures, running = [], []
 
     def reap(block: bool):
         while running:
@@ -358,14 +363,6 @@ def score_jobs(jobs, width: int, log=print) -> list[str]:
                 running.remove(e)
                 try:
                     e.wait()
-                except EngineStartRace as err:
-                    if e.job in retried:
-                        log(f"[eval] ERROR: {err}")
-                        failures.append(str(err))
-                    else:
-                        log(f"[eval] {err}: starting it once more")
-                        retried.append(e.job)
-                        running.append(EngineProcess(e.job))
                 except RuntimeError as err:
                     log(f"[eval] ERROR: {err}")
                     failures.append(str(err))
@@ -387,7 +384,7 @@ def score_jobs(jobs, width: int, log=print) -> list[str]:
                 log(f"[eval] scoring {target.scheme} on decompressed BF16 weights instead")
             while len(running) >= width:
                 reap(block=True)
-            running.append(EngineProcess(job))
+            running.append(EngineProcess(job, log))
         while running:
             reap(block=True)
     finally:  # a user error (or Ctrl-C) stops the run: no engine goes on without its driver

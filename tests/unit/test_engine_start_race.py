@@ -1,54 +1,64 @@
 """An engine whose start-up memory profile a neighbour spoiled (vLLM: "Error in memory profiling", session 10's
 fp8-block accuracy engine beside a quantization that ended) starts once more; twice spoiled is a failure."""
+import json
+from pathlib import Path
+
 import pytest
 
 from moeq.evaluate import engine, run
 from moeq.evaluate.engine import Job
 
 
-class FakeEngine:
-    """Stands for the engine process: exits NEIGHBOUR_EXIT as often as told, then 0."""
+class FakePopen:
+    """Stands for the engine process the real EngineProcess starts: exits NEIGHBOUR_EXIT as often as told, then 0."""
     started = []
     spoiled = 0
 
-    def __init__(self, job):
-        self.job = job
-        FakeEngine.started.append(job.scheme)
+    def __init__(self, argv, env=None):
+        FakePopen.started.append(json.loads(Path(argv[-1]).read_text())["scheme"])
+        self.returncode = None
 
-    def done(self):
-        return True
+    def poll(self):
+        if self.returncode is None:
+            spoiled = FakePopen.spoiled > 0
+            FakePopen.spoiled -= spoiled
+            self.returncode = engine.NEIGHBOUR_EXIT if spoiled else 0
+        return self.returncode
 
     def wait(self):
-        if FakeEngine.spoiled:
-            FakeEngine.spoiled -= 1
-            raise run.EngineStartRace(f"engine process for {self.job.model} / {self.job.scheme}: spoiled")
+        return self.poll()
+
+    def kill(self):
+        pass
 
 
 @pytest.fixture
 def fake(monkeypatch):
-    monkeypatch.setattr(run, "EngineProcess", FakeEngine)
-    FakeEngine.started = []
-    return FakeEngine
+    monkeypatch.setattr(run.subprocess, "Popen", FakePopen)
+    FakePopen.started = []
+    return FakePopen
 
 
-def job(scheme):
-    return Job(model="tiny", scheme=scheme, path="/nowhere", ledger="/nowhere/l.sqlite", settings={})
+@pytest.fixture
+def job(tmp_path):
+    return lambda scheme: Job(model="tiny", scheme=scheme, path="/nowhere", ledger=str(tmp_path / "l.sqlite"),
+                              settings={})
 
 
-def test_a_spoiled_start_is_retried_once(fake):
+def test_a_spoiled_start_is_retried_once(fake, job):
     fake.spoiled = 1
     lines = []
     run.run_job(job("fp8-block"), log=lines.append)
     assert fake.started == ["fp8-block", "fp8-block"] and "starting it once more" in lines[0]
 
 
-def test_twice_spoiled_is_a_failure(fake):
+def test_twice_spoiled_is_a_failure(fake, job):
     fake.spoiled = 2
-    with pytest.raises(run.EngineStartRace):
+    with pytest.raises(RuntimeError, match="spoiled twice"):
         run.run_job(job("fp8-block"), log=lambda line: None)
 
 
-def test_accuracy_engines_retry_once_then_fail(fake):
+def test_accuracy_engines_retry_once_then_fail(fake, job):
     fake.spoiled = 1
     assert run.score_jobs([(None, job("fp8"), None), (None, job("w8a16"), None)], 1, log=lambda line: None) == []
     assert fake.started == ["fp8", "fp8", "w8a16"]
@@ -57,7 +67,7 @@ def test_accuracy_engines_retry_once_then_fail(fake):
     assert fake.started == ["fp8", "fp8"] and failures and "spoiled" in failures[0]
 
 
-def test_the_engine_exits_with_the_status_the_driver_retries(tmp_path, monkeypatch, capsys):
+def test_the_engine_exits_with_the_status_the_driver_retries(tmp_path, monkeypatch, capsys, job):
     (tmp_path / "job.json").write_text(engine.job_json(job("fp8-block")))
 
     def spoiled(job, log=print):
