@@ -162,14 +162,28 @@ def job_for(target: Target, ledger: Path, settings: engine_settings.EngineSettin
                recipe_sha=recipe.file_hash if recipe else None)
 
 
+def job_prefix(ledger) -> str:
+    """Job folders carry their ledger's name: the ledger's lock covers only its own runs, and streams of
+    one host keep ledgers side by side (ledger-g0.sqlite, ledger-g1.sqlite: session 11 had each stream
+    delete the other's live job folder as a dead run's)."""
+    return f".{Path(ledger).name}.job-"
+
+
+def remove_dead_jobs(ledger, log=print) -> None:
+    """Called holding the ledger's lock: a job folder of this ledger is then a killed driver's."""
+    for stale in Path(ledger).parent.glob(job_prefix(ledger) + "*"):
+        log(f"[eval] removing {stale} left by an interrupted run")
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 class EngineProcess:
-    """One engine process, started under the run's own folder (its job file in a .job- folder that is
-    removed when it ends; a killed driver's is removed by the next run). An engine whose start was spoiled
+    """One engine process, started under the run's own folder (its job file in a folder named after the
+    ledger, removed when it ends; a killed driver's is removed by the next run on that ledger). An engine whose start was spoiled
     by a neighbour (NEIGHBOUR_EXIT) is started once more; a second such start is a failure."""
 
     def __init__(self, job: Job, log=print):
         self.job, self.log, self.restarted = job, log, False
-        self.tmp = tempfile.TemporaryDirectory(prefix=".job-", dir=Path(job.ledger).parent)
+        self.tmp = tempfile.TemporaryDirectory(prefix=job_prefix(job.ledger), dir=Path(job.ledger).parent)
         (Path(self.tmp.name) / "job.json").write_text(job_json(job))
         self.proc = self._start()
 
@@ -310,9 +324,7 @@ def evaluate(models=None, schemes=None, tasks=None, batches=None, input_lens=(51
     failures = []
     with lock(Path(ledger)):
         Ledger(ledger).close()  # a garbage, unwritable or older-schema ledger is an error before any engine starts
-        for stale in Path(ledger).parent.glob(".job-*"):  # holding the lock, any job folder is a dead run's
-            log(f"[eval] removing {stale} left by an interrupted run")
-            shutil.rmtree(stale, ignore_errors=True)
+        remove_dead_jobs(ledger, log)
         scored = []  # (target, perf job) whose accuracy is still to score, once every perf engine has run
         for target in targets:
             perf_job = job_for(target, ledger, settings, cells, repeats, tasks, limit, force)

@@ -143,7 +143,7 @@ def test_killed_eval_resumes_without_remeasuring(tiny_model, tmp_path):
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
     after = perf_cells(ledger)
     assert set(after) == cells and all(after[cell] == created for cell, created in done.items())
-    assert not list(tmp_path.glob(".job-*")), "the interrupted runs' job folders were cleaned up"
+    assert not list(tmp_path.glob(".ledger.sqlite.job-*")), "the interrupted runs' job folders were cleaned up"
 
 
 class ScriptedLLM:

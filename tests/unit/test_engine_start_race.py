@@ -79,3 +79,17 @@ def test_the_engine_exits_with_the_status_the_driver_retries(tmp_path, monkeypat
         engine.main()
     assert exit_.value.code == engine.NEIGHBOUR_EXIT not in (0, 1, 2)
     assert "another process freed GPU memory" in capsys.readouterr().out
+
+
+def test_a_run_removes_only_its_own_ledgers_dead_jobs(fake, tmp_path):
+    """Two streams of one host keep ledgers side by side; each run's lock covers its own ledger only, so a
+    run must not take the other stream's live job folder for a dead run's (session 11's g0 and g1 did)."""
+    mine, other = tmp_path / "ledger-g0.sqlite", tmp_path / "ledger-g1.sqlite"
+    live = run.EngineProcess(Job(model="tiny", scheme="bf16", path="/nowhere", ledger=str(other), settings={}))
+    dead = Path(tmp_path / f"{run.job_prefix(mine)}killed")
+    dead.mkdir()
+    lines = []
+    run.remove_dead_jobs(mine, log=lines.append)
+    assert not dead.exists() and Path(live.tmp.name).is_dir() and len(lines) == 1
+    live.wait()
+    assert not Path(live.tmp.name).exists()
