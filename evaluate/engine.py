@@ -76,9 +76,19 @@ def device_name() -> tuple[str, str]:
     import torch
     if torch.cuda.is_available():
         return "vllm-cuda", torch.cuda.get_device_name(0)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "cpu")
-    return "vllm-cpu", f"cpu: {cpu} x{os.cpu_count()}"
+    return "vllm-cpu", f"cpu: {host_cpu()}"
+
+
+def host_cpu() -> str:
+    """The host's CPU model and core count: a GPU's small-batch rows are host-bound (vLLM's scheduling
+    in Python), so two hosts with one GPU model time them differently (sessions 10 and 11)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+               platform.processor() or "cpu")
+    return f"{cpu} x{os.cpu_count()}"
 
 
 def env_record(device: str) -> dict:
@@ -95,7 +105,8 @@ def env_record(device: str) -> dict:
         commit = None
     commit = commit or os.environ.get("MOEQ_GIT_COMMIT")  # a copy of the code outside its repository
     record = {"libraries": libs, "device": device, "python": platform.python_version(),
-              "platform": platform.platform(), "git_commit": commit, "ld_preload": os.environ.get("LD_PRELOAD")}
+              "platform": platform.platform(), "host_cpu": host_cpu(), "git_commit": commit,
+              "ld_preload": os.environ.get("LD_PRELOAD")}
     if os.environ.get("CUDA_VISIBLE_DEVICES"):  # which GPU of a several-GPU host measured the row
         record["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
     return record
