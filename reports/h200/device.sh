@@ -10,6 +10,7 @@
 #          | build=MODEL | wait=MODEL | outliers=MODEL | quantize=MODEL[/SCHEMES] | score=MODEL[/SCHEMES[/TASKS]]
 #          | detach=NAME (the steps after it, in the background) | collect=NAMES | fetch=MODEL/K | stash=MODEL | restore=MODEL
 #          | set=KEY=VALUE (for the steps after it, e.g. set=MOEQ_BATCH=none: accuracy only) | await=MODEL/SCHEMES
+#          | plan=h200/plan-topk-mixtral.yaml (the sweep plan of the sweep= steps after it)
 # Everything finished is copied to $OUT at exit, also after a timeout: the ledger gets one transaction
 # per cell, so a cut-off step loses only its cell in flight, and the next call resumes from the ledger.
 # On a host of several GPUs, streams run side by side, one per GPU, each with its own ledger copy, log
@@ -21,7 +22,7 @@ W=${MOEQ_DEVICE_DIR:-/tmp/h200}; OUT=${OUT:-$W/out}; TAG=${TAG:-}; mkdir -p "$W"
 export PYTHONPATH=/tmp/site:$W/pkg VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export MOEQ_CACHE=$W/cache CUDA_DEVICE_ORDER=PCI_BUS_ID  # CUDA's GPU numbers = NVML's (memory is read by NVML)
 SRC=${SRC:-.}  # the moeq that runs: the tree, or a clean `git archive` of a commit carried beside it:
-#   git archive HEAD core quantize evaluate recipes benchmarks reports/h200/device.sh reports/h200/plan.yaml reports/h200/plan-separate.yaml | tar x -C .h200/src
+#   git archive HEAD core quantize evaluate recipes benchmarks reports/h200/device.sh 'reports/h200*/plan*.yaml' | tar x -C .h200/src
 PLAN=$SRC/reports/h200/${PLANFILE:-plan.yaml} LEDGER=$W/ledger$TAG.sqlite CKPT=$W/checkpoints  # PLANFILE=plan-separate.yaml: another plan
 [ -f $LEDGER ] || [ ! -f $W/ledger.sqlite ] || cp $W/ledger.sqlite $LEDGER  # a new stream starts from the committed ledger
 # the ledger gzipped: with lm-eval's per-item scores it nears the 16 MiB a returned file may have (15 MiB in session 7)
@@ -76,6 +77,7 @@ step_install() {
     { rm -rf $W/pkg && mkdir -p $W/pkg && cp -r $SRC/core $W/pkg/moeq && (cd $SRC && cp -r quantize evaluate recipes $W/pkg/moeq/); }
   # carried paths are gone from the next call's copy of the repository: keep them under /tmp
   mkdir -p $CKPT && cp -r checkpoints/.shape-only $CKPT/ && cp -r .h200/tokenizer $W/tokenizer
+  mkdir -p $W/plans && (cd $SRC/reports && tar cf - h200*/plan*.yaml) | tar xf - -C $W/plans
   # tiny, built on a CPU and carried (.h200/tiny), only for build='s bits-per-byte comparison
   [ -d .h200/tiny ] && [ ! -d $MOEQ_CACHE/models/tiny ] && mkdir -p $MOEQ_CACHE/models && cp -r .h200/tiny $MOEQ_CACHE/models/
   # the committed ledger goes on: cells it already holds (same settings, same checkpoint) are skipped
@@ -93,6 +95,14 @@ step_install() {
 step_sweep() {  # sweep=qwen3moe,mixtral[/bf16,fp8]
   local models=${1%%/*} schemes=; [[ $1 == */* ]] && schemes="--schemes ${1#*/}"
   timeout $(left) python3 -m moeq.cli sweep $PLAN --models "$models" $schemes --ledger $LEDGER --checkpoints $CKPT 2>&1 | show
+}
+
+step_plan() {  # plan=h200/plan-topk-mixtral.yaml: a plan under reports/, for the sweep= steps after it
+  # install keeps every plan under $W/plans: a detached chain outlives the call's tree, where $SRC is
+  PLAN=$W/plans/$1; [ -f $PLAN ] || PLAN=$SRC/reports/$1
+  # a chain that went on would sweep the plan before it: stop it
+  [ -f $PLAN ] || { echo "plan=$1: no such plan; there are: $(cd $SRC/reports 2>/dev/null && ls h200*/plan*.yaml | tr '\n' ' ')"; exit 2; }
+  echo "plan: $PLAN"
 }
 
 step_restart() {  # restart=qwen3moe/bf16,fp8: a second engine start whose repeats join each cell's interval

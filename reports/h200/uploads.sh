@@ -38,6 +38,6 @@ for model in qwen3moe mixtral olmoe deepseek-v2-lite; do
   done
 done
 rm -rf .h200/src && mkdir -p .h200/src && git archive HEAD core quantize evaluate recipes benchmarks reports/h200/device.sh \
-  reports/h200/plan.yaml reports/h200/plan-separate.yaml | tar x -C .h200/src
+  'reports/h200*/plan*.yaml' | tar x -C .h200/src
 du -sh .device/p* .device/quant .device/eval .device/serve .device/humming .h200/* checkpoints/.shape-only | tr '\n' ' '; echo
 echo "tracked tree ${tree} MiB; commit $(git rev-parse HEAD) archived in .h200/src"

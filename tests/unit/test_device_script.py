@@ -135,3 +135,18 @@ def test_merge_back_unpacks_bundles_and_merges_their_ledgers(tmp_path):
     assert (tmp_path / ".h200/back/s0/g0/ledger-g0.sqlite").is_file() and (tmp_path / "reports/outliers/outliers-m.json").is_file()
     cells = Ledger(tmp_path / "reports/ledger.sqlite", readonly=True).db.execute("SELECT cell FROM results").fetchall()
     assert sorted(c[0] for c in cells) == ["b1", "b16"]
+
+
+def test_a_plan_step_finds_the_plan_install_kept_and_stops_the_chain_on_a_wrong_one(tmp_path):
+    """plan= picks the sweep plan of the steps after it; a detached chain outlives the call's tree, so the
+    plan install copied under $W/plans wins; a name that is no plan stops the chain, naming the plans."""
+    (tmp_path / "repo/reports/h200").mkdir(parents=True)
+    (tmp_path / "repo/reports/h200/plan-topk-mixtral.yaml").write_text("models: [mixtral]\n")
+    kept = tmp_path / "w/plans/h200/plan-fit.yaml"
+    kept.parent.mkdir(parents=True)
+    kept.write_text("models: [mixtral]\n")
+    r = device(tmp_path, "plan=h200/plan-fit.yaml", "plan=h200/plan-topk-mixtral.yaml")
+    assert f"plan: {kept}" in r.stdout and "plan: ./reports/h200/plan-topk-mixtral.yaml" in r.stdout, r.stdout + r.stderr
+    r = device(tmp_path, "plan=h200/plan-topk.yaml", "plan=h200/plan-fit.yaml")
+    assert r.returncode == 2 and "plan=h200/plan-topk.yaml: no such plan" in r.stdout
+    assert "h200/plan-topk-mixtral.yaml" in r.stdout and f"plan: {kept}" not in r.stdout
