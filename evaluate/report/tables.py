@@ -293,8 +293,8 @@ def grid_display(v, perf, acc, mem, groups) -> pd.DataFrame:
         shape = headline.modal_shape(gp)
         sweep = gp[(gp.input_len == shape[0]) & (gp.output_len == shape[1])] if shape else gp.iloc[:0]
         ends = sorted(sweep.batch.unique())[::max(1, len(sweep.batch.unique()) - 1)] if len(sweep) else []
-        for s in scheme_order(in_group(perf, gkey).scheme.tolist() + gm.index.tolist()):
-            row = {"Group": group_title(gkey), "Scheme": s}
+        for i, s in enumerate(scheme_order(in_group(perf, gkey).scheme.tolist() + gm.index.tolist())):
+            row = {"Group": "" if i else group_title(gkey), "Scheme": s}  # a group's title once, on its first row
             for end, b in zip(("smallest", "largest"), ends):
                 r = sweep[(sweep.scheme == s) & (sweep.batch == b)]
                 text = MISSING if r.empty else "baseline" if s == BASELINE else fmt_pct(
