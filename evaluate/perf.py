@@ -18,6 +18,8 @@ import zlib
 
 import numpy as np
 
+from moeq.evaluate import host
+
 
 def cell_name(batch: int, input_len: int, output_len: int) -> str:
     return f"b{batch}-i{input_len}-o{output_len}"
@@ -173,7 +175,7 @@ def run_cell(llm, batch: int, input_len: int, output_len: int, vocab: int, repea
             + (f", acceptance {spec['acceptance_rate'][-1]:.3f}" if speculating else ""))
     units = {"throughput": "tok/s", "output_throughput": "tok/s"}
     out = [summarize(m, units.get(m, "s"), v) for m, v in runs.items()] + [
-        {"metric": "warmup", "value": warmup, "unit": "s", "n": 1}]
+        {"metric": "warmup", "value": warmup, "unit": "s", "n": 1}] + host.activity()
     if speculating:
         out += [summarize("spec_acceptance_rate", "fraction", spec["acceptance_rate"]),
                 summarize("spec_acceptance_length", "tokens/step", spec["acceptance_length"])]

@@ -57,7 +57,11 @@ def test_baseline_perf_is_complete_and_sane(measured):
     perf = rows(ledger, "scheme = 'bf16' AND kind = 'perf'")
     cells = {r["cell"] for r in perf}
     assert cells == {"b1-i32-o8", "b4-i32-o8"}
+    assert {r["cell"] for r in perf if r["metric"] == "host_load"} == cells  # what else ran on the host (host.py)
     for r in perf:
+        if r["metric"] == "host_load":
+            assert r["n"] == 1 and r["value"] >= 0 and r["unit"] == "load/core"
+            continue
         assert r["value"] is not None and math.isfinite(r["value"]) and r["value"] > 0, r
         if r["metric"] != "warmup":  # the one untimed warm-up run per cell is kept for the harness cost
             assert r["n"] == 3 and r["spread"] is not None

@@ -21,7 +21,8 @@ from moeq.errors import UserError
 
 KEY = list(LEDGER_KEY)
 PERF_METRICS = ["throughput", "output_throughput", "latency", "ttft", "ttft_p50", "ttft_p99", "itl_mean", "itl_p50",
-                "itl_p99", "itl_request_p99", "warmup", "engine_starts", "spec_acceptance_rate", "spec_acceptance_length"]
+                "itl_p99", "itl_request_p99", "warmup", "engine_starts", "spec_acceptance_rate", "spec_acceptance_length",
+                "host_load", "busy_other_gpus"]
 MEMORY_METRICS = ["weights_bytes", "checkpoint_bytes", "peak_memory_bytes", "kv_cache_tokens",
                   "kv_bytes_per_token", "load_seconds"]
 ROOF_COLS = ["roofline", "routing", "throughput_ceiling", "pct_of_ceiling", "balanced_ceiling", "pct_of_balanced",

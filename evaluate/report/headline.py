@@ -205,6 +205,11 @@ def caveats(gkey: dict, perf: pd.DataFrame, settings: dict) -> list[str]:
             f"{s} (vLLM's {d} kernel)" if isinstance(d, str) else s for s, d in a16.items()))
     if perf.moe_kernel.isna().all():
         out.append("kernels not recorded")
+    if "busy_other_gpus" in perf and (perf.busy_other_gpus > 0).any():  # evaluate/host.py: why it matters
+        shared = perf[perf.busy_other_gpus > 0]
+        out.append(f"timed beside work on another GPU of the host: {len(shared)} of {perf.busy_other_gpus.notna().sum()} "
+                   f"cells ({', '.join(sorted(shared.scheme.unique()))}; host load up to "
+                   f"{shared.host_load.max():.2f} per core): small-batch rows and spreads are partly the neighbour's")
     return out
 
 
