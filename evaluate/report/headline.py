@@ -207,9 +207,10 @@ def caveats(gkey: dict, perf: pd.DataFrame, settings: dict) -> list[str]:
         out.append("kernels not recorded")
     if "busy_other_gpus" in perf and (perf.busy_other_gpus > 0).any():  # evaluate/host.py: why it matters
         shared = perf[perf.busy_other_gpus > 0]
+        load = f"; host load up to {shared.host_load.max():.2f} per core" if shared.host_load.notna().any() else ""
         out.append(f"timed beside work on another GPU of the host: {len(shared)} of {perf.busy_other_gpus.notna().sum()} "
-                   f"cells ({', '.join(sorted(shared.scheme.unique()))}; host load up to "
-                   f"{shared.host_load.max():.2f} per core): small-batch rows and spreads are partly the neighbour's")
+                   f"cells ({', '.join(sorted(shared.scheme.unique()))}{load}): small-batch rows and spreads are "
+                   "partly the neighbour's")
     return out
 
 

@@ -59,3 +59,6 @@ def test_the_group_caveat_names_the_cells_timed_beside_other_work():
     assert any(c.startswith("timed beside work on another GPU of the host: 1 of 2 cells (fp8; host load up to 1.30")
                for c in said), said
     assert not any("beside work" in c for c in headline.caveats(gkey, perf_rows([0.0, 0.0, 0.0]), settings))
+    unknown_load = perf_rows([1.0, 1.0, 0.0]).assign(host_load=float("nan"))  # known from a session's logs only
+    assert "timed beside work on another GPU of the host: 2 of 3 cells (bf16, fp8): small-batch" in "; ".join(
+        headline.caveats(gkey, unknown_load, settings))
