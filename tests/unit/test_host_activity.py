@@ -62,3 +62,17 @@ def test_the_group_caveat_names_the_cells_timed_beside_other_work():
     unknown_load = perf_rows([1.0, 1.0, 0.0]).assign(host_load=float("nan"))  # known from a session's logs only
     assert "timed beside work on another GPU of the host: 2 of 3 cells (bf16, fp8): small-batch" in "; ".join(
         headline.caveats(gkey, unknown_load, settings))
+
+
+def cell_rows(busy):
+    return pd.DataFrame({"cell": ["b1"] * 3, "scheme": ["bf16", "fp8", "w8a16"], "flag": [None] * 3,
+                         "delta_pct": [float("nan"), 20.0, 50.0], "delta_lo": [float("nan"), 10.0, 40.0],
+                         "delta_hi": [float("nan"), 30.0, 60.0], "busy_other_gpus": busy})
+
+
+def test_what_to_deploy_picks_no_scheme_from_a_timing_shared_with_another_gpu():
+    assert headline._pick(cell_rows([0.0, 0.0, 0.0]), "b1", ["fp8", "w8a16"])["scheme"] == "w8a16"
+    assert headline._pick(cell_rows([0.0, 0.0, 1.0]), "b1", ["fp8", "w8a16"])["scheme"] == "fp8"
+    pick = headline._pick(cell_rows([1.0, 1.0, 1.0]), "b1", ["fp8", "w8a16"])
+    assert pick["scheme"] is None and "bf16 was timed beside work on another GPU" in pick["why"]
+    assert headline._pick(cell_rows([0.0] * 3).drop(columns="busy_other_gpus"), "b1", ["fp8"])["scheme"] == "fp8"
