@@ -142,7 +142,8 @@ def perf_table(results: pd.DataFrame, mem: pd.DataFrame, settings: dict,
     probes = pd.DataFrame(columns=routing_load.COLUMNS) if probes is None else probes
     # a degenerate dummy router is the cause of any physics flag on its rows, so it is named first
     df["flag"] = ["; ".join(f for f in (routing_load.flag(r.model, r.scheme, r.provenance, routing_of(
-        settings, tuple(getattr(r, k) for k in KEY)), probes), physics_flag(r)) if f) or None for r in df.itertuples()]
+        settings, tuple(getattr(r, k) for k in KEY)), probes), physics_flag(r), shared_host_flag(r)) if f) or None
+                  for r in df.itertuples()]
     # a comparison is no better than its baseline: a flagged bf16 cell flags every scheme's delta in it
     base = df[df.scheme == BASELINE].set_index(GROUP + ["cell"]).flag.dropna()
     df["flag"] = [f if isinstance(f, str) or r.scheme == BASELINE or key not in base.index else f"baseline: {base[key]}"
@@ -216,6 +217,16 @@ def physics_flag(r) -> str | None:
     if r.scheme != BASELINE and pd.notna(bound) and pd.notna(r.delta_lo) and 1 + r.delta_lo / 100 > bound:
         return (f"speedup above what bytes and FLOPs allow ({bound:.2f}x): the baseline runs below its roofline, "
                 "so this measures kernel tuning, not quantization")
+    return None
+
+
+def shared_host_flag(r) -> str | None:
+    """A cell timed while another GPU of its host ran compute work (evaluate/host.py) shared the host's cores
+    with it: session 11's moe-500m cells, beside the other GPU's quantizations and lm-eval engines, spread
+    10-39% against 1.3-3.5% alone, and their b1 deltas (+28% to +51%) followed the order they were timed in."""
+    if pd.notna(r.busy_other_gpus) and r.busy_other_gpus > 0:
+        return (f"shared host: timed while {r.busy_other_gpus:.0f} other GPU(s) of the host ran compute work, so "
+                "the host's cores were shared and the timing is partly the neighbour's")
     return None
 
 

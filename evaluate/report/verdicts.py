@@ -30,8 +30,10 @@ RULES = {
                   "model, provenance, backend, device and engine settings; accuracy on shape-only weights; or a "
                   "scheme whose format is unknown (no recipe)",
     FLAGGED: "the cell fails a physics check (faster than the device's bytes and FLOPs allow, or a speedup larger "
-             "than the bytes and FLOPs of the two formats allow): a finding to explain, not evidence for or "
-             "against the claim; for a claim comparing variants of one model, also a cell on a device with no roofline",
+             "than the bytes and FLOPs of the two formats allow), is host-bound (under 1% of the roofline ceiling), "
+             "routes on a degenerate dummy router, or was timed while another GPU of its host ran compute work "
+             "(shared host): a finding to explain, not evidence for or against the claim; for a claim comparing "
+             "variants of one model, also a cell on a device with no roofline",
     "not testable as written": "the guide's recipe cannot run as written on the vLLM measured (its own error is "
                                "quoted); the nearest testable form is a claim of its own"}
 # A two-sided bound {within: [a, b]} (a recommended batch): holds if a <= lo and hi <= b, fails if hi < a or

@@ -6,7 +6,7 @@ import types
 import pandas as pd
 
 from moeq.evaluate import host
-from moeq.evaluate.report import headline
+from moeq.evaluate.report import build, headline
 
 
 class Handle:
@@ -64,15 +64,15 @@ def test_the_group_caveat_names_the_cells_timed_beside_other_work():
         headline.caveats(gkey, unknown_load, settings))
 
 
-def cell_rows(busy):
-    return pd.DataFrame({"cell": ["b1"] * 3, "scheme": ["bf16", "fp8", "w8a16"], "flag": [None] * 3,
-                         "delta_pct": [float("nan"), 20.0, 50.0], "delta_lo": [float("nan"), 10.0, 40.0],
-                         "delta_hi": [float("nan"), 30.0, 60.0], "busy_other_gpus": busy})
-
-
-def test_what_to_deploy_picks_no_scheme_from_a_timing_shared_with_another_gpu():
-    assert headline._pick(cell_rows([0.0, 0.0, 0.0]), "b1", ["fp8", "w8a16"])["scheme"] == "w8a16"
-    assert headline._pick(cell_rows([0.0, 0.0, 1.0]), "b1", ["fp8", "w8a16"])["scheme"] == "fp8"
-    pick = headline._pick(cell_rows([1.0, 1.0, 1.0]), "b1", ["fp8", "w8a16"])
-    assert pick["scheme"] is None and "bf16 was timed beside work on another GPU" in pick["why"]
-    assert headline._pick(cell_rows([0.0] * 3).drop(columns="busy_other_gpus"), "b1", ["fp8"])["scheme"] == "fp8"
+def test_a_cell_timed_beside_another_gpus_work_gets_no_verdict_and_no_pick():
+    """Its flag (build.shared_host_flag) takes the verdict and the deploy pick away, as a physics flag does;
+    a flagged bf16 cell flags every scheme's delta in it (build.perf_table)."""
+    row = lambda busy: types.SimpleNamespace(busy_other_gpus=busy)
+    assert build.shared_host_flag(row(1.0)).startswith("shared host: timed while 1 other GPU(s) of the host")
+    assert build.shared_host_flag(row(0.0)) is None and build.shared_host_flag(row(float("nan"))) is None
+    rows = pd.DataFrame({"cell": ["b1"] * 3, "scheme": ["bf16", "fp8", "w8a16"], "delta_pct": [float("nan"), 20.0, 50.0],
+                         "delta_lo": [float("nan"), 10.0, 40.0], "delta_hi": [float("nan"), 30.0, 60.0]})
+    flags = [build.shared_host_flag(row(b)) for b in (0.0, 0.0, 1.0)]
+    assert headline._pick(rows.assign(flag=flags), "b1", ["fp8", "w8a16"])["scheme"] == "fp8"
+    pick = headline._pick(rows.assign(flag=[build.shared_host_flag(row(1.0))] * 3), "b1", ["fp8", "w8a16"])
+    assert pick["scheme"] is None and pick["why"] == "no speed verdict: shared host"
