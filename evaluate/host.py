@@ -20,27 +20,26 @@ def host_cpu() -> str:
     return f"{cpu} x{os.cpu_count()}"
 
 
+def _handle(pynvml, name: str):
+    """NVML's handle of one CUDA_VISIBLE_DEVICES entry (an index or a UUID); None for an index NVML lacks."""
+    if name.startswith(("GPU-", "MIG-")):
+        return pynvml.nvmlDeviceGetHandleByUUID(name)
+    return pynvml.nvmlDeviceGetHandleByIndex(int(name)) if name.isdigit() and int(name) < pynvml.nvmlDeviceGetCount() else None
+
+
 def visible_gpu(pynvml):
     """NVML's handle of the first GPU this process sees. NVML numbers GPUs by PCI bus and ignores
     CUDA_VISIBLE_DEVICES, so index 0 would be another process's GPU when streams share a host."""
     first = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
-    if first.startswith(("GPU-", "MIG-")):
-        return pynvml.nvmlDeviceGetHandleByUUID(first)
-    return pynvml.nvmlDeviceGetHandleByIndex(int(first) if first.isdigit() else 0)
+    return _handle(pynvml, first if first.startswith(("GPU-", "MIG-")) or first.isdigit() else "0")
 
 
 def _own_gpus(pynvml) -> set[str]:
     """UUIDs of the GPUs this process may use (all of them when CUDA_VISIBLE_DEVICES is unset)."""
-    count = pynvml.nvmlDeviceGetCount()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    names = [v.strip() for v in visible.split(",") if v.strip()] if visible is not None else [str(i) for i in range(count)]
-    own = set()
-    for name in names:
-        handle = (pynvml.nvmlDeviceGetHandleByUUID(name) if name.startswith(("GPU-", "MIG-"))
-                  else pynvml.nvmlDeviceGetHandleByIndex(int(name)) if name.isdigit() and int(name) < count else None)
-        if handle is not None:
-            own.add(pynvml.nvmlDeviceGetUUID(handle))
-    return own
+    names = ([v.strip() for v in visible.split(",") if v.strip()] if visible is not None
+             else [str(i) for i in range(pynvml.nvmlDeviceGetCount())])
+    return {pynvml.nvmlDeviceGetUUID(h) for h in (_handle(pynvml, n) for n in names) if h is not None}
 
 
 def busy_other_gpus() -> int | None:

@@ -32,8 +32,9 @@ def test_only_the_other_gpus_busy_count(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", nvml(gpus))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
     assert host.busy_other_gpus() == 2  # a (a process) and c (utilization); b is the engine's own, d idle
+    assert host.visible_gpu(sys.modules["pynvml"]) is gpus[1]  # the GPU peak_memory reads
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a,GPU-c")  # a TP=2 engine: both its GPUs are its own
-    assert host.busy_other_gpus() == 1
+    assert host.busy_other_gpus() == 1 and host.visible_gpu(sys.modules["pynvml"]) is gpus[0]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")  # every GPU is the engine's
     assert host.busy_other_gpus() == 0
     rows = {r["metric"]: r for r in host.activity()}
