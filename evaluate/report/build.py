@@ -351,6 +351,13 @@ def _variant(v, settings: dict) -> str | None:
     return backend and f"{v.scheme} with moe_backend={backend}: {v.throughput:,.0f} tok/s ({v.moe_kernel}, {v.moe_config})"
 
 
+def host_labels(env: pd.DataFrame) -> dict:
+    """env id -> (platform, CPU) of the host that timed a cell: its OS and kernel build (H200 hosts were
+    fc-v657 or fc-v973) and, since H200 session 11, its CPU, so a comparison across hosts can say so."""
+    return {r.id: (json.loads(r.record).get("platform", "").split("-with-")[0], json.loads(r.record).get("host_cpu") or "")
+            for r in env.itertuples()}
+
+
 def scheme_formats(results: pd.DataFrame) -> dict:
     """scheme -> weight/activation type and bits: as the engine recorded it, else from the repository's
     recipe of that name (rows measured before formats were recorded), else unknown (None)."""
@@ -429,7 +436,9 @@ def build_report(ledger_path: Path, name: str = "default", out_root: Path = Path
     claims = verdicts.load_claims()
     mem = memory_table(results)
     probes = routing_load.read_probes(ledger_path.parent / "routing")  # `moeq routing --out routing/NAME.json`
-    perf = perf_table(results, mem, settings, probes)
+    hosts = host_labels(env)
+    perf = perf_table(results, mem, settings, probes).assign(host=lambda d: d.env_id.map(lambda i: hosts.get(i, ("", ""))[0]),
+                                                             host_cpu=lambda d: d.env_id.map(lambda i: hosts.get(i, ("", ""))[1]))
     scores = item_scores(items)
     acc = accuracy_table(results, scores, claims["accuracy_metrics"])
     status = results[(results.kind == "status") & (results.status == "unsupported")]
@@ -439,7 +448,7 @@ def build_report(ledger_path: Path, name: str = "default", out_root: Path = Path
     # the guide's other claims (issue 12): variants of one model against each other, batch sweeps, plans
     checkpoints = results.dropna(subset=["checkpoint"]).groupby(KEY).checkpoint.agg(set).to_dict()
     others = compare.comparison_table(claims, keys, perf, items, acc, mem, settings, model_configs(results), checkpoints,
-                                      read_benchmarks(ledger_path.parent / "benchmarks"))
+                                      read_benchmarks(ledger_path.parent / "benchmarks"), formats)
     columns = list(dict.fromkeys([*verdict.columns, *others.columns]))  # either may be empty
     verdict = pd.concat([d for d in (verdict, others) if len(d)] or [verdict], ignore_index=True).reindex(columns=columns)
     groups = [tuple(g) for g in keys[GROUP].drop_duplicates().itertuples(index=False)]

@@ -74,8 +74,10 @@ def coordinates(model: str, record: dict, facts: dict | None = None) -> dict:
 
 
 def kind(claim: dict) -> str:
-    """scheme (vs BF16, verdicts.py), compare, batch, benchmark (a JSON a script wrote beside the ledger), or
-    planned (no ledger quantity yet)."""
+    """scheme (vs BF16, verdicts.py), compare, batch, fit (an engine's memory at stated engine arguments),
+    benchmark (a JSON a script wrote beside the ledger), or planned (no ledger quantity yet)."""
+    if "fit" in claim:
+        return "fit"
     if "benchmark" in claim:
         return "benchmark"
     if "compare" in claim:
@@ -156,6 +158,29 @@ def _flag(r) -> str | None:
     return None
 
 
+def _kernel_difference(a, b) -> str | None:
+    """What differs between the two sides' MoE kernels, which is then part of the change: a variant with an
+    expert count vLLM has no tuned Triton config for (Mixtral with 4 or 2 experts on the H200) runs on the
+    default config while its reference runs on a tuned one."""
+    def tuned(x):
+        config = getattr(x, "moe_config", None)
+        return None if not isinstance(config, str) else "default" if config.startswith("default") else "tuned"
+    kernel = [getattr(x, "moe_kernel", None) for x in (a, b)]
+    if all(isinstance(k, str) for k in kernel) and kernel[0] != kernel[1]:
+        return f"MoE kernels differ: {kernel[0]} vs {kernel[1]}"
+    if None not in (tuned(a), tuned(b)) and tuned(a) != tuned(b):
+        return f"MoE Triton configs differ: {a.moe_config} vs {b.moe_config}"
+    return None
+
+
+def _host_difference(a, b) -> str | None:
+    """Two sides timed on different hosts (another session's machine): on the H200's real shapes one engine
+    config retimed on another day moved 0.4-1.1%, while host-bound cells moved far more between engines."""
+    differ = [f"{x} vs {y}" for x, y in (tuple(getattr(s, k, None) for s in (a, b)) for k in ("host", "host_cpu"))
+              if isinstance(x, str) and isinstance(y, str) and x and y and x != y]  # CPUs recorded since session 11
+    return f"timed on different hosts: {'; '.join(differ)}" if differ else None
+
+
 def _acceptance(row) -> str:
     rate, length = getattr(row, "spec_acceptance_rate", np.nan), getattr(row, "spec_acceptance_length", np.nan)
     return "" if pd.isna(rate) else f"; acceptance {rate:.3f} ({length:.2f} tokens per target step)"
@@ -177,7 +202,9 @@ def measured_pair(quantity: str, v, r, perf, items, acc, mem) -> list[dict]:
             a, b = pv.loc[cell], pr.loc[cell]
             point, lo, hi = verdicts.ratio_of_medians(*(verdicts.repeats_of(x.repeats, x.throughput) for x in (a, b)))
             flag = _flag(a) or _flag(b)
-            out.append({"cell": cell, "value": point, "lo": lo, "hi": hi} | ({"flag": flag, "note": flag} if flag else {}))
+            note = "; ".join(x for x in (flag, _kernel_difference(a, b), _host_difference(a, b)) if x)
+            out.append({"cell": cell, "value": point, "lo": lo, "hi": hi} | ({"flag": flag} if flag else {})
+                       | ({"note": note} if note else {}))
         return out
     if quantity == "accuracy_loss":
         out = []
@@ -270,6 +297,24 @@ def benchmark_rows(claim: dict, benchmarks: dict) -> list[dict]:
     return out
 
 
+def fit_rows(claim: dict, groups: pd.DataFrame, mem: pd.DataFrame, settings: dict, formats: dict) -> list[dict]:
+    """A fit claim (`fit:` engine arguments, e.g. KV for one 2k sequence and one sequence at a time; `covers:` as
+    a scheme claim's): per covered scheme, the device memory its engine held at exactly those arguments
+    (reports/h200/plan-fit.yaml), which is the smallest GPU it starts in, in GB (10^9 bytes): one exact reading."""
+    out = []
+    for _, g in groups.iterrows():
+        llm = (settings.get(g.settings) or {}).get("llm") or {}
+        if any(llm.get(k) != v for k, v in claim["fit"].items()) or not verdicts.covers(claim, formats.get(g.scheme), g.base):
+            continue
+        for r in _sel(mem, g).dropna(subset=["peak_memory_bytes"]).itertuples():
+            gb = r.peak_memory_bytes / 1e9
+            args = ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in claim["fit"].items())
+            out.append({**{c: g[c] for c in GROUP}, "scheme": g.scheme, "cell": "engine", "value": gb, "lo": gb, "hi": gb,
+                        "note": f"device memory in use by an engine with {args} ({r.peak_memory_source}); weights "
+                                f"{r.weights_bytes / 1e9:.1f} GB of it"})
+    return out
+
+
 def _row(claim: dict, **fields) -> dict:
     bound = claim.get("bound") or {}
     side = next(iter(bound), None)
@@ -280,8 +325,8 @@ def _row(claim: dict, **fields) -> dict:
             "unit": claim.get("unit", "%"), "plan": claim.get("plan"), **fields}
 
 
-def comparison_table(claims: dict, keys: pd.DataFrame, perf, items, acc, mem, settings: dict,
-                     configs: dict, checkpoints: dict | None = None, benchmarks: dict | None = None) -> pd.DataFrame:
+def comparison_table(claims: dict, keys: pd.DataFrame, perf, items, acc, mem, settings: dict, configs: dict,
+                     checkpoints: dict | None = None, benchmarks: dict | None = None, formats: dict | None = None) -> pd.DataFrame:
     """One row per claim x (variant, reference) pair x cell or task; claims nothing in this ledger speaks
     of yet get one row, `not measured` (with the plan that would measure them) or `not testable as written`."""
     groups = _group_table(keys, settings, configs, checkpoints or {})
@@ -293,6 +338,8 @@ def comparison_table(claims: dict, keys: pd.DataFrame, perf, items, acc, mem, se
         found = []
         if k == "benchmark":
             found = benchmark_rows(claim, benchmarks or {})
+        elif k == "fit":
+            found = fit_rows(claim, groups, mem, settings, formats or {})
         elif k == "compare":
             for v, r in pairs(groups, claim):
                 ref = f"{r.model} · settings {r.settings}" + (f" ({claim['compare']['axis']} {r[claim['compare']['axis']]})")

@@ -28,12 +28,29 @@ def group_key(row) -> tuple:
     return tuple(row[k] if isinstance(row, (dict, pd.Series)) else getattr(row, k) for k in GROUP)
 
 
-def headline_groups(keys: pd.DataFrame) -> list[tuple]:
-    """The groups the first screen speaks of: those measured at recorded settings; a ledger holding
-    only legacy rows (settings never recorded) speaks of those."""
+# Engine arguments that make a group a variant of issue 12's rather than a deployment: top-k or expert count
+# (hf_overrides), speculation; and a fit claim's arguments (claims.yaml `fit:`, a KV cache sized by hand).
+VARIANT_ARGS = ("hf_overrides", "speculative_config")
+
+
+def headline_groups(keys: pd.DataFrame, settings: dict | None = None, fits: list[dict] = ()) -> list[tuple]:
+    """The groups the first screen speaks of: those measured at recorded settings, not as a variant
+    (VARIANT_ARGS, `fits`: those are in "The guide's other claims") and holding a scheme besides bf16, else
+    those not measured as a variant, else every group at recorded settings; a ledger holding only legacy rows (settings never recorded)
+    speaks of those."""
     groups = [tuple(g) for g in keys[GROUP].drop_duplicates().itertuples(index=False)]
-    current = [g for g in groups if g[GROUP.index("settings")] != LEGACY]
-    return sorted(current or groups)
+    sid = GROUP.index("settings")
+    current = [g for g in groups if g[sid] != LEGACY]
+    llm = lambda g: ((settings or {}).get(g[sid]) or {}).get("llm") or {}
+    variant = lambda a: bool(set(a) & set(VARIANT_ARGS)) or any(all(a.get(k) == v for k, v in f.items()) for f in fits)
+    plain = [g for g in current if not variant(llm(g))]
+    return sorted(with_schemes(keys, plain) or plain or current or groups)
+
+
+def with_schemes(keys: pd.DataFrame, groups: list[tuple]) -> list[tuple]:
+    """The groups holding a scheme besides bf16: a group of bf16 alone has nothing to compare."""
+    compared = {tuple(g) for g in keys[keys.scheme != BASELINE][GROUP].itertuples(index=False)}
+    return [g for g in groups if g in compared]
 
 
 def modal_shape(perf: pd.DataFrame) -> tuple | None:

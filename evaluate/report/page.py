@@ -50,7 +50,7 @@ def device_body(device, groups, all_groups, tables_, claims, formats, folder) ->
             plots.memory(folder, stem, all_groups, mem), plots.accuracy(folder, stem, all_groups, acc, verdicts.scheme_claims(claims["claims"]), formats),
             plots.frontier(folder, stem, all_groups, perf)]
     out += [("h2", f"{device}: plots")] + [("img", *m) for m in made if m]
-    rest = [g for g in all_groups if g not in groups]
+    rest = headline.with_schemes(tables_["keys"], [g for g in all_groups if g not in groups])
     if rest:
         out.append(("h2", f"{device}: claims at other settings"))
         inner = [("table", tables.grid_display(v, perf, acc, mem, rest), f"{stem}-grid-other")] if groups else []
@@ -95,7 +95,7 @@ def group_details(g, tables_, unsupported, settings) -> tuple:
 
 def blocks(name, ledger_path, tables_, unsupported, env, settings, claims, formats, folder) -> list[tuple]:
     keys, found = tables_["keys"], tables_["findings"]
-    headline_groups = headline.headline_groups(keys)
+    headline_groups = headline.headline_groups(keys, settings, [c["fit"] for c in claims["claims"] if "fit" in c])
     devices = sorted(keys.device.unique(), key=lambda d: (not any(g[3] == d for g in headline_groups), d))
     out = [("h1", f"moeq report: {name}"),
            ("p", f"From `{ledger_path}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Changes are against "
@@ -140,8 +140,12 @@ def blocks(name, ledger_path, tables_, unsupported, env, settings, claims, forma
     out += [("h2", "Every table, per group"),
             ("p", "Per group: engine settings and caveats, a summary per scheme, every perf cell with its roofline "
                   "and flag, every accuracy task.")]
-    out += [group_details(tuple(g), tables_, unsupported, settings)
-            for g in keys[GROUP].drop_duplicates().sort_values(GROUP).itertuples(index=False)]
+    every = [tuple(g) for g in keys[GROUP].drop_duplicates().sort_values(GROUP).itertuples(index=False)]
+    out += [group_details(g, tables_, unsupported, settings) for g in every if g in headline_groups]
+    others = [group_details(g, tables_, unsupported, settings) for g in every if g not in headline_groups]
+    if others:  # one link, however many variants issue 12's plans add
+        out.append(("details", f"The {len(others)} other groups: variants (top-k, expert count, speculation, a "
+                               "fit claim's KV cache) and earlier settings", "other-groups", others))
     out += [("h2", "Every verdict"),
             ("details", "One row per claim × scheme × group × cell or task", "verdicts",
              [("table", tables.verdict_display(tables_["verdicts"]), "verdicts")])]

@@ -73,7 +73,7 @@ def baseline_first(df: pd.DataFrame, then: list[str], first: bool = False) -> pd
 
 
 def _measured(q, x, lo, hi, unit) -> str:
-    if q == "weights_gb":
+    if q in ("weights_gb", "min_gpu_memory_gb"):  # exact readings
         return fmt(x, ".1f", suffix=" GB")
     if q == "memory" or (q == "weights_change" and lo == hi):  # an exact count: no interval shown
         return fmt_pct(x, np.nan, np.nan)

@@ -69,7 +69,8 @@ AXES = ("top_k", "num_experts", "ffn_width", "keep", "speculation")
 
 def check_other_claim(c: dict, path):
     """A claim compared across variants of one model (`compare: {axis, variant, reference}`), about a batch
-    sweep (`batch: {share: 0.9}` or `{itl_p99_ms: x}`), or not yet measurable (`plan:` names what would
+    sweep (`batch: {share: 0.9}` or `{itl_p99_ms: x}`), about an engine's memory at stated engine arguments
+    (`fit: {kv_cache_memory_bytes: B, ...}` with `covers`), or not yet measurable (`plan:` names what would
     measure it; `not_testable: {reason, measured, nearest}` when the guide's recipe cannot run as written)."""
     problem = None
     bound = c.get("bound") or {}
@@ -81,6 +82,10 @@ def check_other_claim(c: dict, path):
         problem = "bound must be {min: x}, {max: x} or {within: [lo, hi]}"
     elif "compare" in c and (c["compare"].get("axis") not in AXES or {"variant", "reference"} - set(c["compare"])):
         problem = f"compare needs axis (one of {', '.join(AXES)}), variant and reference"
+    elif "fit" in c and (not isinstance(c["fit"], dict) or not c["fit"] or not isinstance(c.get("covers"), dict)
+                         or set(c["covers"]) - set(FORMAT_KEYS)):
+        problem = (f"fit needs engine arguments ({{kv_cache_memory_bytes: B, ...}}) and covers (keys among "
+                   f"{', '.join(FORMAT_KEYS)})")
     elif "benchmark" in c and {"file", "variant", "reference"} - set(c["benchmark"]):
         problem = "benchmark needs file (a JSON beside the ledger, under benchmarks/), variant and reference"
     elif "compare" not in c and "batch" not in c and not c.get("plan") and not c.get("not_testable"):

@@ -211,3 +211,62 @@ def test_two_settings_of_a_rebuilt_model_are_no_pair():
     same = compare.comparison_table(claims, keys, perf, items, acc, mem, settings, {}, {key("base"): {"a"}, key("k1"): {"a"}})
     rebuilt = compare.comparison_table(claims, keys, perf, items, acc, mem, settings, {}, {key("base"): {"a"}, key("k1"): {"b"}})
     assert set(same.verdict) == {verdicts.HOLDS} and list(rebuilt.verdict) == [verdicts.NOT_MEASURED]
+
+
+def test_fit_claim_reads_the_engine_memory_at_its_arguments_only():
+    fit = {"kv_cache_memory_bytes": 268435456, "max_num_seqs": 1}
+    keys, perf, items, acc, mem, settings = _frames({"defaults": {}, "fit": {}})
+    settings["fit"]["llm"] |= fit
+    keys = pd.concat([keys, keys.assign(scheme="w8a16")], ignore_index=True)
+    mem = pd.concat([mem.assign(peak_memory_bytes=[140e9, 95.75e9], peak_memory_source="nvml"),
+                     mem.assign(scheme="w8a16", peak_memory_bytes=[140e9, 50e9], peak_memory_source="nvml")])
+    formats = {"bf16": {"weight_type": "float", "weight_bits": 16}, "w8a16": {"weight_type": "int", "weight_bits": 8}}
+    claims = {"claims": [dict(c, models=["tiny"]) for c in verdicts.load_claims()["claims"]
+                         if c["id"] in ("mixtral-min-gpu-fp16", "mixtral-min-gpu-int8")]}
+    v = compare.comparison_table(claims, keys, perf, items, acc, mem, settings, {}, formats=formats).set_index("claim")
+    fp16, int8 = v.loc["mixtral-min-gpu-fp16"], v.loc["mixtral-min-gpu-int8"]
+    # the defaults' engine (KV filling the GPU) says nothing about the smallest GPU: only the fit settings count
+    assert (fp16.settings, fp16.scheme, fp16.value, fp16.verdict) == ("fit", "bf16", 95.75, verdicts.FAILS)
+    assert (int8.scheme, int8.value, int8.verdict) == ("w8a16", 50.0, verdicts.FAILS)
+    assert "kv_cache_memory_bytes=268,435,456" in fp16.note and "weights 1.0 GB" in fp16.note
+    bad = dict(claims["claims"][0], fit={})
+    with pytest.raises(UserError, match="fit needs"):
+        verdicts.check_other_claim(bad, "claims.yaml")
+
+
+def test_a_variant_on_another_moe_config_says_so():
+    keys, perf, items, acc, mem, settings = _frames({"base": {}, "k1": {"num_experts_per_tok": 1}})
+    perf["moe_kernel"] = "TRITON, TritonExperts"
+    perf["moe_config"] = np.where(perf.settings == "k1", "default (no tuned Triton config for this shape and device)",
+                                  "tuned: E=8,N=14336,device_name=NVIDIA_H200.json")
+    claims = {"claims": [c for c in verdicts.load_claims()["claims"] if c["id"] == "topk1-vs-top2"]}
+    v = compare.comparison_table(claims, keys, perf, items, acc, mem, settings, {})
+    assert set(v.verdict) == {verdicts.HOLDS}  # said beside the number, not a reason to withhold it
+    assert v.note.str.contains("MoE Triton configs differ: default").all()
+
+
+def test_a_reference_timed_on_another_host_says_so():
+    keys, perf, items, acc, mem, settings = _frames({"base": {}, "k1": {"num_experts_per_tok": 1}})
+    perf["host"] = np.where(perf.settings == "k1", "Linux-6.18.44-fc-v973-gpu-x86_64", "Linux-6.18.44-fc-v657-gpu-x86_64")
+    perf["host_cpu"] = np.where(perf.settings == "k1", "Intel(R) Xeon(R) Processor x16", "")  # not recorded then
+    claims = {"claims": [c for c in verdicts.load_claims()["claims"] if c["id"] == "topk1-vs-top2"]}
+    notes = compare.comparison_table(claims, keys, perf, items, acc, mem, settings, {}).note
+    assert notes.eq("timed on different hosts: Linux-6.18.44-fc-v973-gpu-x86_64 vs Linux-6.18.44-fc-v657-gpu-x86_64").all()
+    perf["host"] = "Linux-6.18.44-fc-v657-gpu-x86_64"  # one kernel build; a CPU on one side only is no difference
+    assert compare.comparison_table(claims, keys, perf, items, acc, mem, settings, {}).note.isna().all()
+
+
+def test_the_first_screen_leaves_variants_to_the_other_claims():
+    from moeq.evaluate.report import headline
+    g = lambda model, sid, scheme: {"model": model, "provenance": "shape-only", "backend": "vllm-cuda",
+                                    "device": "NVIDIA H200", "settings": sid, "scheme": scheme}
+    keys = pd.DataFrame([g("mixtral", "default", "bf16"), g("mixtral", "default", "fp8"), g("mixtral", "top1", "bf16"),
+                         g("mixtral", "fit", "bf16"), g("mixtral", "fit", "fp8"), g("mixtral", "legacy-v1", "fp8")])
+    settings = {"default": {"llm": {}}, "top1": {"llm": {"hf_overrides": {"num_experts_per_tok": 1}}},
+                "fit": {"llm": {"kv_cache_memory_bytes": 268435456, "max_num_seqs": 1}}}
+    fits = [c["fit"] for c in verdicts.load_claims()["claims"] if "fit" in c]
+    assert [x[-1] for x in headline.headline_groups(keys, settings, fits)] == ["default"]
+    assert [x[-1] for x in headline.headline_groups(keys, settings)] == ["default", "fit"]  # no fit claim: a group
+    # a ledger of variants alone (the CPU's issue-12 rows, bf16 only) still has a first screen: its plain groups
+    only_bf16 = keys[keys.scheme == "bf16"]
+    assert [x[-1] for x in headline.headline_groups(only_bf16, settings, fits)] == ["default"]
