@@ -32,7 +32,7 @@ def layouts(plan: dict, names=None) -> dict:
 
 
 def sweep(plan: dict, ledger: Path, checkpoints: Path, models=None, schemes=None, log=print,
-          layout_names=None) -> int:
+          layout_names=None, force=False) -> int:
     if unknown := set(plan) - PLAN_KEYS:
         raise UserError(f"plan key {sorted(unknown)[0]!r} is not one of {', '.join(sorted(PLAN_KEYS))}")
     rc = 0
@@ -53,5 +53,5 @@ def sweep(plan: dict, ledger: Path, checkpoints: Path, models=None, schemes=None
             engine_args=parallel.merge(args, {**(plan.get("engine_args") or {}), **extra}), weights=plan.get("weights", "dummy"),
             routing=plan.get("routing"), warmup_tokens=plan.get("warmup_tokens"),
             restarts=plan.get("restarts", 1), prompts=plan.get("prompts"), engine_process=plan.get("engine_process"),
-            log=log))
+            force=force, log=log))
     return rc

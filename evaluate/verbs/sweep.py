@@ -15,11 +15,13 @@ def add_args(p):
     p.add_argument("--schemes", help="comma list (default: the plan's)")
     p.add_argument("--restarts", type=positive_int, help="engine starts per target (default: the plan's)")
     p.add_argument("--layouts", help="comma list of the plan's layouts (default: every one, in order)")
+    p.add_argument("--force", action="store_true", help="re-measure what the ledger has (MOEQ_FORCE=1)")
     add_ledger_args(p)
 
 
 def run(args):
     import yaml
+    from moeq.env import env_flag
     from moeq.evaluate.sweep import sweep
     try:
         plan = yaml.safe_load(Path(args.plan).read_text())
@@ -30,4 +32,4 @@ def run(args):
     if args.restarts:
         plan["restarts"] = args.restarts
     return sweep(plan, Path(args.ledger), Path(args.checkpoints), csv(args.models), csv(args.schemes),
-                 layout_names=csv(args.layouts))
+                 layout_names=csv(args.layouts), force=args.force or env_flag("FORCE"))

@@ -216,3 +216,21 @@ def test_an_engine_on_two_gpus_is_held_to_two_gpus_physics():
     assert f2["itl_floor"] == pytest.approx(f1["itl_floor"] / 2)
     key = ("mixtral", "fp8", "shape-only", "vllm-cuda", "NVIDIA H200", "tp2")
     assert gpus_of({"tp2": {"gpus": 2}}, key) == 2 and gpus_of({"legacy": {}}, key[:-1] + ("legacy",)) == 1
+
+
+def test_sweep_force_re_measures_what_the_ledger_has(tmp_path, monkeypatch):
+    """`moeq sweep --force` (or MOEQ_FORCE=1) reaches every engine run of the plan, as `moeq eval --force`
+    does: a retime into a copy of the committed ledger (device.sh TAG=-host) must not skip its cells."""
+    import argparse
+    from moeq.evaluate.verbs import sweep as verb
+    seen = []
+    monkeypatch.setattr(sweep, "evaluate", lambda **kw: seen.append(kw["force"]) or 0)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("models: [mixtral]\nschemes: [bf16]\ncells: [[1, 512, 128]]\nvariants: {a: {}, b: {}}\n")
+    p = argparse.ArgumentParser()
+    verb.add_args(p)
+    monkeypatch.delenv("MOEQ_FORCE", raising=False)
+    assert verb.run(p.parse_args([str(plan)])) == 0 and seen == [False, False]
+    assert verb.run(p.parse_args([str(plan), "--force"])) == 0 and seen[2:] == [True, True]
+    monkeypatch.setenv("MOEQ_FORCE", "1")
+    assert verb.run(p.parse_args([str(plan)])) == 0 and seen[4:] == [True, True]
