@@ -61,26 +61,32 @@ def base_of(checkpoint) -> str | None:
     return checkpoint.split("+vllm:", 1)[0] if "+vllm:" in checkpoint else None
 
 
-def drop_other_builds(results: pd.DataFrame, items: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Rows measured on another build of a model than its group's newest bf16 row (an embedded model rebuilt
-    between sessions: each build is its own weights) pair with nothing, so they are left out, items
-    included; returned as (results, items, what was left out: group, scheme, cells, their build, bf16's)."""
-    none = pd.DataFrame(columns=GROUP + ["scheme", "build", "current", "cell"])
+def label_builds(results: pd.DataFrame, items: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """A model measured on more than one build (an embedded model rebuilt between sessions: GPU training is not
+    bitwise reproducible, so each build is other weights) carries its build in its rows' provenance ("real ·
+    build e358b9e1"): every build's rows stay in the report, each a group of its own, and nothing pairs across
+    them. A row that does not say its build (written before builds were recorded) belongs to its group's newest
+    bf16 build. Returns (results, items, one row per model and build: rows, first and last measured)."""
+    none = pd.DataFrame(columns=["model", "build", "provenance", "rows", "first", "last"])
     real = results[results.provenance == "real"].dropna(subset=["checkpoint"])
     newest = real[real.scheme == BASELINE].sort_values("created").groupby(GROUP).checkpoint.last()
     if newest.empty:
         return results, items, none
     row_base = real.checkpoint.where(real.scheme == BASELINE, real.checkpoint.map(base_of))
-    current = real[GROUP].join(newest.rename("current"), on=GROUP).current
-    stale = real.index[row_base.notna() & current.notna() & (row_base != current)]
-    if not len(stale):
+    build = row_base.fillna(real[GROUP].join(newest.rename("current"), on=GROUP).current).dropna()
+    several = build.groupby(real.model[build.index]).transform("nunique") > 1
+    build = build[several]
+    if build.empty:
         return results, items, none
-    gone = results.loc[stale].assign(build=row_base[stale], current=current[stale])
-    cells = gone[KEY + ["cell"]].drop_duplicates()
-    items = items.merge(cells.rename(columns={"cell": "task"}), on=KEY + ["task"], how="left", indicator=True)
-    items = items[items._merge == "left_only"].drop(columns="_merge")
-    left_out = gone.groupby(GROUP + ["scheme", "build", "current"]).cell.agg(lambda c: len(set(c))).reset_index()
-    return results.drop(index=stale), items, left_out
+    labelled = results.provenance[build.index] + " · build " + build.str[:8]
+    moved = results.loc[build.index, KEY + ["cell"]].assign(labelled=labelled).drop_duplicates(KEY + ["cell"])
+    results = results.copy()
+    results.loc[build.index, "provenance"] = labelled
+    items = items.merge(moved.rename(columns={"cell": "task"}), on=KEY + ["task"], how="left")
+    items = items.assign(provenance=items.labelled.fillna(items.provenance)).drop(columns="labelled")
+    table = (results.loc[build.index].assign(build=build).groupby(["model", "build", "provenance"])
+             .created.agg(rows="size", first="min", last="max").reset_index())
+    return results, items, table
 
 
 def with_baseline(df: pd.DataFrame, on: list[str], cols: list[str]) -> pd.DataFrame:
@@ -431,7 +437,7 @@ def build_report(ledger_path: Path, name: str = "default", out_root: Path = Path
         raise UserError(f"the report folder {final} holds the ledger {ledger_path}, and a report replaces its "
                         "folder whole: choose another --name or --out")
     results, items, env, settings = read_ledger(ledger_path)
-    results, items, other_builds = drop_other_builds(results, items)
+    results, items, builds_measured = label_builds(results, items)
     formats = scheme_formats(results)
     claims = verdicts.load_claims()
     mem = memory_table(results)
@@ -454,7 +460,7 @@ def build_report(ledger_path: Path, name: str = "default", out_root: Path = Path
     groups = [tuple(g) for g in keys[GROUP].drop_duplicates().itertuples(index=False)]
     tables = {"summary": headline.numbers(perf, acc, mem), "verdicts": verdict, "performance": perf, "accuracy": acc,
               "recovery": recovery_table(acc, scores), "outliers": read_outliers(ledger_path.parent / "outliers"),
-              "builds": read_builds(ledger_path.parent / "builds"), "other_builds": other_builds,
+              "builds": read_builds(ledger_path.parent / "builds"), "builds_measured": builds_measured,
               "routing": probes,
               "memory": mem, "findings": precision_findings(perf, formats, settings),
               "recommendations": headline.recommendations(verdict, perf, mem, keys, settings, groups), "keys": keys}

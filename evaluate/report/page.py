@@ -125,7 +125,7 @@ def blocks(name, ledger_path, tables_, unsupported, env, settings, claims, forma
                  [("table", tables.findings_display(found), "findings")])]
     out += anchors_section(tables_["anchors"], tables_["recovery"], tables_["anchor_notes"])
     out += outliers_section(tables_["outliers"], tables_["outliers_published"], tables_["builds"],
-                            tables_.get("other_builds", pd.DataFrame()))
+                            tables_.get("builds_measured", pd.DataFrame()))
     out += routing_section(tables_["routing"], tables_["performance"], keys, settings)
     out += [("h2", "The guide's other claims"),
             ("p", "Active experts, expert count, FFN width, pruning, batch size, speculative decoding, fused kernels and "
@@ -194,19 +194,18 @@ def builds_text(builds: pd.DataFrame) -> str:
     return "Trained by moeq (`builds/`, the builder's record): " + "; ".join(out) + ". " if out else ""
 
 
-def other_builds_text(left_out: pd.DataFrame) -> str:
-    """The rows left out because they measured another build of their model than its bf16 rows do."""
-    if left_out.empty:
+def several_builds_text(measured: pd.DataFrame) -> str:
+    """The models measured on more than one build: each build's rows are a group of their own."""
+    if measured.empty:
         return ""
-    parts = [f"{m}: {', '.join(f'{r.scheme} ({r.cell} cells)' for r in g.itertuples())} on build {g.build.iloc[0]}"
-             for m, g in left_out.groupby("model")]
-    return ("Left out of every table, having measured an earlier build of their model than its newest bf16 rows "
-            f"(builds are not bitwise reproducible, so nothing pairs across them): {'; '.join(parts)}; bf16 now "
-            f"measures {', '.join(sorted(set(left_out.current)))}. ")
+    parts = [f"{m}: " + ", ".join(f"{r.provenance} ({r.rows} rows, {str(r.first)[:10]} to {str(r.last)[:10]})"
+                                  for r in g.sort_values("first").itertuples()) for m, g in measured.groupby("model")]
+    return ("Measured on more than one build (builds are not bitwise reproducible, so each is other weights; every "
+            f"build's rows are kept as a group of their own and nothing pairs across them): {'; '.join(parts)}. ")
 
 
 def outliers_section(measured: pd.DataFrame, published: pd.DataFrame, builds: pd.DataFrame,
-                     left_out: pd.DataFrame = pd.DataFrame()) -> list[tuple]:
+                     several: pd.DataFrame = pd.DataFrame()) -> list[tuple]:
     """What the embedded models are, and their activation outliers and weight kurtosis beside published values
     for real LLMs."""
     lines = []
@@ -215,7 +214,7 @@ def outliers_section(measured: pd.DataFrame, published: pd.DataFrame, builds: pd
         top, kurt = act.loc[act["max"].idxmax()], wts.loc[wts["max"].idxmax()]
         lines.append(f"{model}: largest activation max/median {top['max']:,.0f} (layer {top.layer}, the input of "
                      f"{top.tensor}), largest weight kurtosis {kurt['max']:.2f} ({kurt.tensor}; a Gaussian's is 3)")
-    body = [("p", builds_text(builds) + other_builds_text(left_out)
+    body = [("p", builds_text(builds) + several_builds_text(several)
                   + "Quantization error in real LLMs comes largely from activation outliers that grow with scale. "
                   "Measured by `moeq outliers` on held-out text (files beside the ledger, `outliers/`): "
                   + ("; ".join(lines) + "." if lines else "nothing yet for this ledger's models.")

@@ -86,24 +86,36 @@ def test_published_anchors_are_consistent_and_name_moeq_schemes():
         assert o.source.startswith("https://") and o.quote and o.quantity and o.value, o.model
 
 
-def test_rows_of_an_earlier_build_pair_with_nothing():
-    from moeq.evaluate.report.build import drop_other_builds
-    from moeq.evaluate.report.page import other_builds_text
+def test_each_build_of_a_model_is_a_group_of_its_own():
+    from moeq.evaluate.report.build import label_builds
+    from moeq.evaluate.report.page import several_builds_text
     key = dict(model="moe-500m", provenance="real", backend="vllm-cuda", device="H200", settings="s")
-    rows = [  # session 7's build (old), then session 9's (new): bf16 accuracy rescored, fp8-online not
-        ("bf16", "b1", "old", "t1"), ("bf16", "moeq_xl", "new", "t3"), ("fp8-online", "moeq_xl", "old+vllm:fp8", "t2"),
-        ("fp8", "moeq_xl", "q2+from:new", "t4"), ("w8a16", "moeq_xl", "q1", "t2"),  # q1: written before builds were said
+    rows = [  # session 7's build (oldbuild1), then session 9's (newbuild): bf16 accuracy rescored, fp8-online not
+        ("bf16", "b1", "oldbuild1", "t1"), ("bf16", "moeq_xl", "newbuild", "t3"),
+        ("fp8-online", "moeq_xl", "oldbuild1+vllm:fp8", "t2"),
+        ("fp8", "moeq_xl", "q2+from:newbuild", "t4"), ("w8a16", "moeq_xl", "q1", "t2"),  # q1: written before builds were said
     ]
     results = pd.DataFrame([key | dict(scheme=s, kind="x", cell=c, metric="m", value=1.0, checkpoint=k, created=t)
                             for s, c, k, t in rows])
-    items = pd.DataFrame([key | dict(scheme=s, task=c, metric="m", item=0, value=1.0) for s, c, _, _ in rows])
-    kept, kept_items, left_out = drop_other_builds(results, items)
-    assert sorted(zip(kept.scheme, kept.cell)) == [("bf16", "moeq_xl"), ("fp8", "moeq_xl"), ("w8a16", "moeq_xl")]
-    assert sorted(kept_items.scheme) == ["bf16", "fp8", "w8a16"]
-    assert sorted(left_out.scheme) == ["bf16", "fp8-online"] and set(left_out.build) == {"old"}
-    assert "fp8-online (1 cells) on build old" in other_builds_text(left_out) and "measures new" in other_builds_text(left_out)
-    # one build only: nothing left out
-    assert drop_other_builds(kept, kept_items)[2].empty
+    tiny = pd.DataFrame([key | dict(model="tiny", scheme="bf16", kind="x", cell="b1", metric="m", value=1.0,
+                                    checkpoint="tinybuild", created="t1")])
+    results = pd.concat([results, tiny], ignore_index=True)
+    items = pd.DataFrame([dict(key, model=m) | dict(scheme=s, task=c, metric="m", item=0, value=1.0)
+                          for m, s, c in zip(results.model, results.scheme, results.cell)])
+    labelled, labelled_items, measured = label_builds(results, items)
+    prov = dict(zip(zip(labelled.model, labelled.scheme, labelled.cell), labelled.provenance))
+    old, new = "real · build oldbuild", "real · build newbuild"
+    assert prov == {("moe-500m", "bf16", "b1"): old, ("moe-500m", "fp8-online", "moeq_xl"): old,
+                    ("moe-500m", "bf16", "moeq_xl"): new, ("moe-500m", "fp8", "moeq_xl"): new,
+                    ("moe-500m", "w8a16", "moeq_xl"): new,  # says no build: its group's newest bf16
+                    ("tiny", "bf16", "b1"): "real"}  # one build: its provenance as it was
+    assert sorted(zip(labelled_items.model, labelled_items.scheme, labelled_items.provenance)) == sorted(
+        (m, s, prov[(m, s, c)]) for m, s, c in zip(results.model, results.scheme, results.cell))
+    assert sorted(measured.provenance) == [new, old] and list(measured.sort_values("first").rows) == [2, 3]
+    assert "real · build oldbuild (2 rows" in several_builds_text(measured)
+    # one build only: nothing relabelled
+    one = results[results.checkpoint.isin(["tinybuild"])]
+    assert label_builds(one, items)[2].empty
 
 
 def test_accuracy_rows_say_when_experts_ran_on_16_bit_activations():
