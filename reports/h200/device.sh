@@ -7,7 +7,8 @@
 #   bash reports/h200/device.sh STEP[=ARG] ...
 #   steps: chunk | install | sweep=MODELS[/SCHEMES] | variant=MODEL/SCHEME/KEY=VALUE | bench=MODEL/SCHEME/BATCH,...
 #          | harness=MODEL/SCHEME/BATCH | serve=MODEL/SCHEMES[/KEY=VALUE,...] | routing=MODEL/SCHEME,...
-#          | build=MODEL | wait=MODEL | outliers=MODEL | quantize=MODEL[/SCHEMES] | score=MODEL[/SCHEMES[/TASKS]]
+#          | build=MODEL | wait=MODEL | outliers=MODEL | quantize=MODEL[/SCHEMES] | prune=MODEL/KEEPS
+#          | score=MODEL[/SCHEMES[/TASKS]] (MODEL may be a pruned one: moe-500m-keep50)
 #          | detach=NAME (the steps after it, in the background) | collect=NAMES | fetch=MODEL/K | stash=MODEL | restore=MODEL
 #          | set=KEY=VALUE (for the steps after it, e.g. set=MOEQ_BATCH=none: accuracy only) | await=MODEL/SCHEMES
 #          | plan=h200/plan-topk-mixtral.yaml (the sweep plan of the sweep= steps after it)
@@ -193,11 +194,22 @@ step_quantize() {  # quantize=moe-500m[/fp8,w4a16-gptq]: default every scheme wi
   # each checkpoint's manifest (calibration, expert coverage, libraries, seconds) comes back in results.tar
   for m in $CKPT/$model/*/manifest.json; do [ -f $m ] && cp $m $W/quantize-$model-$(basename $(dirname $m)).json; done
 }
+step_prune() {  # prune=moe-500m/0.5,0.25: each layer's most-routed experts kept (quantize environment), into $CKPT/.pruned
+  local model keeps k; IFS=/ read -r model keeps <<< "$1"
+  [ -x $W/quant-python ] || { echo "no quantize environment: carry .device/quant in the install call"; return 1; }
+  freeze
+  for k in ${keeps//,/ }; do
+    HF_HUB_OFFLINE=1 timeout $(left) $W/quant-python -m moeq.cli prune --model $model --keep $k --out $CKPT 2>&1 | show
+  done
+  # each pruned model's manifest (kept experts and their share of routed tokens) comes back in results.tar
+  for m in $CKPT/.pruned/$model-keep*/manifest.json; do [ -f $m ] && cp $m $W/prune-$(basename $(dirname $m)).json; done
+}
 step_score() {  # score=moe-500m/bf16,fp8-online,fp8[/TASKS]: real weights, perf cells and lm-eval (default: moeq's tasks)
   # into the ledger; a scheme vLLM refuses is scored on its BF16 copy, made by the quantize environment
   # (MOEQ_BATCH=none: accuracy only, one engine per scheme instead of two: the lease's first pass;
   #  MOEQ_ONE_ENGINE=1: perf cells then tasks in one engine, moeq reads it as --one-engine: session 10's second pass)
   local model schemes tasks; IFS=/ read -r model schemes tasks <<< "$1"
+  [ -d $CKPT/.pruned/$model ] && model=$CKPT/.pruned/$model  # score=moe-500m-keep50/bf16: a model prune= wrote
   # (MOEQ_ENGINE_ARG=KEY=VALUE: one engine argument, e.g. moe_backend=humming; its rows form a settings group of their own)
   HF_HUB_OFFLINE=1 timeout $(left) python3 -m moeq.cli eval --model $model ${schemes:+--scheme $schemes} ${tasks:+--tasks $tasks} \
     ${MOEQ_BATCH:+--batch $MOEQ_BATCH} ${MOEQ_ENGINE_ARG:+--engine-arg $MOEQ_ENGINE_ARG} --ledger $LEDGER --checkpoints $CKPT 2>&1 | show

@@ -150,3 +150,26 @@ def test_a_plan_step_finds_the_plan_install_kept_and_stops_the_chain_on_a_wrong_
     r = device(tmp_path, "plan=h200/plan-topk.yaml", "plan=h200/plan-fit.yaml")
     assert r.returncode == 2 and "plan=h200/plan-topk.yaml: no such plan" in r.stdout
     assert "h200/plan-topk-mixtral.yaml" in r.stdout and f"plan: {kept}" not in r.stdout
+
+
+def test_prune_runs_in_the_quantize_environment_and_score_finds_the_pruned_model(tmp_path):
+    """prune=moe-500m/0.5,0.25 calls `moeq prune` once per fraction with the quantize environment's python;
+    score=moe-500m-keep50/bf16 then evaluates the folder prune wrote (a pruned model is not a registry name)."""
+    (tmp_path / "repo").mkdir()
+    w = tmp_path / "w"
+    (w / "pkg" / "moeq").mkdir(parents=True)  # freeze: moeq already frozen for the quantize environment
+    for name, where in (("quant-python", w), ("python3", tmp_path / "bin")):
+        where.mkdir(exist_ok=True)
+        (where / name).write_text(f'#!/bin/sh\necho "{name}: $*"\n')
+        (where / name).chmod(0o755)
+    path = f"{tmp_path / 'bin'}:{os.environ['PATH']}"
+    device(tmp_path, "prune=moe-500m/0.5,0.25", PATH=path)
+    log = (tmp_path / "io/device.log").read_text()
+    ckpt = w / "checkpoints"
+    assert f"quant-python: -m moeq.cli prune --model moe-500m --keep 0.5 --out {ckpt}" in log
+    assert f"quant-python: -m moeq.cli prune --model moe-500m --keep 0.25 --out {ckpt}" in log
+    (ckpt / ".pruned" / "moe-500m-keep50").mkdir(parents=True)
+    device(tmp_path, "score=moe-500m-keep50/bf16/moeq_xl", "score=moe-500m/bf16/moeq_xl", PATH=path)
+    log = (tmp_path / "io/device.log").read_text()
+    assert f"python3: -m moeq.cli eval --model {ckpt}/.pruned/moe-500m-keep50 --scheme bf16" in log
+    assert "python3: -m moeq.cli eval --model moe-500m --scheme bf16" in log
