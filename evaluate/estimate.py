@@ -15,7 +15,7 @@ from moeq.errors import UserError
 from moeq.evaluate import parallel
 from moeq.evaluate import settings as engine_settings
 from moeq.evaluate.perf import cell_name
-from moeq.evaluate.sweep import layouts
+from moeq.evaluate.sweep import layout_schemes, layouts
 
 GIB = 2**30
 
@@ -137,7 +137,7 @@ def estimate(plan: dict) -> str:
         profile = engine_settings.build(gpu=True, cells=cells, shape_only=plan.get("weights") == "dummy",
                                         user_args=llm, routing=plan.get("routing"), warmup_tokens=warm).profile
         for m, f in fs.items():
-            for s in plan["schemes"]:
+            for s in layout_schemes(plan, name, plan["schemes"]):
                 need = fewest[(m, s)]
                 if need is None or need > lay["gpus"]:
                     refused.append(f"- `{name}` {m} / {s}: weights need {need or '> 8'} GPUs, the layout has {lay['gpus']}")

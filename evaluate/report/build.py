@@ -13,7 +13,7 @@ import pandas as pd
 
 from moeq import roofline
 from moeq.evaluate import kernels
-from moeq.evaluate.report import compare, headline, render, routing_load, serving, verdicts
+from moeq.evaluate.report import compare, gpus, headline, render, routing_load, serving, verdicts
 from moeq.evaluate.ledger import KEY as LEDGER_KEY, LEGACY, LEGACY_RECORD
 from moeq.evaluate.report.verdicts import BASELINE, GROUP
 from moeq.atomic import staged_dir
@@ -463,7 +463,8 @@ def build_report(ledger_path: Path, name: str = "default", out_root: Path = Path
               "builds": read_builds(ledger_path.parent / "builds"), "builds_measured": builds_measured,
               "routing": probes,
               "memory": mem, "findings": precision_findings(perf, formats, settings),
-              "recommendations": headline.recommendations(verdict, perf, mem, keys, settings, groups), "keys": keys}
+              "recommendations": headline.recommendations(verdict, perf, mem, keys, settings, groups), "keys": keys,
+              "gpus_needed": gpus.table(perf, mem, settings)}
     anchors, published_outliers, tables["anchor_notes"] = anchors_table()
     tables |= {"anchors": anchors, "outliers_published": published_outliers}
     serve = serving.serve_table(results)  # issue 17: `moeq serve-bench` rows

@@ -37,6 +37,10 @@ for model in qwen3moe mixtral olmoe deepseek-v2-lite; do
     [ -f $out/.moeq-complete ] || .venv/quant/bin/moeq shape $model $scheme $out >/dev/null
   done
 done
+for scheme in bf16 fp8 w4a16-gptq; do  # reports/h200x2/plan-gpus-needed.yaml's
+  out=checkpoints/.shape-only/glm-4.5-air/$scheme
+  [ -f $out/.moeq-complete ] || .venv/quant/bin/moeq shape glm-4.5-air $scheme $out >/dev/null
+done
 rm -rf .h200/src && mkdir -p .h200/src && git archive HEAD core quantize evaluate recipes benchmarks reports/h200/device.sh \
   'reports/h200*/plan*.yaml' | tar x -C .h200/src
 du -sh .device/p* .device/quant .device/eval .device/serve .device/humming .h200/* checkpoints/.shape-only | tr '\n' ' '; echo

@@ -234,3 +234,63 @@ def test_sweep_force_re_measures_what_the_ledger_has(tmp_path, monkeypatch):
     assert verb.run(p.parse_args([str(plan), "--force"])) == 0 and seen[2:] == [True, True]
     monkeypatch.setenv("MOEQ_FORCE", "1")
     assert verb.run(p.parse_args([str(plan)])) == 0 and seen[4:] == [True, True]
+
+
+def test_a_layout_may_run_only_some_of_the_plans_schemes():
+    """What fits where: bf16 on two GPUs, the quantized schemes on one (issue 13's GPUs-needed plan)."""
+    plan = {"schemes": ["bf16", "fp8", "w4a16-gptq"],
+            "layouts": {"tp2": {"tp": 2, "schemes": ["bf16"]}, "1gpu": {"schemes": ["fp8", "w4a16-gptq"]}, "all": {}}}
+    assert sweep.layouts(plan) == {"tp2": {"tensor_parallel_size": 2}, "1gpu": {}, "all": {}}
+    assert sweep.layout_schemes(plan, "tp2", plan["schemes"]) == ["bf16"]
+    assert sweep.layout_schemes(plan, "1gpu", ["bf16", "fp8"]) == ["fp8"]  # --schemes narrows it further
+    assert sweep.layout_schemes(plan, "all", ["fp8"]) == ["fp8"]
+    bad = dict(plan, layouts={"tp2": {"tp": 2, "schemes": ["int3"]}})
+    with pytest.raises(UserError, match=r"layout 'tp2': scheme 'int3' is not one of the plan's \(bf16, fp8, w4a16-gptq\)"):
+        sweep.layout_schemes(bad, "tp2", plan["schemes"])
+
+
+def test_the_gpus_needed_plan_is_bf16_on_two_gpus_and_the_quantized_schemes_on_one():
+    """GLM-4.5-Air (registry config) needs two H200s in BF16 and fits one in fp8 or w4a16-gptq, by moeq
+    estimate's arithmetic; the committed dry plan is what estimate prints (its weights table)."""
+    from pathlib import Path
+    import yaml
+    from moeq.evaluate.estimate import estimate
+    root = Path(__file__).resolve().parents[2]
+    plan = yaml.safe_load((root / "reports/h200x2/plan-gpus-needed.yaml").read_text())
+    md = estimate(plan)
+    weights = lambda text: text.split("## Weights and where they fit")[1].split("## ")[0]
+    fewest = {row.split("|")[2].strip(): int(row.split("|")[5]) for row in weights(md).splitlines()
+              if row.startswith("| glm-4.5-air |")}
+    assert fewest == {"bf16": 2, "fp8": 1, "w4a16-gptq": 1}
+    assert "| tp2 | glm-4.5-air | bf16 | 2 |" in md and "| 1gpu | glm-4.5-air | fp8 | 1 |" in md
+    assert "| tp2 | glm-4.5-air | fp8" not in md and "| 1gpu | glm-4.5-air | bf16" not in md
+    assert weights(md) == weights((root / "reports/h200x2/PLAN-gpus-needed.md").read_text())
+
+
+def test_gpus_needed_pairs_a_scheme_on_fewer_gpus_with_bf16_on_more():
+    """fp8 on one GPU against bf16 with TP=2, same cells, settings equal apart from the layout; a group at
+    other settings (another routing) is no pair, nor is a scheme on as many GPUs as bf16."""
+    import pandas as pd
+    from moeq.evaluate.report import gpus
+    rec = lambda tp, routing="uniform_random": {
+        "gpus": tp, "layout": f"TP={tp}" if tp > 1 else "1 GPU", "routing": routing, "warmup_tokens": 16,
+        "llm": {"disable_log_stats": False, **({"tensor_parallel_size": tp} if tp > 1 else {})}}
+    settings = {"tp2": rec(2), "one": rec(1), "zipf": rec(1, "zipf:1.0")}
+    rows = []
+    for sid, scheme, tput in (("tp2", "bf16", 2000.0), ("one", "fp8", 1500.0), ("tp2", "fp8", 3000.0),
+                              ("zipf", "fp8", 9999.0)):
+        n = settings[sid]["gpus"]
+        rows.append({"model": "glm-4.5-air", "provenance": "shape-only", "backend": "vllm-cuda", "device": "NVIDIA H200",
+                     "settings": sid, "scheme": scheme, "cell": "b16-i512-o128", "batch": 16.0, "throughput": tput,
+                     "repeats": json.dumps([tput * 0.99, tput, tput * 1.01]), "gpus": n, "flag": None})
+    perf = pd.DataFrame(rows)
+    mem = perf[["model", "scheme", "provenance", "backend", "device", "settings"]].assign(
+        kv_cache_tokens=[400_000, 150_000, 500_000, 1])
+    t = gpus.table(perf, mem, settings)
+    assert len(t) == 1
+    r = t.iloc[0]
+    assert (r.scheme, r.gpus, r.bf16_gpus, r.gpus_saved, r.layout, r.bf16_layout) == ("fp8", 1, 2, 1, "1 GPU", "TP=2")
+    assert r.per_gpu_pct == pytest.approx(150.0) and r.per_gpu_lo < 150 < r.per_gpu_hi  # 1500/1 vs 2000/2
+    assert (r.kv_cache_tokens, r.bf16_kv_cache_tokens) == (150_000, 400_000)
+    assert gpus.sentences(t) == ["glm-4.5-air: fp8 on 1 GPU (1 GPU) saves 1 of bf16's 2 GPUs (TP=2) at this share of "
+                                 "bf16's throughput per GPU: b16: 150% [147, 153]"]
