@@ -87,6 +87,20 @@ def test_qwen3_235b_a22b(scheme, tmp_path):
     assert manifest["hub_id"] == "Qwen/Qwen3-235B-A22B" and manifest["full_precision_ragged_groups"] == {}
 
 
+def test_glm_4_5_air_needs_two_gpus_in_bf16(tmp_path):
+    """Issue 13's GPUs-needed model: its config (96 query / 8 KV heads, 128 experts of 1408 and a shared one, one
+    dense layer first), every MoE layer's router and lm_head in full precision, and the dense layer's
+    10944-wide down_proj too in w4a16-gptq (10944 is no multiple of 128), as DeepSeek-V2-Lite's."""
+    config = shape("glm-4.5-air", "w4a16-gptq", tmp_path)
+    assert (config["model_type"], config["num_attention_heads"], config["num_key_value_heads"],
+            config["moe_intermediate_size"], config["n_routed_experts"], config["first_k_dense_replace"]) == (
+        "glm4_moe", 96, 8, 1408, 128, 1)
+    assert config["quantization_config"]["ignore"] == [f"model.layers.{i}.mlp.gate" for i in range(1, 46)] + [
+        "lm_head", "model.layers.0.mlp.down_proj"]
+    manifest = read_json(tmp_path / "glm-4.5-air" / "w4a16-gptq" / "manifest.json")
+    assert manifest["hub_id"] == "zai-org/GLM-4.5-Air"
+
+
 def test_routing_probe_names_an_unknown_routing_before_any_engine():
     from conftest import serve_moeq
     proc = serve_moeq("routing", "some/ckpt:dummy:uniform:l4", check=False, timeout=300)
