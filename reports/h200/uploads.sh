@@ -37,9 +37,10 @@ for model in qwen3moe mixtral olmoe deepseek-v2-lite; do
     [ -f $out/.moeq-complete ] || .venv/quant/bin/moeq shape $model $scheme $out >/dev/null
   done
 done
-for scheme in bf16 fp8 w4a16-gptq; do  # reports/h200x2/plan-gpus-needed.yaml's
-  out=checkpoints/.shape-only/glm-4.5-air/$scheme
-  [ -f $out/.moeq-complete ] || .venv/quant/bin/moeq shape glm-4.5-air $scheme $out >/dev/null
+for shape in glm-4.5-air/bf16 glm-4.5-air/fp8 glm-4.5-air/w4a16-gptq \
+    qwen3-235b-a22b/bf16 qwen3-235b-a22b/fp8 qwen3-235b-a22b/fp8-block qwen3-235b-a22b/w4a16-gptq; do  # h200x2, h200x4 plans
+  out=checkpoints/.shape-only/$shape
+  [ -f $out/.moeq-complete ] || .venv/quant/bin/moeq shape ${shape%/*} ${shape#*/} $out >/dev/null
 done
 rm -rf .h200/src && mkdir -p .h200/src && git archive HEAD core quantize evaluate recipes benchmarks reports/h200/device.sh \
   'reports/h200*/plan*.yaml' | tar x -C .h200/src
