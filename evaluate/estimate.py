@@ -125,7 +125,7 @@ def estimate(plan: dict) -> str:
               "| layout | model | scheme | GPUs | engine s | cells s | source | call |",
               "| --- | --- | --- | ---: | ---: | ---: | --- | ---: |"]
     calls, used, total = 1, 0.0, 0.0
-    refused = []
+    refused, kv_bound = [], []
     for name, args in layouts(plan).items():
         llm = dict(plan.get("engine_args") or {}, **args)
         lay = parallel.layout(llm)
@@ -151,6 +151,12 @@ def estimate(plan: dict) -> str:
                 if lay["gpus"] == 1 and profile == est.get("reference", {}).get("settings") and all(measured):
                     lines.append(f"| {name} | {m} | {s} | 1 | 0 | 0 | in the reference ledger | |")
                     continue
+                kv_left = mem * lay["gpus"] - weight_bytes(f, s)
+                for b, i, o in cells:
+                    if b * (i + o) * f["kv_bytes_per_token"] > kv_left:
+                        kv_bound.append(f"- `{name}` {m} / {s} at b{b} ({i} in, {o} out): {b * (i + o):,} tokens of "
+                                        f"KV, about {max(kv_left, 0) / f['kv_bytes_per_token']:,.0f} fit; vLLM queues "
+                                        "the rest, so the cell times a KV-bound engine")
                 cell_s, sources = 0.0, set()
                 for (b, i, o), lat in zip(cells, measured):
                     if lat is None:
@@ -179,6 +185,8 @@ def estimate(plan: dict) -> str:
     lines += ["", f"Engines: {total:.0f} s in {calls} device call(s) of at most {limit} s each, plus set-up "
               f"(machine start, wheel upload and install: {setup} s, from the H200 sessions' calls.yaml): "
               f"**{(total + setup) / 60:.1f} min of device time expected**.", ""]
+    if kv_bound:
+        lines += ["## Cells whose KV does not fit at once", "", *kv_bound, ""]
     if refused:
         lines += ["## Not in the plan's device time", "", *refused, ""]
     return "\n".join(lines)
