@@ -79,6 +79,9 @@ step_install() {
   # carried paths are gone from the next call's copy of the repository: keep them under /tmp
   mkdir -p $CKPT && cp -r checkpoints/.shape-only $CKPT/ && cp -r .h200/tokenizer $W/tokenizer
   mkdir -p $W/plans && (cd $SRC/reports && tar cf - h200*/plan*.yaml) | tar xf - -C $W/plans
+  # and this script: a later call that carries nothing runs `bash /tmp/h200/device.sh ...` (session 12 lost six
+  # calls naming a .h200/src they did not carry)
+  cp -f $0 $W/device.sh
   # tiny, built on a CPU and carried (.h200/tiny), only for build='s bits-per-byte comparison
   [ -d .h200/tiny ] && [ ! -d $MOEQ_CACHE/models/tiny ] && mkdir -p $MOEQ_CACHE/models && cp -r .h200/tiny $MOEQ_CACHE/models/
   # the committed ledger goes on: cells it already holds (same settings, same checkpoint) are skipped
