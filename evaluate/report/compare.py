@@ -158,6 +158,14 @@ def _flag(r) -> str | None:
     return None
 
 
+def _bytes_allow(a, b) -> str | None:
+    """The change the two sides' roofline ceilings allow (bytes and FLOPs per step, top-k and expert count
+    as overridden): the guide's "+50-80% for one expert" is this ratio at batch 1, what vLLM delivers the
+    measured one."""
+    ca, cb = (getattr(x, "throughput_ceiling", np.nan) for x in (a, b))
+    return f"the roofline allows {100 * (ca / cb - 1):+.0f}%" if pd.notna(ca) and pd.notna(cb) and cb > 0 else None
+
+
 def _kernel_difference(a, b) -> str | None:
     """What differs between the two sides' MoE kernels, which is then part of the change: a variant with an
     expert count vLLM has no tuned Triton config for (Mixtral with 4 or 2 experts on the H200) runs on the
@@ -202,7 +210,7 @@ def measured_pair(quantity: str, v, r, perf, items, acc, mem) -> list[dict]:
             a, b = pv.loc[cell], pr.loc[cell]
             point, lo, hi = verdicts.ratio_of_medians(*(verdicts.repeats_of(x.repeats, x.throughput) for x in (a, b)))
             flag = _flag(a) or _flag(b)
-            note = "; ".join(x for x in (flag, _kernel_difference(a, b), _host_difference(a, b)) if x)
+            note = "; ".join(x for x in (flag, _bytes_allow(a, b), _kernel_difference(a, b), _host_difference(a, b)) if x)
             out.append({"cell": cell, "value": point, "lo": lo, "hi": hi} | ({"flag": flag} if flag else {})
                        | ({"note": note} if note else {}))
         return out

@@ -270,3 +270,11 @@ def test_the_first_screen_leaves_variants_to_the_other_claims():
     # a ledger of variants alone (the CPU's issue-12 rows, bf16 only) still has a first screen: its plain groups
     only_bf16 = keys[keys.scheme == "bf16"]
     assert [x[-1] for x in headline.headline_groups(only_bf16, settings, fits)] == ["default"]
+
+
+def test_a_variant_pair_says_what_the_roofline_allows():
+    keys, perf, items, acc, mem, settings = _frames({"base": {}, "k1": {"num_experts_per_tok": 1}})
+    perf["throughput_ceiling"] = np.where(perf.settings == "k1", 1750.0, 1000.0)  # Mixtral b1: top-1 reads ~57%
+    claims = {"claims": [c for c in verdicts.load_claims()["claims"] if c["id"] == "topk1-vs-top2"]}
+    v = compare.comparison_table(claims, keys, perf, items, acc, mem, settings, {})
+    assert v.note.eq("the roofline allows +75%").all() and np.allclose(v.value, 60.0)
