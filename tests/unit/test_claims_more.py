@@ -24,7 +24,7 @@ GUIDE = {  # the issue's eight claims -> the entries that carry them
     "speculative decoding": ["spec-speedup", "spec-draft-size"],
     "fused kernels": ["fused-v2-block-manager", "fused-kernel-throughput"],
     "single gpu": ["mixtral-fp16-48gb", "mixtral-int8-24gb", "mixtral-min-gpu-fp16", "mixtral-min-gpu-int8",
-                   "mixtral-awq-fits"],
+                   "mixtral-awq-fits", "mixtral-min-gpu-int4"],
 }
 
 
@@ -58,6 +58,25 @@ def test_use_v2_block_manager_answer_is_what_vllm_says():
     with pytest.raises(TypeError) as e:
         EngineArgs(model="x", use_v2_block_manager=True)
     assert str(e.value) in claim["not_testable"]["measured"]
+
+
+def test_quantization_awq_answer_is_what_vllm_says(tmp_path):
+    """The guide's quantization="awq" on a compressed-tensors checkpoint (moeq's AWQ output): vLLM refuses it
+    while validating the config, before any weight or device is touched, so the CPU build's answer is the
+    GPU build's; if a vLLM ever accepts it, this fails and the claim must be measured instead."""
+    pytest.importorskip("vllm")
+    from moeq import registry
+    from vllm.engine.arg_utils import EngineArgs
+    claim = next(c for c in verdicts.load_claims()["claims"] if c["id"] == "mixtral-awq-fits")
+    config = dict(registry.registry()["tiny"]["config"], architectures=["MixtralForCausalLM"],
+                  quantization_config={"quant_method": "compressed-tensors"})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Exception) as e:
+        EngineArgs(model=str(tmp_path), quantization="awq", gpu_memory_utilization=0.95, max_num_seqs=32,
+                   load_format="dummy", skip_tokenizer_init=True).create_engine_config()
+    said = "Quantization method specified in the model config (compressed-tensors) does not match the quantization " \
+           "method specified in the `quantization` argument (awq)."
+    assert said in str(e.value) and said in claim["not_testable"]["measured"]
 
 
 def test_pruned_names_round_trip():
