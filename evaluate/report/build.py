@@ -357,11 +357,12 @@ def _variant(v, settings: dict) -> str | None:
     return backend and f"{v.scheme} with moe_backend={backend}: {v.throughput:,.0f} tok/s ({v.moe_kernel}, {v.moe_config})"
 
 
-def host_labels(env: pd.DataFrame) -> dict:
-    """env id -> (platform, CPU) of the host that timed a cell: its OS and kernel build (H200 hosts were
-    fc-v657 or fc-v973) and, since H200 session 11, its CPU, so a comparison across hosts can say so."""
-    return {r.id: (json.loads(r.record).get("platform", "").split("-with-")[0], json.loads(r.record).get("host_cpu") or "")
-            for r in env.itertuples()}
+def host_labels(env: pd.DataFrame) -> pd.DataFrame:
+    """By env id: the host that timed a cell, its OS and kernel build (`host`; H200 hosts were fc-v657 or
+    fc-v973) and, since H200 session 11, its CPU (`host_cpu`), so a comparison across hosts can say so."""
+    records = [json.loads(r) for r in env.record]
+    return pd.DataFrame({"host": [r.get("platform", "").split("-with-")[0] for r in records],
+                         "host_cpu": [r.get("host_cpu") or "" for r in records]}, index=env.id.rename("env_id"))
 
 
 def scheme_formats(results: pd.DataFrame) -> dict:
@@ -442,9 +443,7 @@ def build_report(ledger_path: Path, name: str = "default", out_root: Path = Path
     claims = verdicts.load_claims()
     mem = memory_table(results)
     probes = routing_load.read_probes(ledger_path.parent / "routing")  # `moeq routing --out routing/NAME.json`
-    hosts = host_labels(env)
-    perf = perf_table(results, mem, settings, probes).assign(host=lambda d: d.env_id.map(lambda i: hosts.get(i, ("", ""))[0]),
-                                                             host_cpu=lambda d: d.env_id.map(lambda i: hosts.get(i, ("", ""))[1]))
+    perf = perf_table(results, mem, settings, probes).join(host_labels(env), on="env_id")
     scores = item_scores(items)
     acc = accuracy_table(results, scores, claims["accuracy_metrics"])
     status = results[(results.kind == "status") & (results.status == "unsupported")]

@@ -310,13 +310,13 @@ def fit_rows(claim: dict, groups: pd.DataFrame, mem: pd.DataFrame, settings: dic
     a scheme claim's): per covered scheme, the device memory its engine held at exactly those arguments
     (reports/h200/plan-fit.yaml), which is the smallest GPU it starts in, in GB (10^9 bytes): one exact reading."""
     out = []
+    args = ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in claim["fit"].items())
     for _, g in groups.iterrows():
         llm = (settings.get(g.settings) or {}).get("llm") or {}
         if any(llm.get(k) != v for k, v in claim["fit"].items()) or not verdicts.covers(claim, formats.get(g.scheme), g.base):
             continue
         for r in _sel(mem, g).dropna(subset=["peak_memory_bytes"]).itertuples():
             gb = r.peak_memory_bytes / 1e9
-            args = ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in claim["fit"].items())
             out.append({**{c: g[c] for c in GROUP}, "scheme": g.scheme, "cell": "engine", "value": gb, "lo": gb, "hi": gb,
                         "note": f"device memory in use by an engine with {args} ({r.peak_memory_source}); weights "
                                 f"{r.weights_bytes / 1e9:.1f} GB of it"})

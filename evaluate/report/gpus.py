@@ -7,10 +7,12 @@ import json
 import numpy as np
 import pandas as pd
 
+from moeq.evaluate import parallel
 from moeq.evaluate.report import verdicts
+from moeq.evaluate.report.tables import fmt_rate
 from moeq.evaluate.report.verdicts import BASELINE
 
-LAYOUT_ARGS = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "enable_expert_parallel")
+LAYOUT_ARGS = {arg for arg, _ in parallel.FLAGS.values()}  # tensor_parallel_size, enable_expert_parallel, ...
 COLUMNS = ["model", "provenance", "backend", "device", "scheme", "gpus", "layout", "settings", "bf16_gpus",
            "bf16_layout", "bf16_settings", "gpus_saved", "cell", "batch", "throughput_per_gpu", "bf16_throughput_per_gpu",
            "per_gpu_pct", "per_gpu_lo", "per_gpu_hi", "kv_cache_tokens", "bf16_kv_cache_tokens", "flag"]
@@ -72,11 +74,10 @@ def sentences(t: pd.DataFrame) -> list[str]:
 
 
 def display(t: pd.DataFrame) -> pd.DataFrame:
-    rate = lambda x: f"{x:,.0f}"
     return pd.DataFrame({
         "Model": t.model, "Scheme": t.scheme, "GPUs (bf16's)": [f"{a} ({b})" for a, b in zip(t.gpus, t.bf16_gpus)],
         "Layout (bf16's)": [f"{a} ({b})" for a, b in zip(t.layout, t.bf16_layout)], "Cell": t.cell,
-        "tok/s per GPU (bf16's)": [f"{rate(a)} ({rate(b)})" for a, b in zip(t.throughput_per_gpu, t.bf16_throughput_per_gpu)],
+        "tok/s per GPU (bf16's)": [f"{fmt_rate(a)} ({fmt_rate(b)})" for a, b in zip(t.throughput_per_gpu, t.bf16_throughput_per_gpu)],
         "Per GPU vs bf16 [95% CI]": [f"{p:.0f}% [{lo:.0f}, {hi:.0f}]" for p, lo, hi in zip(t.per_gpu_pct, t.per_gpu_lo, t.per_gpu_hi)],
         "KV tokens (bf16's)": [f"{a:,.0f} ({b:,.0f})" if pd.notna(a) and pd.notna(b) else "—"
                                for a, b in zip(t.kv_cache_tokens, t.bf16_kv_cache_tokens)],

@@ -36,8 +36,8 @@ VARIANT_ARGS = ("hf_overrides", "speculative_config")
 def headline_groups(keys: pd.DataFrame, settings: dict | None = None, fits: list[dict] = ()) -> list[tuple]:
     """The groups the first screen speaks of: those measured at recorded settings, not as a variant
     (VARIANT_ARGS, `fits`: those are in "The guide's other claims") and holding a scheme besides bf16, else
-    those not measured as a variant, else every group at recorded settings; a ledger holding only legacy rows (settings never recorded)
-    speaks of those."""
+    those not measured as a variant, else every group at recorded settings; a ledger holding only legacy
+    rows (settings never recorded) speaks of those."""
     groups = [tuple(g) for g in keys[GROUP].drop_duplicates().itertuples(index=False)]
     sid = GROUP.index("settings")
     current = [g for g in groups if g[sid] != LEGACY]
