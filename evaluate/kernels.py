@@ -20,6 +20,7 @@ LOG_LINES = re.compile(r"MoE backend|MoE config|for MoE layer|Simulating MoE rou
 BACKEND = re.compile(r"Using '?(\S+?)'? (?:\S+ )?MoE backend")
 # the Triton config file vLLM looks up is named after the kernel variant it runs: dtype=fp8_w8a8, int8_w8a16, ...
 KERNEL_DTYPE = re.compile(r"dtype=([a-z0-9]+_w\d+a\d+)")
+SUPPLIED = "supplied (VLLM_TUNED_CONFIG_FOLDER)"  # a config file vLLM did not ship: tuned elsewhere, or lent
 
 
 def summary(lines: list[str]) -> dict:
@@ -30,7 +31,10 @@ def summary(lines: list[str]) -> dict:
     if any("default MoE config" in line for line in lines):
         config = "default (no tuned Triton config for this shape and device)"
     elif tuned:
-        config = "tuned: " + Path(tuned[0].split("from ")[-1].split(" for MoE")[0]).name
+        path = Path(tuned[0].split("from ")[-1].split(" for MoE")[0])
+        # vLLM's own files lie in fused_moe/configs; any other folder is one VLLM_TUNED_CONFIG_FOLDER supplied
+        own = path.parent.name == "configs" and path.parent.parent.name == "fused_moe"
+        config = ("tuned: " if own else f"{SUPPLIED}: ") + path.name
     elif kernel != "not logged" and "TRITON" not in kernel.upper():
         config = "none (not a Triton kernel)"
     else:

@@ -8,7 +8,9 @@ the scheme's own `quantization` aside) is the same.
 """
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from moeq.env import env_number
 from moeq.errors import UserError
@@ -21,6 +23,9 @@ VLLM_DEFAULTS = {"dtype": "auto", "enable_prefix_caching": None, "max_num_seqs":
                  "disable_log_stats": True, "quantization": None, "seed": 0, "enforce_eager": False,
                  **parallel.DEFAULTS, parallel.BACKEND: None}
 ROUTING_ENV = "VLLM_MOE_ROUTING_SIMULATION_STRATEGY"
+# vLLM looks here first for its fused-MoE Triton configs (tile sizes per token count): files placed there change
+# the kernels' timing, so what they hold is part of the settings
+TUNED_CONFIGS_ENV = "VLLM_TUNED_CONFIG_FOLDER"
 MODEL_ROUTING = "model"  # the checkpoint's own routers (real weights)
 SHAPE_ONLY_ROUTING = "uniform_random"  # vLLM's balanced simulation: every scheme of a shape routes alike
 # Where vLLM's engine core runs: in moeq's engine process (its default: vLLM's own log lines and a failed
@@ -39,9 +44,12 @@ class EngineSettings:
     warmup_tokens: int | None = None  # decode length of each cell's untimed warm-up (None: the cell's own)
     prompts: str = perf.RANDOM  # where perf prompts come from (perf.PROMPT_SOURCES)
     engine_process: str = INPROCESS  # ENGINE_PROCESSES
+    moe_configs: dict = field(default_factory=dict)  # file name -> content digest, from TUNED_CONFIGS_ENV
 
     def record(self) -> dict:
         rec = {"llm": self.llm, "routing": self.routing, "warmup_tokens": self.warmup_tokens}
+        if self.moe_configs:  # absent when none were supplied, so ids of rows made before it was recorded hold
+            rec["moe_configs"] = self.moe_configs
         if self.prompts != perf.RANDOM:  # absent for the default, so ids of rows made before it was recorded hold
             rec["prompts"] = self.prompts
         if self.engine_process != INPROCESS:  # likewise
@@ -83,6 +91,8 @@ class EngineSettings:
             out["prompts"] = self.prompts
         if self.engine_process != INPROCESS:
             out["engine_process"] = self.engine_process
+        if self.moe_configs:
+            out["moe_configs"] = self.moe_configs
         return out
 
     def environment(self) -> dict:
@@ -94,6 +104,19 @@ class EngineSettings:
         if self.routing != MODEL_ROUTING and not self.routing.startswith("zipf:"):
             env[ROUTING_ENV] = self.routing
         return env
+
+
+def supplied_moe_configs() -> dict:
+    """The fused-MoE Triton config files the environment hands vLLM ahead of its own (TUNED_CONFIGS_ENV):
+    name -> sha256 prefix; {} when it names no folder."""
+    folder = os.environ.get(TUNED_CONFIGS_ENV)
+    if not folder:
+        return {}
+    files = sorted(Path(folder).glob("*.json"))
+    if not files:
+        raise UserError(f"{TUNED_CONFIGS_ENV}={folder!r} holds no fused-MoE config files (E=...,N=...,device_name="
+                        "....json, as vLLM's benchmark_moe.py --tune writes them): set it to such a folder or unset it")
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest()[:12] for f in files}
 
 
 def parse_zipf(spec: str) -> float:
@@ -185,9 +208,10 @@ def build(*, gpu: bool, cells: list[tuple], shape_only: bool, quantization: str 
         raise UserError("zipf routing is registered inside moeq's own engine process; with engine process "
                         f"{SEPARATE!r} use a vLLM strategy (e.g. uniform_random) or engine process {INPROCESS!r}")
     return EngineSettings(llm=llm, routing=routing, warmup_tokens=warmup_tokens, prompts=prompts,
-                          engine_process=engine_process)
+                          engine_process=engine_process, moe_configs=supplied_moe_configs())
 
 
 def from_record(rec: dict) -> EngineSettings:
     return EngineSettings(llm=rec["llm"], routing=rec["routing"], warmup_tokens=rec.get("warmup_tokens"),
-                          prompts=rec.get("prompts", perf.RANDOM), engine_process=rec.get("engine_process", INPROCESS))
+                          prompts=rec.get("prompts", perf.RANDOM), engine_process=rec.get("engine_process", INPROCESS),
+                          moe_configs=rec.get("moe_configs", {}))

@@ -169,10 +169,11 @@ def _bytes_allow(a, b) -> str | None:
 def _kernel_difference(a, b) -> str | None:
     """What differs between the two sides' MoE kernels, which is then part of the change: a variant with an
     expert count vLLM has no tuned Triton config for (Mixtral with 4 or 2 experts on the H200) runs on the
-    default config while its reference runs on a tuned one."""
+    default config while its reference runs on a tuned one, or on one supplied beside vLLM's."""
     def tuned(x):
         config = getattr(x, "moe_config", None)
-        return None if not isinstance(config, str) else "default" if config.startswith("default") else "tuned"
+        kind = config.split()[0].rstrip(":") if isinstance(config, str) else None
+        return kind if kind in ("default", "tuned", "supplied") else None
     kernel = [getattr(x, "moe_kernel", None) for x in (a, b)]
     if all(isinstance(k, str) for k in kernel) and kernel[0] != kernel[1]:
         return f"MoE kernels differ: {kernel[0]} vs {kernel[1]}"

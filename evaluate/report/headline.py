@@ -212,10 +212,10 @@ def caveats(gkey: dict, perf: pd.DataFrame, settings: dict) -> list[str]:
     if len(kernels) and kernels.nunique() > 1:
         out.append("kernels: " + "; ".join(f"{k} ({', '.join(s)})" for k, s in
                                            kernels.groupby(kernels).groups.items()))
-    untuned = perf.groupby("scheme").moe_config.first().dropna()
-    untuned = sorted(untuned[untuned.str.startswith("default")].index)
-    if untuned:
-        out.append("untuned Triton config: " + ", ".join(untuned))
+    configs = perf.groupby("scheme").moe_config.first().dropna()
+    for kind, said in (("default", "untuned Triton config"), ("supplied", "Triton config not vLLM's own (VLLM_TUNED_CONFIG_FOLDER)")):
+        if schemes := sorted(configs[configs.str.startswith(kind)].index):
+            out.append(f"{said}: " + ", ".join(schemes))
     a16 = perf[perf.experts_a16.fillna(False).astype(bool)].groupby("scheme").moe_dtype.first()
     if len(a16):
         out.append("experts ran with 16-bit activations: " + ", ".join(

@@ -6,11 +6,12 @@
 # llm-compressor and no lm-eval either: wheel sets .device/quant and .device/eval (BUILD-PLAN.md), carried likewise.
 #   bash reports/h200/device.sh STEP[=ARG] ...
 #   steps: chunk | install | sweep=MODELS[/SCHEMES] | variant=MODEL/SCHEME/KEY=VALUE | bench=MODEL/SCHEME/BATCH,...
-#          | harness=MODEL/SCHEME/BATCH | serve=MODEL/SCHEMES[/KEY=VALUE,...] | routing=MODEL/SCHEME,...
+#          | harness=MODEL/SCHEME/BATCH | serve=MODEL/SCHEMES[/KEY=VALUE,...] | routing=MODEL/SCHEME,... | fused[=MODEL]
 #          | build=MODEL | wait=MODEL | outliers=MODEL | quantize=MODEL[/SCHEMES] | prune=MODEL/KEEPS
 #          | score=MODEL[/SCHEMES[/TASKS]] (MODEL may be a pruned one: moe-500m-keep50)
 #          | detach=NAME (the steps after it, in the background) | collect=NAMES | fetch=MODEL/K | stash=MODEL | restore=MODEL
 #          | set=KEY=VALUE (for the steps after it, e.g. set=MOEQ_BATCH=none: accuracy only) | await=MODEL/SCHEMES
+#          | borrow=E=128,N=768:64,32 (vLLM's tuned MoE config of one shape, lent to other expert counts, for the steps after it)
 #          | plan=h200/plan-topk-mixtral.yaml (the sweep plan of the sweep= steps after it)
 # Everything finished is copied to $OUT at exit, also after a timeout: the ledger gets one transaction
 # per cell, so a cut-off step loses only its cell in flight, and the next call resumes from the ledger.
@@ -79,6 +80,7 @@ step_install() {
   # carried paths are gone from the next call's copy of the repository: keep them under /tmp
   mkdir -p $CKPT && cp -r checkpoints/.shape-only $CKPT/ && cp -r .h200/tokenizer $W/tokenizer
   mkdir -p $W/plans && (cd $SRC/reports && tar cf - h200*/plan*.yaml) | tar xf - -C $W/plans
+  rm -rf $W/benchmarks && cp -r $SRC/benchmarks $W/  # the scripts a detached chain runs (fused=)
   # and this script: a later call that carries nothing runs `bash /tmp/h200/device.sh ...` (session 12 lost six
   # calls naming a .h200/src they did not carry)
   cp -f $0 $W/device.sh
@@ -154,6 +156,11 @@ step_harness() {  # harness=mixtral/fp8/128: moeq's cell (engine in-process and 
   timeout $(left) python3 $SRC/benchmarks/harness_vs_vllm_bench.py --model $CKPT/.shape-only/$model/$scheme \
     --weights dummy --tokenizer $W/tokenizer --batch $batch --engine-process inprocess,separate \
     --out $W/harness-$model-$scheme-b$batch.json 2>&1 | tee -a "$OUT/device$TAG.log" | grep -E '^(moeq|vllm bench|ratio)|Error'
+}
+
+step_fused() {  # fused[=mixtral]: benchmarks/fused_moe.py (issue 12, claim 7): eager loop vs grouped_mm vs vLLM's fused_experts
+  timeout $(left) python3 $W/benchmarks/fused_moe.py --model ${1:-mixtral} --out "$OUT/fused_moe.json" 2>&1 |
+    tee -a "$OUT/device$TAG.log" | tail -n 12
 }
 
 step_routing() {  # routing=qwen3moe/bf16,...: expert load of each shape's dummy router and of the sweep's uniform_random
@@ -273,6 +280,16 @@ step_restore() {  # restore=moe-500m: every stashed piece (and this call's), che
   (cd $dir && sha256sum -c --quiet $model.SHA256) || { echo "restore $model: pieces missing or damaged"; return 1; }
   cat $dir/$model.tar.* | tar x -C $MOEQ_CACHE/models && echo "restored $model into $MOEQ_CACHE/models"
 }
+step_borrow() {  # borrow=E=128,N=768:64,32: vLLM's tuned fused-MoE config of one shape lent to other expert counts
+  # (a pruned shape has no tuned file, so its engine runs Triton's default tiles while its reference runs tuned ones:
+  # sweeps after this step run on the lent file, a settings group of their own, the file's digest in the record)
+  local from=${1%%:*} dev; dev=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | tr ' ' _)
+  local src=/tmp/site/vllm/model_executor/layers/fused_moe/configs/$from,device_name=$dev.json
+  [ -f "$src" ] || { echo "borrow=$1: vLLM ships no $src"; exit 2; }
+  local dir=$W/moe-configs/${1//[=:,]/_} to=${1#*:}; mkdir -p $dir  # a folder per step: a settings record names only its files
+  for e in ${to//,/ }; do cp "$src" "$dir/E=${e},${from#*,},device_name=$dev.json"; done
+  export VLLM_TUNED_CONFIG_FOLDER=$dir; ls $dir
+}
 step_set() { export "$1"; }  # set=MOEQ_BATCH=none: an environment variable for the steps after it
 
 args=("$@")
@@ -281,7 +298,7 @@ for i in "${!args[@]}"; do
   echo "== $step ($(date +%T), ${SECONDS}s)"
   if [ $name = detach ]; then  # the rest of the steps, in the background
     mkdir -p $W/bg-$arg
-    cp -f $0 $W/device.sh  # the call's tree (and what it carried) may be gone before the chain ends
+    [ $0 -ef $W/device.sh ] || cp -f $0 $W/device.sh  # the call's tree (and what it carried) may be gone before the chain ends
     OUT=$W/bg-$arg TAG=-$arg BUDGET=${BUDGET_DETACHED:-3600} setsid nohup bash $W/device.sh "${args[@]:$((i + 1))}" \
       > $W/bg-$arg/console.log 2>&1 < /dev/null & echo $! > $W/bg-$arg.pid
     echo "detached $arg (pid $!): ${args[*]:$((i + 1))}"; break

@@ -10,6 +10,7 @@ import torch
 
 from moeq import pruned
 from moeq.errors import UserError
+from moeq.evaluate import kernels
 from moeq.evaluate.report import compare, verdicts
 from moeq.quantize import prune
 
@@ -262,6 +263,13 @@ def test_a_variant_on_another_moe_config_says_so():
     v = compare.comparison_table(claims, keys, perf, items, acc, mem, settings, {})
     assert set(v.verdict) == {verdicts.HOLDS}  # said beside the number, not a reason to withhold it
     assert v.note.str.contains("MoE Triton configs differ: default").all()
+    # a config supplied through VLLM_TUNED_CONFIG_FOLDER (a tuned file lent to a pruned shape) is not vLLM's own
+    perf["moe_config"] = np.where(perf.settings == "k1", f"{kernels.SUPPLIED}: E=4,N=14336,device_name=NVIDIA_H200.json",
+                                  "tuned: E=8,N=14336,device_name=NVIDIA_H200.json")
+    v = compare.comparison_table(claims, keys, perf, items, acc, mem, settings, {})
+    assert v.note.str.contains("MoE Triton configs differ: supplied (VLLM_TUNED_CONFIG_FOLDER): E=4", regex=False).all()
+    perf["moe_config"] = "not logged"  # nothing known on either side: nothing said
+    assert compare.comparison_table(claims, keys, perf, items, acc, mem, settings, {}).note.isna().all()
 
 
 def test_a_reference_timed_on_another_host_says_so():

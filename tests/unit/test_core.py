@@ -34,6 +34,28 @@ def test_engine_settings_built_once_with_defaults():
     assert settings.from_record(s.record()) == s
 
 
+def test_moe_configs_supplied_beside_vllms_are_settings(tmp_path, monkeypatch):
+    """VLLM_TUNED_CONFIG_FOLDER changes the fused-MoE kernels' tiles: rows made with it are a settings group of
+    their own, named by the files' contents; without it, ids stay what they were."""
+    plain = settings.build(gpu=True, cells=CELLS, shape_only=True, warmup_tokens=16)
+    assert "moe_configs" not in plain.record()
+    monkeypatch.setenv(settings.TUNED_CONFIGS_ENV, str(tmp_path))
+    with pytest.raises(UserError, match="holds no fused-MoE config files"):
+        settings.build(gpu=True, cells=CELLS, shape_only=True, warmup_tokens=16)
+    name = "E=64,N=768,device_name=NVIDIA_H200.json"
+    (tmp_path / name).write_text('{"1": {"BLOCK_SIZE_M": 16}}')
+    lent = settings.build(gpu=True, cells=CELLS, shape_only=True, warmup_tokens=16)
+    assert list(lent.moe_configs) == [name] and lent.non_default()["moe_configs"] == lent.moe_configs
+    assert lent.profile != plain.profile and settings.from_record(lent.record()) == lent
+    (tmp_path / name).write_text('{"1": {"BLOCK_SIZE_M": 32}}')  # other tiles, other settings
+    assert settings.build(gpu=True, cells=CELLS, shape_only=True, warmup_tokens=16).profile != lent.profile
+    lines = [f"Using configuration from {tmp_path / name} for MoE layer.",
+             "Using configuration from /site/vllm/model_executor/layers/fused_moe/configs/E=128,N=768,"
+             "device_name=NVIDIA_H200.json for MoE layer."]
+    assert kernels.summary(lines[:1])["moe_config"] == f"{kernels.SUPPLIED}: {name}"
+    assert kernels.summary(lines[1:])["moe_config"] == "tuned: E=128,N=768,device_name=NVIDIA_H200.json"
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"user_args": {"enforce_eagr": True}}, "unknown engine argument 'enforce_eagr'"),
     ({"user_args": {"moe_backend": "fastest"}}, "unknown moe_backend 'fastest'; valid: auto, triton"),
