@@ -357,11 +357,14 @@ def comparison_table(claims: dict, keys: pd.DataFrame, perf, items, acc, mem, se
                                   "variant": f"{claim['compare']['axis']} {v[claim['compare']['axis']]}", **f})
         elif k == "batch":
             for _, g in groups.iterrows():
-                if (claim.get("models") and g.base not in claim["models"]) or \
+                # an engine-level variant (top-k, expert count or width overridden, speculation) is no model's own
+                # batch behaviour; a pruned checkpoint is a model of its own, but not the model a claim names
+                if any(g[f"{c}_given"] for c in ("top_k", "num_experts", "ffn_width", "speculation")) or \
+                        (claim.get("models") and (g.base not in claim["models"] or g.keep < 1)) or \
                         not all(_matches(g[c], x) for c, x in (claim.get("where") or {}).items()):
                     continue
                 p = _sel(perf, g)
-                if p.empty:
+                if p.dropna(subset=["batch"]).batch.nunique() < 3:  # not a batch sweep (a fit engine's one cell)
                     continue
                 shape = p.dropna(subset=["batch"]).groupby(["input_len", "output_len"]).size().idxmax()
                 p = p[(p.input_len == shape[0]) & (p.output_len == shape[1])]

@@ -343,6 +343,30 @@ def recommendation_display(rec: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _cell_label(cell) -> str:
+    """b16 for the sweep's 512-in/128-out cells, b1 (1900 in, 84 out) for others; nothing for a summary row."""
+    m = re.fullmatch(r"b(\d+)-i(\d+)-o(\d+)", str(cell))
+    return "" if not m else f"b{m[1]}" + ("" if m.groups()[1:] == ("512", "128") else f" ({m[2]} in, {m[3]} out)")
+
+
+def _values_by_pair(quantity: str, measured: pd.DataFrame, unit) -> list[str]:
+    """One entry per variant and reference (or per model and scheme where a claim has no variant): its cells'
+    values with their intervals, e.g. 'qwen3moe top_k 1 vs top_k 2: b1 -0.0% [...], b16 +24.3% [...]'."""
+    out = []
+    variant = measured.get("variant", pd.Series(index=measured.index, dtype=object))
+    reference = measured.get("reference", pd.Series(index=measured.index, dtype=object))
+    versus = [m[1] if isinstance(r, str) and (m := re.search(r"\(([^()]*)\)$", r)) else "?" for r in reference]
+    keys = np.array([f"{m} {v} vs {r}" if isinstance(v, str) else f"{m} {s}"
+                     for m, s, v, r in zip(measured.model, measured.scheme, variant, versus)], dtype=object)
+    several = measured.groupby(keys).settings.nunique() > 1  # one model and scheme at several settings: say which
+    for key, g in measured.groupby(keys, sort=False):
+        for settings_id, r in g.groupby("settings", sort=False) if several[key] else [(None, g)]:
+            cells = [" ".join(filter(None, (_cell_label(cell), _measured(quantity, x, lo, hi, unit))))
+                     for cell, x, lo, hi in zip(r.cell, r.value, r.lo, r.hi)]
+            out.append(f"{key}{f' ({settings_id})' if settings_id else ''}: " + ", ".join(cells))
+    return out
+
+
 def other_claims_display(v: pd.DataFrame, claims: list[dict]) -> pd.DataFrame:
     """One row per claim of compare.py (issue 12): where it was measured, the verdicts and the values, or
     the plan that would measure it, or why it cannot be tested as written."""
@@ -354,8 +378,7 @@ def other_claims_display(v: pd.DataFrame, claims: list[dict]) -> pd.DataFrame:
         r = v[v.claim == c["id"]]
         measured = r[r.model.notna()] if "model" in r else r.iloc[:0]
         unit = c.get("unit", "%")
-        values = [_measured(c["quantity"], x, lo, hi, unit) for x, lo, hi in zip(measured.value, measured.lo, measured.hi)
-                  if pd.notna(x)]
+        values = _values_by_pair(c["quantity"], measured[measured.value.notna()], unit)
         where = sorted({f"{m} ({x})" if isinstance(x, str) else str(m)
                         for m, x in zip(measured.model, measured.get("variant", pd.Series(index=measured.index, dtype=object)))})
         rows.append({
@@ -364,7 +387,8 @@ def other_claims_display(v: pd.DataFrame, claims: list[dict]) -> pd.DataFrame:
                             *(c.get("range") or c["bound"].get("within") or [np.nan, np.nan])),
             "Measured on": "; ".join(where) or MISSING,
             "Verdicts": ", ".join(f"{n} {k}" for k, n in r.verdict.value_counts().items()) or MISSING,
-            "Values": (", ".join(values[:6]) + (f" (+{len(values) - 6} more)" if len(values) > 6 else "")) or MISSING,
+            "Values": ("; ".join(values[:4]) + (f" (+{len(values) - 4} more: verdicts.md)" if len(values) > 4 else ""))
+            or MISSING,
             "What measures it / why not": "; ".join(sorted({n for n in r.note.dropna() if not len(measured)}))
             or c.get("plan") or ""})
     return pd.DataFrame(rows)

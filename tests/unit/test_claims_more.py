@@ -305,3 +305,24 @@ def test_a_variant_pair_says_what_the_roofline_allows():
     claims = {"claims": [c for c in verdicts.load_claims()["claims"] if c["id"] == "topk1-vs-top2"]}
     v = compare.comparison_table(claims, keys, perf, items, acc, mem, settings, {})
     assert v.note.eq("the roofline allows +75%").all() and np.allclose(v.value, 60.0)
+
+
+def test_batch_claims_speak_of_the_model_as_is_and_values_name_their_pair():
+    from moeq.evaluate.report import tables
+    keys, perf, items, acc, mem, settings = _frames({"base": {}, "k1": {"num_experts_per_tok": 1}, "fit": {}})
+    perf = perf[(perf.settings != "fit") | (perf.batch == 1)]  # a fit engine times one cell: no batch sweep
+    settings["fit"] = {"llm": {"max_num_seqs": 1}, "routing": "model"}
+    claims = {"claims": [c for c in verdicts.load_claims()["claims"] if c["id"] in ("batch-small-moe", "active-single-expert")]}
+    v = compare.comparison_table(claims, keys, perf, items, acc, mem, settings, {})
+    assert list(v[v.claim == "batch-small-moe"].settings) == ["base"]  # not the top-1 variant, not the fit engine
+    # a pruned checkpoint is a model of its own (4 experts: a smaller MoE), but not the model a claim names
+    pruned = lambda df: pd.concat([df, df[df.settings == "base"].assign(model="tiny-keep50")], ignore_index=True)
+    small = next(c for c in claims["claims"] if c["id"] == "batch-small-moe")
+    for claim, models in ((small, ["tiny", "tiny-keep50"]), (dict(small, models=["tiny"]), ["tiny"])):
+        got = compare.comparison_table({"claims": [claim]}, pruned(keys), pruned(perf), pruned(items), pruned(acc),
+                                       pruned(mem), settings, {})
+        assert sorted(got.model) == models
+    shown = tables.other_claims_display(v, claims["claims"]).set_index("Claim").Values
+    single = shown[next(c["text"] for c in claims["claims"] if c["id"] == "active-single-expert")]
+    assert single.startswith("tiny top_k 1 vs top_k 2: b1 +60.0%") and "b64 +60.0%" in single
+    assert shown.str.contains("tiny bf16: ").any()
