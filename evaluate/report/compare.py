@@ -75,11 +75,13 @@ def coordinates(model: str, record: dict, facts: dict | None = None) -> dict:
 
 def kind(claim: dict) -> str:
     """scheme (vs BF16, verdicts.py), compare, batch, fit (an engine's memory at stated engine arguments),
-    benchmark (a JSON a script wrote beside the ledger), or planned (no ledger quantity yet)."""
+    family (family.py), benchmark (a JSON a script wrote beside the ledger), or planned (no ledger quantity yet)."""
     if "fit" in claim:
         return "fit"
     if "benchmark" in claim:
         return "benchmark"
+    if "family" in claim:
+        return "family"
     if "compare" in claim:
         return "compare"
     if "batch" in claim:
@@ -349,6 +351,9 @@ def comparison_table(claims: dict, keys: pd.DataFrame, perf, items, acc, mem, se
             found = benchmark_rows(claim, benchmarks or {})
         elif k == "fit":
             found = fit_rows(claim, groups, mem, settings, formats or {})
+        elif k == "family":
+            from moeq.evaluate.report import family  # it builds on this module's pairing rules
+            found = family.family_rows(claim, groups, perf, mem)
         elif k == "compare":
             for v, r in pairs(groups, claim):
                 ref = f"{r.model} · settings {r.settings}" + (f" ({claim['compare']['axis']} {r[claim['compare']['axis']]})")

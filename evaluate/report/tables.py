@@ -100,7 +100,7 @@ def verdict_display(v: pd.DataFrame) -> pd.DataFrame:
         "Where": (v.model + " · " + v.provenance + " · " + v.backend + " · " + v.device + " · settings "
                   + v.settings).fillna("nothing measured here"),
         "Cell / task": v.cell.fillna(""), "Quantity": v.quantity.map(QUANTITY).fillna(""),
-        "Variant vs reference": [f"{a} vs {b}" if isinstance(a, str) else "" for a, b in zip(v.variant, v.reference)],
+        "Variant vs reference": [f"{a} vs {b}" if isinstance(b, str) else a if isinstance(a, str) else "" for a, b in zip(v.variant, v.reference)],
         # memory is an exact count: its degenerate interval is not shown
         "Measured [95% CI]": [_measured(*r) for r in zip(v.quantity, v.value, v.lo, v.hi, v.unit)],
         "Bound": [_bound(*r) for r in zip(v.bound_side, v.bound, v.unit, v.range_low, v.range_high)],
@@ -355,8 +355,8 @@ def _values_by_pair(quantity: str, measured: pd.DataFrame, unit) -> list[str]:
     out = []
     variant = measured.get("variant", pd.Series(index=measured.index, dtype=object))
     reference = measured.get("reference", pd.Series(index=measured.index, dtype=object))
-    versus = [m[1] if isinstance(r, str) and (m := re.search(r"\(([^()]*)\)$", r)) else "?" for r in reference]
-    keys = np.array([f"{m} {v} vs {r}" if isinstance(v, str) else f"{m} {s}"
+    versus = [m[1] if isinstance(r, str) and (m := re.search(r"\(([^()]*)\)$", r)) else None for r in reference]
+    keys = np.array([f"{m} {v}" + (f" vs {r}" if r else "") if isinstance(v, str) else f"{m} {s}"
                      for m, s, v, r in zip(measured.model, measured.scheme, variant, versus)], dtype=object)
     several = measured.groupby(keys).settings.nunique() > 1  # one model and scheme at several settings: say which
     for key, g in measured.groupby(keys, sort=False):

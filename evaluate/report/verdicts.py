@@ -69,7 +69,8 @@ AXES = ("top_k", "num_experts", "ffn_width", "keep", "speculation")
 
 def check_other_claim(c: dict, path):
     """A claim compared across variants of one model (`compare: {axis, variant, reference}`), about a batch
-    sweep (`batch: {share: 0.9}` or `{itl_p99_ms: x}`), about an engine's memory at stated engine arguments
+    sweep (`batch: {share: 0.9}` or `{itl_p99_ms: x}`), about a family of variants (`family: {axis}`: the
+    member with the most throughput per GB of weights), about an engine's memory at stated engine arguments
     (`fit: {kv_cache_memory_bytes: B, ...}` with `covers`), or not yet measurable (`plan:` names what would
     measure it; `not_testable: {reason, measured, nearest}` when the guide's recipe cannot run as written)."""
     problem = None
@@ -86,6 +87,8 @@ def check_other_claim(c: dict, path):
                          or set(c["covers"]) - set(FORMAT_KEYS)):
         problem = (f"fit needs engine arguments ({{kv_cache_memory_bytes: B, ...}}) and covers (keys among "
                    f"{', '.join(FORMAT_KEYS)})")
+    elif "family" in c and c["family"].get("axis") not in AXES:
+        problem = f"family needs axis (one of {', '.join(AXES)}): the coordinate its members differ in"
     elif "benchmark" in c and {"file", "variant", "reference"} - set(c["benchmark"]):
         problem = "benchmark needs file (a JSON beside the ledger, under benchmarks/), variant and reference"
     elif "compare" not in c and "batch" not in c and not c.get("plan") and not c.get("not_testable"):

@@ -326,3 +326,21 @@ def test_batch_claims_speak_of_the_model_as_is_and_values_name_their_pair():
     single = shown[next(c["text"] for c in claims["claims"] if c["id"] == "active-single-expert")]
     assert single.startswith("tiny top_k 1 vs top_k 2: b1 +60.0%") and "b64 +60.0%" in single
     assert shown.str.contains("tiny bf16: ").any()
+
+
+def test_the_best_expert_count_of_a_family_is_the_most_throughput_per_gb():
+    family = {f"e{n}": {"num_local_experts": n} for n in (4, 8, 16)}
+    keys, perf, items, acc, mem, settings = _frames(family | {"k1": {"num_experts_per_tok": 1}})
+    mem["weights_bytes"] = mem.settings.map({"e4": 1e9, "e8": 2e9, "e16": 4e9, "k1": 1e9})
+    claim = next(c for c in verdicts.load_claims()["claims"] if c["id"] == "experts-8-32-optimal")
+    v = compare.comparison_table({"claims": [claim]}, keys, perf, items, acc, mem, settings, {})
+    assert len(v) == 3 and set(v.value) == {4.0} and set(v.verdict) == {verdicts.FAILS}  # 4 is below 8-32
+    assert set(v.settings) == {"e4"} and v.note.str.contains("by num_experts: 4: 100; 8: 50; 16: 25", regex=False).any()
+    # twice the throughput for twice the weights plus a little: 8 experts win, with no doubt left by the repeats
+    perf.loc[perf.settings == "e8", "throughput"] *= 2.2
+    perf.loc[perf.settings == "e8", "repeats"] = [json.dumps([x * 0.99, x, x * 1.01]) for x in perf[perf.settings == "e8"].throughput]
+    v = compare.comparison_table({"claims": [claim]}, keys, perf, items, acc, mem, settings, {})
+    assert set(v.value) == {8.0} and set(zip(v.lo, v.hi)) == {(8.0, 8.0)} and set(v.verdict) == {verdicts.HOLDS}
+    # two members are no family
+    v = compare.comparison_table({"claims": [claim]}, keys[keys.settings != "e16"], perf, items, acc, mem, settings, {})
+    assert list(v.verdict) == [verdicts.NOT_MEASURED]
