@@ -116,7 +116,7 @@ def _group_table(keys: pd.DataFrame, settings: dict, configs: dict, checkpoints:
                                                "rest", "checkpoint"])
 
 
-def _matches(row, spec) -> bool:
+def matches(row, spec) -> bool:
     """A coordinate spec: a value, a list of values, {min: x, max: y}, or {prefix: p or [p, ...]} (a label's
     start: `{prefix: "draft:"}` matches every draft)."""
     if isinstance(spec, dict) and "prefix" in spec:
@@ -135,12 +135,12 @@ def pairs(groups: pd.DataFrame, claim: dict) -> list[tuple[pd.Series, pd.Series]
     share = ["base", "scheme", "provenance", "backend", "device", "rest", *others]
     out = []
     for _, v in groups.iterrows():
-        if not _matches(v[axis], spec["variant"]) or (claim.get("models") and v.base not in claim["models"]) \
-                or not all(_matches(v[k], x) for k, x in (claim.get("where") or {}).items()):
+        if not matches(v[axis], spec["variant"]) or (claim.get("models") and v.base not in claim["models"]) \
+                or not all(matches(v[k], x) for k, x in (claim.get("where") or {}).items()):
             continue
         for _, r in groups.iterrows():
             native = spec["reference"] == "native"
-            if (not r[f"{axis}_given"] if native else _matches(r[axis], spec["reference"])) \
+            if (not r[f"{axis}_given"] if native else matches(r[axis], spec["reference"])) \
                     and all(r[k] == v[k] for k in share) \
                     and not (r.model == v.model and r.settings == v.settings) \
                     and (r.model != v.model or r.checkpoint == v.checkpoint):  # one model: the same weights
@@ -148,11 +148,11 @@ def pairs(groups: pd.DataFrame, claim: dict) -> list[tuple[pd.Series, pd.Series]
     return out
 
 
-def _sel(df: pd.DataFrame, g: pd.Series) -> pd.DataFrame:
+def select(df: pd.DataFrame, g: pd.Series) -> pd.DataFrame:
     return df[np.logical_and.reduce([df[k] == g[k] for k in GROUP + ["scheme"]])] if len(df) else df
 
 
-def _flag(r) -> str | None:
+def cell_flag(r) -> str | None:
     if isinstance(r.flag, str) and not r.flag.startswith("baseline: "):
         return r.flag
     if not isinstance(r.roofline, str) or r.roofline.startswith("no roofline"):
@@ -200,26 +200,26 @@ def _acceptance(row) -> str:
 def measured_pair(quantity: str, v, r, perf, items, acc, mem) -> list[dict]:
     if quantity == "speedup":  # throughput as a ratio (x), with the variant's acceptance beside
         rows = measured_pair("throughput", v, r, perf, items, acc, mem)
-        pv = _sel(perf, v).set_index("cell")
+        pv = select(perf, v).set_index("cell")
         for f in rows:
             f.update({k: 1 + f[k] / 100 for k in ("value", "lo", "hi")})
             if f["cell"] in pv.index and (note := _acceptance(pv.loc[f["cell"]]).lstrip("; ")):
                 f["note"] = note + (f"; {f['note']}" if f.get("note") else "")
         return rows
     if quantity == "throughput":
-        pv, pr = _sel(perf, v).set_index("cell"), _sel(perf, r).set_index("cell")
+        pv, pr = select(perf, v).set_index("cell"), select(perf, r).set_index("cell")
         out = []
         for cell in [c for c in pv.sort_values("batch").index if c in pr.index]:
             a, b = pv.loc[cell], pr.loc[cell]
             point, lo, hi = verdicts.ratio_of_medians(*(verdicts.repeats_of(x.repeats, x.throughput) for x in (a, b)))
-            flag = _flag(a) or _flag(b)
+            flag = cell_flag(a) or cell_flag(b)
             note = "; ".join(x for x in (flag, _bytes_allow(a, b), _kernel_difference(a, b), _host_difference(a, b)) if x)
             out.append({"cell": cell, "value": point, "lo": lo, "hi": hi} | ({"flag": flag} if flag else {})
                        | ({"note": note} if note else {}))
         return out
     if quantity == "accuracy_loss":
         out = []
-        for a in _sel(acc, v).query("primary").itertuples():
+        for a in select(acc, v).query("primary").itertuples():
             iv = items[np.logical_and.reduce([items[k] == v[k] for k in GROUP + ["scheme"]])
                        & (items.task == a.task) & (items.metric == a.metric)].set_index("item").value
             ir = items[np.logical_and.reduce([items[k] == r[k] for k in GROUP + ["scheme"]])
@@ -236,7 +236,7 @@ def measured_pair(quantity: str, v, r, perf, items, acc, mem) -> list[dict]:
                 point, lo, hi, note = 100 * (a.value / ref.value.iloc[0] - 1), np.nan, np.nan, f"{a.metric}: no items to pair"
             out.append({"cell": a.task, "value": -point, "lo": -hi, "hi": -lo, "note": note})
         return out
-    wv, wr = _sel(mem, v).weights_bytes, _sel(mem, r).weights_bytes
+    wv, wr = select(mem, v).weights_bytes, select(mem, r).weights_bytes
     if wv.empty or wr.empty:
         return []
     change = 100 * (wv.iloc[0] / wr.iloc[0] - 1)
@@ -318,7 +318,7 @@ def fit_rows(claim: dict, groups: pd.DataFrame, mem: pd.DataFrame, settings: dic
         llm = (settings.get(g.settings) or {}).get("llm") or {}
         if any(llm.get(k) != v for k, v in claim["fit"].items()) or not verdicts.covers(claim, formats.get(g.scheme), g.base):
             continue
-        for r in _sel(mem, g).dropna(subset=["peak_memory_bytes"]).itertuples():
+        for r in select(mem, g).dropna(subset=["peak_memory_bytes"]).itertuples():
             gb = r.peak_memory_bytes / 1e9
             out.append({**{c: g[c] for c in GROUP}, "scheme": g.scheme, "cell": "engine", "value": gb, "lo": gb, "hi": gb,
                         "note": f"device memory in use by an engine with {args} ({r.peak_memory_source}); weights "
@@ -366,15 +366,15 @@ def comparison_table(claims: dict, keys: pd.DataFrame, perf, items, acc, mem, se
                 # batch behaviour; a pruned checkpoint is a model of its own, but not the model a claim names
                 if any(g[f"{c}_given"] for c in ("top_k", "num_experts", "ffn_width", "speculation")) or \
                         (claim.get("models") and (g.base not in claim["models"] or g.keep < 1)) or \
-                        not all(_matches(g[c], x) for c, x in (claim.get("where") or {}).items()):
+                        not all(matches(g[c], x) for c, x in (claim.get("where") or {}).items()):
                     continue
-                p = _sel(perf, g)
+                p = select(perf, g)
                 if p.dropna(subset=["batch"]).batch.nunique() < 3:  # not a batch sweep (a fit engine's one cell)
                     continue
                 shape = p.dropna(subset=["batch"]).groupby(["input_len", "output_len"]).size().idxmax()
                 p = p[(p.input_len == shape[0]) & (p.output_len == shape[1])]
                 point, lo, hi, note = recommended_batch(p, claim["batch"])
-                flags = {f for f in map(_flag, p.itertuples()) if f}
+                flags = {f for f in map(cell_flag, p.itertuples()) if f}
                 f = {"value": point, "lo": lo, "hi": hi, "note": note}
                 if flags:
                     f |= {"flag": sorted(flags)[0], "note": note + "; " + sorted(flags)[0]}

@@ -21,7 +21,7 @@ def families(groups: pd.DataFrame, claim: dict) -> list[pd.DataFrame]:
     axis = claim["family"]["axis"]
     others = [c for c in compare.COORDINATES if c not in (axis, compare.LINKED.get(axis))]
     picked = groups[[(not claim.get("models") or g.base in claim["models"])
-                     and all(compare._matches(g[c], x) for c, x in (claim.get("where") or {}).items())
+                     and all(compare.matches(g[c], x) for c, x in (claim.get("where") or {}).items())
                      for _, g in groups.iterrows()]]
     share = ["model", "checkpoint", "scheme", "provenance", "backend", "device", "rest", *others]
     return [f for _, f in picked.groupby(share, dropna=False) if f[axis].nunique() >= 3]
@@ -33,9 +33,9 @@ def family_rows(claim: dict, groups: pd.DataFrame, perf: pd.DataFrame, mem: pd.D
     for fam in families(groups, claim):
         members = []
         for _, g in fam.sort_values(axis).iterrows():
-            weights = compare._sel(mem, g).weights_bytes.dropna()
+            weights = compare.select(mem, g).weights_bytes.dropna()
             if len(weights):
-                members.append((g, compare._sel(perf, g).set_index("cell"), weights.iloc[0] / 1e9))
+                members.append((g, compare.select(perf, g).set_index("cell"), weights.iloc[0] / 1e9))
         cells = set.intersection(*(set(p.index) for _, p, _ in members)) if len(members) >= 3 else set()
         values = np.array([g[axis] for g, _, _ in members])
         for cell in sorted(cells, key=lambda c: members[0][1].loc[c, "batch"]):
@@ -45,7 +45,7 @@ def family_rows(claim: dict, groups: pd.DataFrame, perf: pd.DataFrame, mem: pd.D
             best = values[np.argmax([np.median(x) for x in reps])]
             rng = np.random.default_rng(SEED)
             boots = [values[np.argmax([np.median(rng.choice(x, len(x))) for x in reps])] for _ in range(N_BOOT // 4)]
-            flag = next((f for f in map(compare._flag, rows) if f), None)
+            flag = next((f for f in map(compare.cell_flag, rows) if f), None)
             configs = [str(getattr(r, "moe_config", "")).split(":")[0].split(" (")[0] for r in rows]
             # part of the differences is then the kernel's tiles, as compare._kernel_difference says of a pair
             differ = ("; MoE Triton configs differ: " + ", ".join(f"{v:g} {c}" for v, c in zip(values, configs))
