@@ -20,9 +20,9 @@ def families(groups: pd.DataFrame, claim: dict) -> list[pd.DataFrame]:
     """Sets of three or more groups of one model that differ only on the claim's axis."""
     axis = claim["family"]["axis"]
     others = [c for c in compare.COORDINATES if c not in (axis, compare.LINKED.get(axis))]
-    picked = groups[[(not claim.get("models") or g.base in claim["models"])
-                     and all(compare.matches(g[c], x) for c, x in (claim.get("where") or {}).items())
-                     for _, g in groups.iterrows()]]
+    picked = groups[pd.Series([(not claim.get("models") or g.base in claim["models"])
+                               and all(compare.matches(g[c], x) for c, x in (claim.get("where") or {}).items())
+                               for _, g in groups.iterrows()], index=groups.index, dtype=bool)]
     share = ["model", "checkpoint", "scheme", "provenance", "backend", "device", "rest", *others]
     return [f for _, f in picked.groupby(share, dropna=False) if f[axis].nunique() >= 3]
 

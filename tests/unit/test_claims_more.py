@@ -11,7 +11,7 @@ import torch
 from moeq import pruned
 from moeq.errors import UserError
 from moeq.evaluate import kernels
-from moeq.evaluate.report import compare, verdicts
+from moeq.evaluate.report import compare, family, verdicts
 from moeq.quantize import prune
 
 GUIDE = {  # the eight claims -> the entries that carry them
@@ -329,8 +329,8 @@ def test_batch_claims_speak_of_the_model_as_is_and_values_name_their_pair():
 
 
 def test_the_best_expert_count_of_a_family_is_the_most_throughput_per_gb():
-    family = {f"e{n}": {"num_local_experts": n} for n in (4, 8, 16)}
-    keys, perf, items, acc, mem, settings = _frames(family | {"k1": {"num_experts_per_tok": 1}})
+    members = {f"e{n}": {"num_local_experts": n} for n in (4, 8, 16)}
+    keys, perf, items, acc, mem, settings = _frames(members | {"k1": {"num_experts_per_tok": 1}})
     mem["weights_bytes"] = mem.settings.map({"e4": 1e9, "e8": 2e9, "e16": 4e9, "k1": 1e9})
     claim = next(c for c in verdicts.load_claims()["claims"] if c["id"] == "experts-8-32-optimal")
     v = compare.comparison_table({"claims": [claim]}, keys, perf, items, acc, mem, settings, {})
@@ -341,6 +341,7 @@ def test_the_best_expert_count_of_a_family_is_the_most_throughput_per_gb():
     perf.loc[perf.settings == "e8", "repeats"] = [json.dumps([x * 0.99, x, x * 1.01]) for x in perf[perf.settings == "e8"].throughput]
     v = compare.comparison_table({"claims": [claim]}, keys, perf, items, acc, mem, settings, {})
     assert set(v.value) == {8.0} and set(zip(v.lo, v.hi)) == {(8.0, 8.0)} and set(v.verdict) == {verdicts.HOLDS}
+    assert family.families(compare._group_table(keys.iloc[:0], {}, {}, {}), claim) == []  # no groups, no family
     # two members are no family
     v = compare.comparison_table({"claims": [claim]}, keys[keys.settings != "e16"], perf, items, acc, mem, settings, {})
     assert list(v.verdict) == [verdicts.NOT_MEASURED]
