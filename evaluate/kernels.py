@@ -43,6 +43,13 @@ def summary(lines: list[str]) -> dict:
     return {"moe_kernel": kernel, "moe_config": config, "moe_dtype": dtype}
 
 
+def config_kind(config) -> str | None:
+    """default, tuned (vLLM's own file) or supplied (VLLM_TUNED_CONFIG_FOLDER), from a summary's moe_config;
+    None where none of these is known (not logged, not a Triton kernel, no row)."""
+    kind = config.split()[0].rstrip(":") if isinstance(config, str) and config else None
+    return kind if kind in ("default", "tuned", "supplied") else None
+
+
 def metrics(lines: list[str]) -> list[dict]:
     """The ledger's record of one engine's MoE kernel: the summary and the log lines it came from."""
     lines = list(dict.fromkeys(line for line in lines if LOG_LINES.search(line)))

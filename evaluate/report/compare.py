@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from moeq import pruned, registry
-from moeq.evaluate import speculative
+from moeq.evaluate import kernels, speculative
 from moeq.evaluate.report import verdicts
 from moeq.evaluate.report.verdicts import FLAGGED, GROUP, INCONCLUSIVE, NOT_MEASURED, SEED, N_BOOT
 
@@ -172,14 +172,11 @@ def _kernel_difference(a, b) -> str | None:
     """What differs between the two sides' MoE kernels, which is then part of the change: a variant with an
     expert count vLLM has no tuned Triton config for (Mixtral with 4 or 2 experts on the H200) runs on the
     default config while its reference runs on a tuned one, or on one supplied beside vLLM's."""
-    def tuned(x):
-        config = getattr(x, "moe_config", None)
-        kind = config.split()[0].rstrip(":") if isinstance(config, str) else None
-        return kind if kind in ("default", "tuned", "supplied") else None
     kernel = [getattr(x, "moe_kernel", None) for x in (a, b)]
     if all(isinstance(k, str) for k in kernel) and kernel[0] != kernel[1]:
         return f"MoE kernels differ: {kernel[0]} vs {kernel[1]}"
-    if None not in (tuned(a), tuned(b)) and tuned(a) != tuned(b):
+    ka, kb = (kernels.config_kind(getattr(x, "moe_config", None)) for x in (a, b))
+    if None not in (ka, kb) and ka != kb:
         return f"MoE Triton configs differ: {a.moe_config} vs {b.moe_config}"
     return None
 
@@ -364,7 +361,7 @@ def comparison_table(claims: dict, keys: pd.DataFrame, perf, items, acc, mem, se
             for _, g in groups.iterrows():
                 # an engine-level variant (top-k, expert count or width overridden, speculation) is no model's own
                 # batch behaviour; a pruned checkpoint is a model of its own, but not the model a claim names
-                if any(g[f"{c}_given"] for c in ("top_k", "num_experts", "ffn_width", "speculation")) or \
+                if any(g[f"{c}_given"] for c in COORDINATES if c != "keep") or \
                         (claim.get("models") and (g.base not in claim["models"] or g.keep < 1)) or \
                         not all(matches(g[c], x) for c, x in (claim.get("where") or {}).items()):
                     continue

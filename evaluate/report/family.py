@@ -7,6 +7,7 @@ members that came out best (bootstrap)."""
 import numpy as np
 import pandas as pd
 
+from moeq.evaluate import kernels
 from moeq.evaluate.report import compare, verdicts
 from moeq.evaluate.report.verdicts import GROUP, N_BOOT, SEED
 
@@ -46,10 +47,10 @@ def family_rows(claim: dict, groups: pd.DataFrame, perf: pd.DataFrame, mem: pd.D
             rng = np.random.default_rng(SEED)
             boots = [values[np.argmax([np.median(rng.choice(x, len(x))) for x in reps])] for _ in range(N_BOOT // 4)]
             flag = next((f for f in map(compare.cell_flag, rows) if f), None)
-            configs = [str(getattr(r, "moe_config", "")).split(":")[0].split(" (")[0] for r in rows]
+            configs = [kernels.config_kind(getattr(r, "moe_config", None)) for r in rows]
             # part of the differences is then the kernel's tiles, as compare._kernel_difference says of a pair
-            differ = ("; MoE Triton configs differ: " + ", ".join(f"{v:g} {c}" for v, c in zip(values, configs))
-                      if len(set(configs)) > 1 else "")
+            differ = ("; MoE Triton configs differ: " + ", ".join(f"{v:g} {c or 'not logged'}" for v, c in zip(values, configs))
+                      if len(set(configs) - {None}) > 1 else "")
             note = f"tok/s per GB of weights by {axis}: " + "; ".join(
                 f"{v:g}: {np.median(x):,.0f}" for v, x in zip(values, reps)) + differ + "; " + CAVEAT
             winner = members[int(np.flatnonzero(values == best)[0])][0]

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pandas as pd
 
+from moeq.evaluate.kernels import config_kind
 from moeq.evaluate.ledger import LEGACY
 from moeq.evaluate.report.verdicts import BASELINE, FLAGGED, GROUP, HOLDS, NO_BASELINE, NOT_MEASURED
 
@@ -212,9 +213,9 @@ def caveats(gkey: dict, perf: pd.DataFrame, settings: dict) -> list[str]:
     if len(kernels) and kernels.nunique() > 1:
         out.append("kernels: " + "; ".join(f"{k} ({', '.join(s)})" for k, s in
                                            kernels.groupby(kernels).groups.items()))
-    configs = perf.groupby("scheme").moe_config.first().dropna()
+    configs = perf.groupby("scheme").moe_config.first().map(config_kind)
     for kind, said in (("default", "untuned Triton config"), ("supplied", "Triton config not vLLM's own (VLLM_TUNED_CONFIG_FOLDER)")):
-        if schemes := sorted(configs[configs.str.startswith(kind)].index):
+        if schemes := sorted(configs[configs == kind].index):
             out.append(f"{said}: " + ", ".join(schemes))
     a16 = perf[perf.experts_a16.fillna(False).astype(bool)].groupby("scheme").moe_dtype.first()
     if len(a16):

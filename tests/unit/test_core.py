@@ -54,6 +54,8 @@ def test_moe_configs_supplied_beside_vllms_are_settings(tmp_path, monkeypatch):
              "device_name=NVIDIA_H200.json for MoE layer."]
     assert kernels.summary(lines[:1])["moe_config"] == f"{kernels.SUPPLIED}: {name}"
     assert kernels.summary(lines[1:])["moe_config"] == "tuned: E=128,N=768,device_name=NVIDIA_H200.json"
+    assert [kernels.config_kind(kernels.summary(x)["moe_config"]) for x in (lines[:1], lines[1:], [])] == \
+        ["supplied", "tuned", None]
 
 
 @pytest.mark.parametrize("kwargs, message", [
