@@ -23,7 +23,7 @@ GUIDE = {  # the issue's eight claims -> the entries that carry them
     "batch size": ["batch-mixtral", "batch-mixtral-slo", "batch-small-moe", "batch-small-moe-slo",
                    "batch-large-moe", "batch-large-moe-slo"],
     "speculative decoding": ["spec-speedup", "spec-draft-size"],
-    "fused kernels": ["fused-v2-block-manager", "fused-kernel-throughput"],
+    "fused kernels": ["fused-v2-block-manager", "fused-kernel-throughput", "fused-kernel-vs-grouped-gemm"],
     "single gpu": ["mixtral-fp16-48gb", "mixtral-int8-24gb", "mixtral-min-gpu-fp16", "mixtral-min-gpu-int8",
                    "mixtral-awq-fits", "mixtral-min-gpu-int4"],
 }
@@ -161,8 +161,14 @@ def test_recommended_batch_and_its_open_end():
     assert (point, hi) == (64, 64)
     rising = sweep.assign(repeats=[json.dumps([x] * 3) for x in (100.0, 1000, 1500, 2000)])
     point, lo, hi, note = compare.recommended_batch(rising, {"share": 0.9})
-    assert point == 128 and hi == np.inf and "open" in note
+    assert point == 128 and hi == np.inf and "it is the largest batch measured (128)" in note and "must go further" in note
     assert compare.within(point, lo, hi, {"within": [64, 128]}) == verdicts.INCONCLUSIVE
+    # a sweep to 512 whose interval reaches its end: said of the interval, and no further sweep is asked for
+    to512 = pd.DataFrame({"batch": [1.0, 64, 256, 512], "throughput": [100.0, 1000, 1900, 2000],
+                          "repeats": [json.dumps(r) for r in ([100.0] * 3, [1000.0] * 3, [1800.0, 1900, 2000], [1900.0, 2000, 2300])]})
+    point, lo, hi, note = compare.recommended_batch(to512, {"share": 0.9})
+    assert (point, hi) == (256, np.inf) and "its interval reaches the largest batch measured (512)" in note
+    assert "must go further" not in note
 
 
 def test_prune_keeps_the_most_routed_experts_per_layer():
@@ -345,3 +351,26 @@ def test_the_best_expert_count_of_a_family_is_the_most_throughput_per_gb():
     # two members are no family
     v = compare.comparison_table({"claims": [claim]}, keys[keys.settings != "e16"], perf, items, acc, mem, settings, {})
     assert list(v.verdict) == [verdicts.NOT_MEASURED]
+
+
+def test_a_family_value_timed_on_two_triton_configs_makes_two_families():
+    """device.sh borrow= runs pruned shapes again on the reference's tuned file: each value once per family."""
+    members = {"e2": {"num_local_experts": 2}, "e2s": {"num_local_experts": 2}, "e4": {"num_local_experts": 4},
+               "e4s": {"num_local_experts": 4}, "e8": {"num_local_experts": 8}}
+    keys, perf, items, acc, mem, settings = _frames(members)
+    perf["moe_config"] = perf.settings.map({"e2": "default (no tuned Triton config for this shape and device)",
+                                            "e4": "default (no tuned Triton config for this shape and device)",
+                                            "e2s": "supplied (VLLM_TUNED_CONFIG_FOLDER): E=2,N=64,device_name=X.json",
+                                            "e4s": "supplied (VLLM_TUNED_CONFIG_FOLDER): E=4,N=64,device_name=X.json",
+                                            "e8": "tuned: E=8,N=64,device_name=X.json"})
+    mem["weights_bytes"] = mem.settings.map({"e2": 1e9, "e2s": 1e9, "e4": 2e9, "e4s": 2e9, "e8": 4e9})
+    perf.loc[perf.settings == "e4s", "throughput"] *= 3  # the supplied config makes 4 experts the best
+    perf.loc[perf.settings == "e4s", "repeats"] = [json.dumps([x * 0.99, x, x * 1.01]) for x in perf[perf.settings == "e4s"].throughput]
+    claim = next(c for c in verdicts.load_claims()["claims"] if c["id"] == "experts-8-32-optimal")
+    v = compare.comparison_table({"claims": [claim]}, keys, perf, items, acc, mem, settings, {})
+    assert len(v) == 6 and set(v.variant) == {"num_experts family: 2, 4, 8 (default Triton configs)",
+                                              "num_experts family: 2, 4, 8 (supplied Triton configs)"}
+    best = v.groupby("variant").value.agg(set).to_dict()
+    assert best == {"num_experts family: 2, 4, 8 (default Triton configs)": {2.0},
+                    "num_experts family: 2, 4, 8 (supplied Triton configs)": {4.0}}
+    assert v.note.str.contains("2 supplied, 4 supplied, 8 tuned", regex=False).any()
