@@ -120,6 +120,25 @@ def timed(fn, x, warmup: int, repeats: int, device: str) -> list[float]:
     return times
 
 
+def routed(fn, x, blocks) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """fn(x) and, per layer, the experts its router picked for each token (sorted), read by a hook on the
+    routers: every implementation routes through the same router modules."""
+    picks = []
+    hooks = [b.gate.register_forward_hook(lambda m, i, o: picks.append(o[2].sort(-1).values)) for b in blocks]
+    try:
+        with torch.inference_mode():
+            return fn(x), picks
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def routing_agreement(picks: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    """Share of (layer, token) pairs routed to the same experts as the reference: a later layer's router sees
+    the earlier layers' rounding, and one near-tie flipped changes that token's output by a whole expert."""
+    return float(torch.cat([(a == b).all(-1) for a, b in zip(picks, ref)]).float().mean())
+
+
 def max_rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
 
@@ -137,13 +156,12 @@ def run(args) -> dict:
     rows = []
     for batch in args.batch:
         x = torch.randn(batch, 1, cfg["hidden_size"], device=device, dtype=torch.bfloat16)  # one decode step
-        with torch.inference_mode():
-            ref = impls[REFERENCE](x)
+        ref, ref_picks = routed(impls[REFERENCE], x, blocks)
         base = None
         for name, fn in impls.items():
             try:
-                with torch.inference_mode():
-                    err = max_rel_error(fn(x), ref)
+                out, picks = routed(fn, x, blocks)
+                err, agree = max_rel_error(out, ref), routing_agreement(picks, ref_picks)
                 times = timed(fn, x, args.warmup, args.repeats, device)
             except Exception as e:  # an implementation this torch/device lacks: its own words, never a number
                 missing[f"{name} (batch {batch})"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
@@ -152,9 +170,10 @@ def run(args) -> dict:
             base = med if name == REFERENCE else base
             rows.append({"impl": name, "batch": batch, "ms_median": 1e3 * med, "ms_runs": [1e3 * t for t in times],
                          "tokens_per_s": batch / med, "speedup_vs_eager": base / med if base else None,
-                         "max_rel_err_vs_eager": err})
+                         "max_rel_err_vs_eager": err, "routing_agreement_vs_eager": agree})
             print(f"  batch {batch:>4}  {name:<15} {1e3 * med:9.3f} ms  {batch / med:12,.0f} tok/s  "
-                  f"x{(base / med if base else float('nan')):.2f} vs eager  (max rel. error {err:.1e})", flush=True)
+                  f"x{(base / med if base else float('nan')):.2f} vs eager  (max rel. error {err:.1e}, "
+                  f"routing {agree:.1%} as eager's)", flush=True)
     for name, why in missing.items():
         print(f"  {name}: not run: {why}")
     import transformers

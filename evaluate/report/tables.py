@@ -77,7 +77,9 @@ def _measured(q, x, lo, hi, unit) -> str:
         return fmt(x, ".1f", suffix=" GB")
     if q == "memory" or (q == "weights_change" and lo == hi):  # an exact count: no interval shown
         return fmt_pct(x, np.nan, np.nan)
-    if isinstance(unit, str) and unit not in ("%", "GB"):  # a batch, a count, a ratio
+    if unit == "×":  # a speedup
+        return MISSING if pd.isna(x) else f"×{x:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if pd.notna(lo) and lo != hi else "")
+    if isinstance(unit, str) and unit not in ("%", "GB"):  # a batch, a count
         return MISSING if pd.isna(x) else f"{x:g}" + (f" [{lo:g}, {hi:g}]" if pd.notna(lo) and lo != hi else "")
     return fmt_pct(x, lo, hi)
 
@@ -345,6 +347,8 @@ def recommendation_display(rec: pd.DataFrame) -> pd.DataFrame:
 
 def _cell_label(cell) -> str:
     """b16 for the sweep's 512-in/128-out cells, b1 (1900 in, 84 out) for others; nothing for a summary row."""
+    if re.fullmatch(r"b\d+", str(cell)):  # a benchmark's decode batch (benchmarks/fused_moe.py)
+        return str(cell)
     m = re.fullmatch(r"b(\d+)-i(\d+)-o(\d+)", str(cell))
     return "" if not m else f"b{m[1]}" + ("" if m.groups()[1:] == ("512", "128") else f" ({m[2]} in, {m[3]} out)")
 

@@ -24,6 +24,7 @@ def test_reduced_run_writes_comparable_numbers(tmp_path):
         assert len(r["ms_runs"]) == 3 and r["tokens_per_s"] == pytest.approx(batch / (r["ms_median"] / 1e3))
         assert r["speedup_vs_eager"] == pytest.approx(rows[("eager", batch)]["ms_median"] / r["ms_median"])
         assert r["max_rel_err_vs_eager"] < 2e-2, impl  # BF16 rounding only: the same experts were computed
+        assert r["routing_agreement_vs_eager"] == 1.0, impl  # one layer: every router saw the same input
     if "vllm_fused_moe" not in {i for i, _ in rows}:
         assert "CPU" in data["not_run"]["vllm_fused_moe"]
 
