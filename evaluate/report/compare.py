@@ -148,6 +148,14 @@ def pairs(groups: pd.DataFrame, claim: dict) -> list[tuple[pd.Series, pd.Series]
     return out
 
 
+def held(v: pd.Series, axis: str) -> str:
+    """The coordinates a pair shares that its model does not have natively, named beside the variant: a
+    pruning pair of two top-2 variants of a top-8 model is not the model pruned."""
+    given = [f"{c} {v[c]:g}" if isinstance(v[c], (int, float)) else f"{c} {v[c]}"
+             for c in COORDINATES if c not in (axis, LINKED.get(axis)) and v.get(f"{c}_given")]
+    return f" at {', '.join(given)}" if given else ""
+
+
 def select(df: pd.DataFrame, g: pd.Series) -> pd.DataFrame:
     return df[np.logical_and.reduce([df[k] == g[k] for k in GROUP + ["scheme"]])] if len(df) else df
 
@@ -250,8 +258,9 @@ def recommended_batch(perf: pd.DataFrame, rule: dict) -> tuple[float, float, flo
         return np.nan, np.nan, np.nan, "fewer than three batch sizes measured"
     batches = sweep.batch.to_numpy()
     top, measured = batches.max(), ", ".join(f"{b:g}" for b in batches)
-    open_end = ("; it is the largest batch measured, so the answer may lie above it (upper end open: the sweep "
-                f"must go further, to 512 or the KV limit)")
+    def open_end(point) -> str:  # the plans sweep to 512 (issue 12); a shorter sweep says it must go on
+        return (f"; {'it is' if point == top else 'its interval reaches'} the largest batch measured ({top:g}), so the "
+                "answer may lie above it" + ("" if top >= 512 else " (the sweep must go further, to 512 or the KV limit)"))
     if "itl_p99_ms" in rule:
         itl = sweep.itl_p99.to_numpy() * 1e3
         if np.isnan(itl).all():
@@ -259,7 +268,7 @@ def recommended_batch(perf: pd.DataFrame, rule: dict) -> tuple[float, float, flo
         ok = batches[itl < rule["itl_p99_ms"]]
         point = ok.max() if len(ok) else np.nan
         note = f"largest batch with ITL p99 under {rule['itl_p99_ms']:g} ms (an SLO of ours), of {measured}"
-        return point, point, np.inf if point == top else point, note + (open_end if point == top else "")
+        return point, point, np.inf if point == top else point, note + (open_end(point) if point == top else "")
     reps = [np.asarray(verdicts.repeats_of(r.repeats, r.throughput), float) for r in sweep.itertuples()]
     pick = lambda med: batches[np.argmax(med >= rule["share"] * med.max())]
     point = pick(np.array([np.median(x) for x in reps]))
@@ -268,7 +277,7 @@ def recommended_batch(perf: pd.DataFrame, rule: dict) -> tuple[float, float, flo
     lo, hi = np.percentile(boots, [2.5, 97.5])
     note = f"smallest batch reaching {rule['share']:.0%} of the sweep's best throughput, of {measured}"
     if hi == top:  # the best may lie beyond the sweep: then so may 90% of it
-        return float(point), float(lo), np.inf, note + open_end
+        return float(point), float(lo), np.inf, note + open_end(point)
     return float(point), float(lo), float(hi), note
 
 
@@ -297,6 +306,10 @@ def benchmark_rows(claim: dict, benchmarks: dict) -> list[dict]:
                 f"{data['shape']['intermediate_size']} expert width, {data['dtype']}), one decode step; "
                 f"{v['ms_median']:.3f} vs {r['ms_median']:.3f} ms; an end-to-end gain is at most this, scaled by "
                 "the MoE layers' share of a step")
+        if v.get("max_rel_err_vs_eager") is not None and impl != "eager":  # how far the outputs agree, and why not
+            agree = v.get("routing_agreement_vs_eager")
+            note += (f"; output vs eager: max error {v['max_rel_err_vs_eager']:.1%} of the largest output"
+                     + (f", routing {agree:.1%} as eager's" if agree is not None else ", routing not compared"))
         out.append(where | {"cell": f"b{batch}", "value": 1 + point / 100, "lo": 1 + lo / 100, "hi": 1 + hi / 100,
                             "note": note} | ({"flag": caveat, "note": f"{caveat}; {note}"} if caveat else {}))
     not_run = [f"{k}: {why}" for k, why in (data.get("not_run") or {}).items() if k.startswith(spec["variant"])]
@@ -356,7 +369,7 @@ def comparison_table(claims: dict, keys: pd.DataFrame, perf, items, acc, mem, se
                 ref = f"{r.model} · settings {r.settings}" + (f" ({claim['compare']['axis']} {r[claim['compare']['axis']]})")
                 for f in measured_pair(claim["quantity"], v, r, perf, items, acc, mem) or [{"note": "no data"}]:
                     found.append({**{g: v[g] for g in GROUP}, "scheme": v.scheme, "reference": ref,
-                                  "variant": f"{claim['compare']['axis']} {v[claim['compare']['axis']]}", **f})
+                                  "variant": f"{claim['compare']['axis']} {v[claim['compare']['axis']]}" + held(v, claim['compare']['axis']), **f})
         elif k == "batch":
             for _, g in groups.iterrows():
                 # an engine-level variant (top-k, expert count or width overridden, speculation) is no model's own

@@ -170,3 +170,10 @@ def test_fused_kernel_claim_reads_the_benchmark_json():
     assert list(cpu.verdict) == [verdicts.NOT_MEASURED] and "Triton kernel" in cpu.note.iloc[0]
     missing = compare.comparison_table(claims, pd.DataFrame(columns=verdicts.GROUP + ["scheme"]), *empty, {}, {}, {}, {})
     assert list(missing.verdict) == [verdicts.NOT_MEASURED] and "fused_moe.py" in missing.note.iloc[0]
+    grouped = {"claims": [c for c in verdicts.load_claims()["claims"] if c["id"] == "fused-kernel-vs-grouped-gemm"]}
+    bench = _bench()
+    for r in bench["fused_moe.json"]["results"]:
+        r |= {"max_rel_err_vs_eager": 0.02, "routing_agreement_vs_eager": 0.75} if r["impl"] == "vllm_fused_moe" else {}
+    v = compare.comparison_table(grouped, pd.DataFrame(columns=verdicts.GROUP + ["scheme"]), *empty, {}, {}, {}, bench)
+    assert np.allclose(v.value, 0.91 / 0.82) and set(v.reference) == {"grouped_mm"}
+    assert v.note.str.contains("max error 2.0% of the largest output, routing 75.0% as eager's", regex=False).all()
