@@ -20,7 +20,7 @@ import pandas as pd
 
 from moeq import pruned, registry
 from moeq.evaluate import kernels, speculative
-from moeq.evaluate.report import verdicts
+from moeq.evaluate.report import benchmark, verdicts
 from moeq.evaluate.report.verdicts import FLAGGED, GROUP, INCONCLUSIVE, NOT_MEASURED, SEED, N_BOOT
 
 NOT_TESTABLE = "not testable as written"
@@ -281,43 +281,6 @@ def recommended_batch(perf: pd.DataFrame, rule: dict) -> tuple[float, float, flo
     return float(point), float(lo), float(hi), note
 
 
-def benchmark_rows(claim: dict, benchmarks: dict) -> list[dict]:
-    """A benchmark claim (`benchmark: {file, variant, reference}`) read from the JSON a benchmark script wrote
-    (benchmarks/fused_moe.py: per implementation and batch, the timed runs of one MoE layer stack): speedup
-    = variant / reference tokens per second, bootstrap over the runs. A reduced shape or a CPU run is a test
-    of the script: shown, with no verdict. An implementation that did not run says why."""
-    spec = claim["benchmark"]
-    data = benchmarks.get(spec["file"])
-    if data is None:
-        return []
-    got = {(r["impl"], r["batch"]): r for r in data["results"]}
-    where = {"model": data["model"], "provenance": "shape-only", "device": data["device"], "scheme": "bf16",
-             "backend": ", ".join(f"{k} {v}" for k, v in data["libraries"].items() if v),
-             "settings": spec["file"], "variant": spec["variant"], "reference": spec["reference"]}
-    caveat = ("reduced shape (hidden and expert width / 16): a test of the script, not the claim" if data.get("reduced")
-              else "CPU run: the claim speaks of GPU serving" if data["device"].startswith("cpu") else None)
-    out = []
-    for (impl, batch), v in sorted(got.items(), key=lambda kv: kv[0][1]):
-        r = got.get((spec["reference"], batch))
-        if impl != spec["variant"] or r is None:
-            continue
-        point, lo, hi = verdicts.ratio_of_medians([batch / t for t in v["ms_runs"]], [batch / t for t in r["ms_runs"]])
-        note = (f"one stack of {data['layers']} MoE layers ({data['shape']['hidden_size']} hidden, "
-                f"{data['shape']['intermediate_size']} expert width, {data['dtype']}), one decode step; "
-                f"{v['ms_median']:.3f} vs {r['ms_median']:.3f} ms; an end-to-end gain is at most this, scaled by "
-                "the MoE layers' share of a step")
-        if v.get("max_rel_err_vs_eager") is not None and impl != "eager":  # how far the outputs agree, and why not
-            agree = v.get("routing_agreement_vs_eager")
-            note += (f"; output vs eager: max error {v['max_rel_err_vs_eager']:.1%} of the largest output"
-                     + (f", routing {agree:.1%} as eager's" if agree is not None else ", routing not compared"))
-        out.append(where | {"cell": f"b{batch}", "value": 1 + point / 100, "lo": 1 + lo / 100, "hi": 1 + hi / 100,
-                            "note": note} | ({"flag": caveat, "note": f"{caveat}; {note}"} if caveat else {}))
-    not_run = [f"{k}: {why}" for k, why in (data.get("not_run") or {}).items() if k.startswith(spec["variant"])]
-    if not out and not_run:
-        out.append(where | {"cell": "-", "note": f"{spec['file']}: not run: " + "; ".join(not_run)})
-    return out
-
-
 def fit_rows(claim: dict, groups: pd.DataFrame, mem: pd.DataFrame, settings: dict, formats: dict) -> list[dict]:
     """A fit claim (`fit:` engine arguments, e.g. KV for one 2k sequence and one sequence at a time; `covers:` as
     a scheme claim's): per covered scheme, the device memory its engine held at exactly those arguments
@@ -358,7 +321,7 @@ def comparison_table(claims: dict, keys: pd.DataFrame, perf, items, acc, mem, se
             continue
         found = []
         if k == "benchmark":
-            found = benchmark_rows(claim, benchmarks or {})
+            found = benchmark.benchmark_rows(claim, benchmarks or {})
         elif k == "fit":
             found = fit_rows(claim, groups, mem, settings, formats or {})
         elif k == "family":

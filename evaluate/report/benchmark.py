@@ -1,0 +1,40 @@
+"""A claim read from the JSON a benchmark script wrote beside the ledger (claims.yaml `benchmark:`), e.g.
+"fused MoE kernels: +12-18%" from benchmarks/fused_moe.py: one MoE layer stack timed per implementation."""
+from moeq.evaluate.report import verdicts
+
+
+def benchmark_rows(claim: dict, benchmarks: dict) -> list[dict]:
+    """A benchmark claim (`benchmark: {file, variant, reference}`) read from the JSON a benchmark script wrote
+    (benchmarks/fused_moe.py: per implementation and batch, the timed runs of one MoE layer stack): speedup
+    = variant / reference tokens per second, bootstrap over the runs. A reduced shape or a CPU run is a test
+    of the script: shown, with no verdict. An implementation that did not run says why."""
+    spec = claim["benchmark"]
+    data = benchmarks.get(spec["file"])
+    if data is None:
+        return []
+    got = {(r["impl"], r["batch"]): r for r in data["results"]}
+    where = {"model": data["model"], "provenance": "shape-only", "device": data["device"], "scheme": "bf16",
+             "backend": ", ".join(f"{k} {v}" for k, v in data["libraries"].items() if v),
+             "settings": spec["file"], "variant": spec["variant"], "reference": spec["reference"]}
+    caveat = ("reduced shape (hidden and expert width / 16): a test of the script, not the claim" if data.get("reduced")
+              else "CPU run: the claim speaks of GPU serving" if data["device"].startswith("cpu") else None)
+    out = []
+    for (impl, batch), v in sorted(got.items(), key=lambda kv: kv[0][1]):
+        r = got.get((spec["reference"], batch))
+        if impl != spec["variant"] or r is None:
+            continue
+        point, lo, hi = verdicts.ratio_of_medians([batch / t for t in v["ms_runs"]], [batch / t for t in r["ms_runs"]])
+        note = (f"one stack of {data['layers']} MoE layers ({data['shape']['hidden_size']} hidden, "
+                f"{data['shape']['intermediate_size']} expert width, {data['dtype']}), one decode step; "
+                f"{v['ms_median']:.3f} vs {r['ms_median']:.3f} ms; an end-to-end gain is at most this, scaled by "
+                "the MoE layers' share of a step")
+        if v.get("max_rel_err_vs_eager") is not None and impl != "eager":  # how far the outputs agree, and why not
+            agree = v.get("routing_agreement_vs_eager")
+            note += (f"; output vs eager: max error {v['max_rel_err_vs_eager']:.1%} of the largest output"
+                     + (f", routing {agree:.1%} as eager's" if agree is not None else ", routing not compared"))
+        out.append(where | {"cell": f"b{batch}", "value": 1 + point / 100, "lo": 1 + lo / 100, "hi": 1 + hi / 100,
+                            "note": note} | ({"flag": caveat, "note": f"{caveat}; {note}"} if caveat else {}))
+    not_run = [f"{k}: {why}" for k, why in (data.get("not_run") or {}).items() if k.startswith(spec["variant"])]
+    if not out and not_run:
+        out.append(where | {"cell": "-", "note": f"{spec['file']}: not run: " + "; ".join(not_run)})
+    return out
