@@ -197,6 +197,16 @@ def _host_difference(a, b) -> str | None:
     return f"timed on different hosts: {'; '.join(differ)}" if differ else None
 
 
+def _hosts_of_sweep(p: pd.DataFrame) -> str:
+    """A sweep whose batches were timed on several hosts (a plan filling in batches a session before had not):
+    the large, GPU-bound batches that decide the rule agree across hosts, host-bound small ones need not."""
+    hosts = sorted({h for h in p.get("host", pd.Series(dtype=object)) if isinstance(h, str) and h})
+    if len(hosts) < 2:
+        return ""
+    per = "; ".join(f"{h}: b" + ", ".join(f"{b:g}" for b in sorted(p[p.host == h].batch)) for h in hosts)
+    return f"; its batches were timed on {len(hosts)} hosts ({per}): host-bound small batches may not compare across them"
+
+
 def _acceptance(row) -> str:
     rate, length = getattr(row, "spec_acceptance_rate", np.nan), getattr(row, "spec_acceptance_length", np.nan)
     return "" if pd.isna(rate) else f"; acceptance {rate:.3f} ({length:.2f} tokens per target step)"
@@ -347,6 +357,7 @@ def comparison_table(claims: dict, keys: pd.DataFrame, perf, items, acc, mem, se
                 shape = p.dropna(subset=["batch"]).groupby(["input_len", "output_len"]).size().idxmax()
                 p = p[(p.input_len == shape[0]) & (p.output_len == shape[1])]
                 point, lo, hi, note = recommended_batch(p, claim["batch"])
+                note += _hosts_of_sweep(p)
                 flags = {f for f in map(cell_flag, p.itertuples()) if f}
                 f = {"value": point, "lo": lo, "hi": hi, "note": note}
                 if flags:

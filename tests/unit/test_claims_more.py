@@ -374,3 +374,11 @@ def test_a_family_value_timed_on_two_triton_configs_makes_two_families():
     assert best == {"num_experts family: 2, 4, 8 (default Triton configs)": {2.0},
                     "num_experts family: 2, 4, 8 (supplied Triton configs)": {4.0}}
     assert v.note.str.contains("2 supplied, 4 supplied, 8 tuned", regex=False).any()
+
+
+def test_a_batch_sweep_timed_on_two_hosts_says_which_batches_ran_where():
+    one = pd.DataFrame({"batch": [1.0, 16, 64], "host": ["h1"] * 3})
+    assert compare._hosts_of_sweep(one) == "" and compare._hosts_of_sweep(one.drop(columns="host")) == ""
+    two = pd.DataFrame({"batch": [1.0, 16, 64, 256], "host": ["h1", "h1", "h2", "h2"]})
+    assert compare._hosts_of_sweep(two) == ("; its batches were timed on 2 hosts (h1: b1, 16; h2: b64, 256): "
+                                            "host-bound small batches may not compare across them")
