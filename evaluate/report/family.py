@@ -28,10 +28,10 @@ def families(groups: pd.DataFrame, claim: dict) -> list[pd.DataFrame]:
     return [f for _, f in picked.groupby(share, dropna=False) if f[axis].nunique() >= 3]
 
 
-def by_config(members: list, axis: str) -> list[list]:
+def by_config(members: list, axis: str) -> list[tuple[list, str]]:
     """Members that repeat an axis value (one shape run on vLLM's default Triton config and again on a tuned
     file supplied to it, device.sh borrow=) make one family per config kind, each with the members that do
-    not repeat: a family compares one value of the axis once."""
+    not repeat, labelled by that kind: a family compares each value of the axis once."""
     values = [g[axis] for g, *_ in members]
     if len(set(values)) == len(values):
         return [(members, "")]
