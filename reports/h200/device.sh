@@ -41,8 +41,8 @@ left() { echo $((END - SECONDS > 5 ? END - SECONDS : 5)); }
 show() { tee -a "$OUT/device$TAG.log" | grep --line-buffered -E '^\[(eval|sweep|serve|quantize)\]|^routing:|run [0-9]/|MoE backend|MoE config|Throughput|Error|error:|Traceback' ; }
 
 # the vLLM parts to /tmp/chunks, those of the wheel sets (.device/quant/pN, .device/eval/pN) to folders beside them
-# (a call takes 64 MiB with the tree, 23.6 MiB since session 9's rows: bundle.py's 40 MiB parts no longer leave room,
-#  so the same bytes are cut at 34 MiB, ten parts: cat .device/p*/part* | split -b 34M -d -a 2 - part, one per .device/pN)
+# (a call takes 64 MiB with the tree, which grows with the ledger: uploads.sh cuts the same bytes into smaller parts,
+#  one per .device/pN, when the tree leaves a part too little room; 34 MiB, ten parts, at 28.8 MiB of tree)
 step_chunk() {
   mkdir -p /tmp/chunks/quant /tmp/chunks/eval; cp .device/p*/part* /tmp/chunks/ 2>/dev/null
   for set in quant eval; do cp .device/$set/p*/part* /tmp/chunks/$set/ 2>/dev/null; done

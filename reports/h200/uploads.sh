@@ -12,10 +12,17 @@ make setup >/dev/null
 # vLLM 0.26.0 and what it needs beyond the image, in parts that fit one call beside the tracked tree (64 MiB)
 tree=$(( $(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) / 2**20 ))
 part=$(( 62 - tree - 4 ))  # 4 MiB for .h200/src and the call's own files
+vllm_parts() { ls .device/p[0-9]*/part* | sort -t/ -k3; }  # by part number: p10 sorts before p2 as a folder
 [ -d .device/p0 ] || $BUNDLE --out .device --part-mib $part vllm==0.26.0 pycountry gguf diskcache apache-tvm-ffi==0.1.15.post2
+if [ "$(stat -c %s .device/p0/part00)" -gt $(( part * 2**20 )) ]; then  # the tree grew since they were cut:
+  tmp=$(mktemp -d) && vllm_parts | xargs cat > "$tmp/all" && rm -rf .device/p[0-9]*  # same bytes
+  split -b ${part}M -d -a 2 "$tmp/all" "$tmp/part" && rm "$tmp/all"
+  for f in "$tmp"/part*; do n=$((10#${f##*part})); mkdir -p .device/p$n && mv "$f" .device/p$n/; done; rm -rf "$tmp"
+  echo "vLLM parts re-cut at $part MiB: $(ls -d .device/p[0-9]* | wc -l) parts"
+fi
 [ -d .device/quant ] || $BUNDLE --out .device/quant --part-mib 34 llmcompressor==0.14.0.1 compressed-tensors==0.19.0
 if [ ! -d .device/eval ]; then  # lm-eval beside vLLM: what the vLLM bundle holds is left out (BUILD-PLAN.md)
-  skip=$(cat .device/p*/part* | tar t | sed -n 's#^whl/##p' | sed -E 's/-[0-9].*//' | tr 'A-Z_' 'a-z-' | sort -u | tr '\n' ,)
+  skip=$(vllm_parts | xargs cat | tar t | sed -n 's#^whl/##p' | sed -E 's/-[0-9].*//' | tr 'A-Z_' 'a-z-' | sort -u | tr '\n' ,)
   $BUNDLE --out .device/eval --part-mib 34 lm-eval==0.4.13 nltk --skip "${skip}sqlitedict,word2number,rouge-score"
   tmp=$(mktemp -d) && cat .device/eval/p*/part* | tar x -C "$tmp"
   # PyPI has sdists only for these (rouge-score no wheel newer than 0.0.4); pytz is typepy[datetime]'s, an extra the resolver skips
