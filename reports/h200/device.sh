@@ -42,7 +42,7 @@ show() { tee -a "$OUT/device$TAG.log" | grep --line-buffered -E '^\[(eval|sweep|
 
 # the vLLM parts to /tmp/chunks, those of the wheel sets (.device/quant/pN, .device/eval/pN) to folders beside them
 # (a call takes 64 MiB with the tree, which grows with the ledger: uploads.sh cuts the same bytes into smaller parts,
-#  one per .device/pN, when the tree leaves a part too little room; 34 MiB, ten parts, at 28.8 MiB of tree)
+#  one per .device/pN, when the tree leaves a part too little room: 30 MiB, eleven parts, at 28.8 MiB of tree)
 step_chunk() {
   mkdir -p /tmp/chunks/quant /tmp/chunks/eval; cp .device/p*/part* /tmp/chunks/ 2>/dev/null
   for set in quant eval; do cp .device/$set/p*/part* /tmp/chunks/$set/ 2>/dev/null; done
