@@ -1,11 +1,14 @@
-"""The results ledger: one SQLite file, one row per (model, scheme, settings, cell or task, metric).
+"""The results ledger: one SQLite file, one row per (model, scheme, settings, build, cell or task, metric).
 
 Every write is one transaction, so a run killed part-way leaves only whole rows behind, and a rerun
 skips what `has()` finds. Repeated timings and per-item accuracy scores are kept beside the summary
 values so that the report can compute its own intervals (bootstrap, paired comparisons). Each row
 names the engine settings it was measured with (table `settings`, evaluate/settings.py) and the
 checkpoint identity it measured, so a differently-set run or a re-quantized checkpoint never stands in
-for another. One writer at a time: `lock()`.
+for another. A real model's build (the weights a checkpoint was made from: `build_of`) is part of every
+row's key: an embedded model rebuilt in a later session is other weights, and its rows stand beside the
+earlier build's instead of replacing them (session 15's rebuilt moe-500m had replaced the first build's
+bf16 scores). One writer at a time: `lock()`.
 """
 import contextlib
 import fcntl
@@ -14,32 +17,34 @@ import json
 import os
 import shutil
 import sqlite3
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 from moeq.errors import UserError
 
-VERSION = 2
+VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS env (
   id INTEGER PRIMARY KEY, digest TEXT UNIQUE NOT NULL, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS settings (id TEXT PRIMARY KEY, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS results (
   model TEXT NOT NULL, scheme TEXT NOT NULL, provenance TEXT NOT NULL, backend TEXT NOT NULL,
-  device TEXT NOT NULL, settings TEXT NOT NULL, kind TEXT NOT NULL, cell TEXT NOT NULL, metric TEXT NOT NULL,
-  value REAL, spread REAL, spread_kind TEXT, n INTEGER, unit TEXT, repeats TEXT,
+  device TEXT NOT NULL, settings TEXT NOT NULL, build TEXT NOT NULL DEFAULT '', kind TEXT NOT NULL,
+  cell TEXT NOT NULL, metric TEXT NOT NULL, value REAL, spread REAL, spread_kind TEXT, n INTEGER, unit TEXT, repeats TEXT,
   status TEXT NOT NULL DEFAULT 'ok', note TEXT, recipe_sha TEXT, env_id INTEGER REFERENCES env(id),
   checkpoint TEXT, item_limit INTEGER, created TEXT NOT NULL,
-  PRIMARY KEY (model, scheme, provenance, backend, device, settings, cell, metric));
+  PRIMARY KEY (model, scheme, provenance, backend, device, settings, build, cell, metric));
 CREATE TABLE IF NOT EXISTS items (
   model TEXT NOT NULL, scheme TEXT NOT NULL, provenance TEXT NOT NULL, backend TEXT NOT NULL,
-  device TEXT NOT NULL, settings TEXT NOT NULL, task TEXT NOT NULL, metric TEXT NOT NULL, item INTEGER NOT NULL,
-  value REAL NOT NULL,
-  PRIMARY KEY (model, scheme, provenance, backend, device, settings, task, metric, item)) WITHOUT ROWID;
+  device TEXT NOT NULL, settings TEXT NOT NULL, build TEXT NOT NULL DEFAULT '', task TEXT NOT NULL,
+  metric TEXT NOT NULL, item INTEGER NOT NULL, value REAL NOT NULL,
+  PRIMARY KEY (model, scheme, provenance, backend, device, settings, build, task, metric, item)) WITHOUT ROWID;
 """
 KEY = ("model", "scheme", "provenance", "backend", "device", "settings")
-COLUMNS = (*KEY, "kind", "cell", "metric", "value", "spread", "spread_kind", "n", "unit", "repeats", "status",
+COLUMNS = (*KEY, "build", "kind", "cell", "metric", "value", "spread", "spread_kind", "n", "unit", "repeats", "status",
            "note", "recipe_sha", "env_id", "checkpoint", "item_limit", "created")
+ITEM_COLUMNS = (*KEY, "build", "task", "metric", "item", "value")
 # Rows of a schema-1 ledger were written before settings were recorded.
 LEGACY = "legacy-v1"
 LEGACY_RECORD = {"legacy": "engine settings were not recorded (ledger schema 1)"}
@@ -59,28 +64,40 @@ def rowid_items(db: sqlite3.Connection) -> bool:
     return sql is not None and "WITHOUT ROWID" not in sql[0].upper()
 
 
+def build_of(provenance: str, checkpoint: str | None) -> str:
+    """The weights a row measured, as a key: a real checkpoint's source build ('<id>+from:<build>' for a
+    quantized or pruned checkpoint, '<build>+vllm:<method>' for a load-time scheme, the build itself for
+    bf16). '' for dummy weights (a shape-only folder is its config, and a changed config replaces its rows)
+    and for rows written before checkpoints were recorded, which stand for whichever build measures next."""
+    if not provenance.startswith("real") or not checkpoint:
+        return ""
+    if "+from:" in checkpoint:
+        return checkpoint.split("+from:", 1)[1]
+    return checkpoint.split("+vllm:", 1)[0]
+
+
 def migrate(path: Path, legacy_record: dict | None = None) -> bool:
-    """Bring a schema-1 ledger to the current schema, and items stored with a rowid to a table without one,
-    on a copy, then swap it in: a failure at any point leaves the original untouched. Returns whether
+    """Bring a ledger of schema 1 or 2 to the current schema (and items stored with a rowid to a table without
+    one) on a copy, then swap it in: a failure at any point leaves the original untouched. Returns whether
     anything was migrated."""
     with contextlib.closing(sqlite3.connect(path)) as db:
         version, rowid = schema_version(db), rowid_items(db)
     if version == VERSION and not rowid:
         return False
-    if version not in (1, VERSION):
-        raise UserError(f"{path} has ledger schema {version}; this moeq reads {VERSION} (and migrates 1)")
+    if version not in (1, 2, VERSION):
+        raise UserError(f"{path} has ledger schema {version}; this moeq reads {VERSION} (and migrates 1 and 2)")
     tmp = path.with_name(f".{path.name}.migrating-{os.getpid()}")
     shutil.copy2(path, tmp)
     try:
         with contextlib.closing(sqlite3.connect(tmp)) as db:
-            if version == 1:
-                _from_schema_1(db, legacy_record)
-            else:
-                with db:
-                    db.execute("ALTER TABLE items RENAME TO old_items")
-                    db.executescript(SCHEMA)
-                    db.execute("INSERT INTO items SELECT * FROM old_items")
-                    db.execute("DROP TABLE old_items")
+            db.create_function("build_of", 2, build_of, deterministic=True)
+            with db:
+                _copy_into_schema(db, legacy=version == 1)
+                if version == 1:
+                    _from_schema_1(db, legacy_record)
+                if version < 3:
+                    _fill_builds(db)
+                db.execute(f"PRAGMA user_version = {VERSION}")
             db.execute("VACUUM")
         os.replace(tmp, path)
     finally:
@@ -88,25 +105,35 @@ def migrate(path: Path, legacy_record: dict | None = None) -> bool:
     return True
 
 
+def _copy_into_schema(db: sqlite3.Connection, legacy: bool):
+    """Both tables re-created at the current schema, their rows copied by column name (columns an older
+    schema lacks take their defaults; schema 1 had no settings column: LEGACY)."""
+    for table in ("results", "items"):
+        db.execute(f"ALTER TABLE {table} RENAME TO old_{table}")
+    db.executescript(SCHEMA)
+    for table in ("results", "items"):
+        old = [c[1] for c in db.execute(f"PRAGMA table_info(old_{table})")]
+        extra = ", settings" if legacy else ""
+        db.execute(f"INSERT INTO {table} ({', '.join(old)}{extra}) SELECT {', '.join(old)}{', ?' if legacy else ''} "
+                   f"FROM old_{table}", (LEGACY,) if legacy else ())
+        db.execute(f"DROP TABLE old_{table}")
+
+
 def _from_schema_1(db: sqlite3.Connection, legacy_record: dict | None):
-    with db:
-        for table in ("results", "items"):
-            db.execute(f"ALTER TABLE {table} RENAME TO old_{table}")
-        db.executescript(SCHEMA)
-        old = [c[1] for c in db.execute("PRAGMA table_info(old_results)")]
-        db.execute(f"INSERT INTO results ({', '.join(old)}, settings) SELECT {', '.join(old)}, ? FROM old_results",
-                   (LEGACY,))
-        old = [c[1] for c in db.execute("PRAGMA table_info(old_items)")]
-        db.execute(f"INSERT INTO items ({', '.join(old)}, settings) SELECT {', '.join(old)}, ? FROM old_items",
-                   (LEGACY,))
-        # schema 1's ITL percentiles were over per-request mean ITLs, not over inter-token gaps
-        for q in ("p50", "p99"):
-            db.execute("UPDATE results SET metric = ? WHERE metric = ?", (f"itl_request_{q}", f"itl_{q}"))
-        db.execute("DROP TABLE old_results")
-        db.execute("DROP TABLE old_items")
-        db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)",
-                   (LEGACY, json.dumps(legacy_record or LEGACY_RECORD, sort_keys=True)))
-        db.execute(f"PRAGMA user_version = {VERSION}")
+    # schema 1's ITL percentiles were over per-request mean ITLs, not over inter-token gaps
+    for q in ("p50", "p99"):
+        db.execute("UPDATE results SET metric = ? WHERE metric = ?", (f"itl_request_{q}", f"itl_{q}"))
+    db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)",
+               (LEGACY, json.dumps(legacy_record or LEGACY_RECORD, sort_keys=True)))
+
+
+def _fill_builds(db: sqlite3.Connection):
+    """Schema 3's build column from what schema 2 recorded: each row's checkpoint, and for per-item scores
+    their cell's (schema 2 held one row per key and cell, so the lookup is unique)."""
+    db.execute("UPDATE results SET build = build_of(provenance, checkpoint)")
+    same = " AND ".join(f"r.{k} = items.{k}" for k in KEY)
+    db.execute(f"UPDATE items SET build = COALESCE((SELECT r.build FROM results r WHERE {same} AND r.cell = items.task "
+               "LIMIT 1), '')")
 
 
 class Ledger:
@@ -159,44 +186,49 @@ class Ledger:
             self.db.execute("INSERT OR IGNORE INTO settings VALUES (?, ?)", (settings_id, json.dumps(record, sort_keys=True)))
 
     def has(self, key: dict, cell: str, checkpoint: str | None = None, limit: int | None = None) -> bool:
-        """True if the cell (a perf cell or a task) has rows for this key, measured on this checkpoint
+        """True if the cell (a perf cell or a task) has rows for this key and build, measured on this checkpoint
         (when it is known) and, for a task, with this item limit."""
         where = " AND ".join(f"{k} = ?" for k in KEY)
-        rows = self.db.execute(f"SELECT checkpoint, item_limit, kind FROM results WHERE {where} AND cell = ?",
-                               (*[key[k] for k in KEY], cell)).fetchall()
+        rows = self.db.execute(f"SELECT checkpoint, item_limit, kind FROM results WHERE {where} AND build IN (?, '') "
+                               "AND cell = ?", (*[key[k] for k in KEY], build_of(key["provenance"], checkpoint), cell))
         return any((checkpoint is None or r["checkpoint"] in (None, checkpoint))
-                   and (r["kind"] != "accuracy" or r["item_limit"] == limit) for r in rows)
+                   and (r["kind"] != "accuracy" or r["item_limit"] == limit) for r in rows.fetchall())
 
     def write(self, key: dict, kind: str, cell: str, metrics: list[dict], items: list[tuple] = (),
               env_id: int | None = None, recipe_sha: str | None = None, checkpoint: str | None = None,
               limit: int | None = None):
-        """All of a cell's metrics (and per-item scores) in one transaction, replacing earlier ones.
+        """All of a cell's metrics (and per-item scores) in one transaction, replacing earlier ones of the same
+        build (and rows that never said theirs); another build's rows stay.
 
         Each metric: {metric, value, spread?, spread_kind?, n?, unit?, repeats?, status?, note?}.
         Each item: (task, metric, item_index, value).
         """
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        build = build_of(key["provenance"], checkpoint)
         kv = [key[k] for k in KEY]
-        match = " AND ".join(f"{k} = ?" for k in KEY)
+        match = " AND ".join(f"{k} = ?" for k in KEY) + " AND build IN (?, '')"
         with self.writing(f"cell {cell}"), self.db:
-            self.db.execute(f"DELETE FROM results WHERE {match} AND cell = ?", (*kv, cell))
+            self.db.execute(f"DELETE FROM results WHERE {match} AND cell = ?", (*kv, build, cell))
             for m in metrics:
                 self.db.execute(
                     f"INSERT INTO results ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
-                    (*kv, kind, cell, m["metric"], m.get("value"), m.get("spread"), m.get("spread_kind"),
+                    (*kv, build, kind, cell, m["metric"], m.get("value"), m.get("spread"), m.get("spread_kind"),
                      m.get("n"), m.get("unit"), json.dumps(m["repeats"]) if m.get("repeats") else None,
                      m.get("status", "ok"), m.get("note"), recipe_sha, env_id, checkpoint, limit, now))
             if items:
-                self.db.execute(f"DELETE FROM items WHERE {match} AND task = ?", (*kv, cell))
-                self.db.executemany("INSERT INTO items VALUES (?,?,?,?,?,?,?,?,?,?)", [(*kv, *item) for item in items])
+                self.db.execute(f"DELETE FROM items WHERE {match} AND task = ?", (*kv, build, cell))
+                self.db.executemany(f"INSERT INTO items ({', '.join(ITEM_COLUMNS)}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                                    [(*kv, build, *item) for item in items])
 
     def rows(self, **where) -> list[dict]:
         clause = " AND ".join(f"{k} = ?" for k in where) or "1"
         return [dict(r) for r in self.db.execute(f"SELECT * FROM results WHERE {clause}", tuple(where.values()))]
 
-    def delete(self, key: dict, cell: str | None = None):
-        match = " AND ".join(f"{k} = ?" for k in KEY) + (" AND cell = ?" if cell else "")
-        args = (*[key[k] for k in KEY], *([cell] if cell else []))
+    def delete(self, key: dict, cell: str | None = None, build: str | None = None):
+        """A key's rows (of one cell, of one build: every build's when not given)."""
+        match = " AND ".join(f"{k} = ?" for k in KEY) + (" AND cell = ?" if cell else "") + \
+            (" AND build = ?" if build is not None else "")
+        args = (*[key[k] for k in KEY], *([cell] if cell else []), *([build] if build is not None else []))
         with self.db:
             self.db.execute(f"DELETE FROM results WHERE {match}", args)
             self.db.execute(f"DELETE FROM items WHERE {match.replace('cell', 'task')}", args)
@@ -206,6 +238,17 @@ class Ledger:
         a cell missing here, or measured there later than here, replaces this ledger's rows for that cell,
         in one transaction with its items and engine settings; environment ids are matched by content.
         Returns (cells taken, cells kept as they were)."""
+        with contextlib.closing(sqlite3.connect(f"{Path(other).resolve().as_uri()}?mode=ro", uri=True)) as db:
+            current = schema_version(db) == VERSION
+        if current:
+            return self._merge(Path(other))
+        with tempfile.TemporaryDirectory() as tmp:  # an older copy is read migrated; the file stays as it is
+            copy = Path(tmp) / "ledger.sqlite"
+            shutil.copy2(other, copy)
+            migrate(copy)
+            return self._merge(copy)
+
+    def _merge(self, other: Path) -> tuple[int, int]:
         src = Ledger(other, readonly=True)
         env = {}
         for row in src.db.execute("SELECT id, digest, record FROM env"):
@@ -213,11 +256,13 @@ class Ledger:
                 self.db.execute("INSERT OR IGNORE INTO env (digest, record) VALUES (?, ?)", (row["digest"], row["record"]))
             env[row["id"]] = self.db.execute("SELECT id FROM env WHERE digest = ?", (row["digest"],)).fetchone()[0]
         settings = dict(self.db.execute("SELECT id, record FROM settings").fetchall())
-        match = " AND ".join(f"{k} = ?" for k in KEY) + " AND cell = ?"
+        exact = " AND ".join(f"{k} = ?" for k in (*KEY, "build")) + " AND cell = ?"
+        match = exact.replace("build = ?", "build IN (?, '')")  # here, as write(): rows that never said their build
         taken = kept = 0
-        cells = src.db.execute(f"SELECT {', '.join(KEY)}, cell, MAX(created) AS created FROM results GROUP BY {', '.join(KEY)}, cell")
+        group = ", ".join((*KEY, "build", "cell"))
+        cells = src.db.execute(f"SELECT {group}, MAX(created) AS created FROM results GROUP BY {group}")
         for cell in cells.fetchall():
-            args = tuple(cell[k] for k in (*KEY, "cell"))
+            args = tuple(cell[k] for k in (*KEY, "build", "cell"))
             here = self.db.execute(f"SELECT MAX(created) FROM results WHERE {match}", args).fetchone()[0]
             if here is not None and here >= cell["created"]:
                 kept += 1
@@ -226,8 +271,8 @@ class Ledger:
             if record and cell["settings"] in settings and json.loads(settings[cell["settings"]]) != json.loads(record[0]):
                 raise UserError(f"settings {cell['settings']} differ between {self.path} and {other}; nothing was merged "
                                 "from that cell on")
-            rows = [dict(r) for r in src.db.execute(f"SELECT * FROM results WHERE {match}", args)]
-            items = src.db.execute(f"SELECT * FROM items WHERE {match.replace('cell', 'task')}", args).fetchall()
+            rows = [dict(r) for r in src.db.execute(f"SELECT * FROM results WHERE {exact}", args)]
+            items = src.db.execute(f"SELECT * FROM items WHERE {exact.replace('cell', 'task')}", args).fetchall()
             with self.writing(f"cell {cell['cell']}"), self.db:
                 if record:
                     self.db.execute("INSERT OR IGNORE INTO settings VALUES (?, ?)", (cell["settings"], record[0]))
@@ -239,7 +284,8 @@ class Ledger:
                                     tuple(r[c] for c in COLUMNS))
                 if items:
                     self.db.execute(f"DELETE FROM items WHERE {match.replace('cell', 'task')}", args)
-                    self.db.executemany("INSERT INTO items VALUES (?,?,?,?,?,?,?,?,?,?)", [tuple(i) for i in items])
+                    self.db.executemany(f"INSERT INTO items ({', '.join(ITEM_COLUMNS)}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                                        [tuple(i[c] for c in ITEM_COLUMNS) for i in items])
             taken += 1
         src.close()
         if taken:  # replaced items leave free pages behind: the committed ledger rides in every device call

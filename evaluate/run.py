@@ -150,6 +150,9 @@ def job_for(target: Target, ledger: Path, settings: engine_settings.EngineSettin
         # the base it was made from, readable: the report pairs a scheme with bf16 only on one build of a model
         base = identity.read_manifest(target.path).get("source", {}).get("digest")
         ckpt = identity.checkpoint_identity(target.path) + (f"+from:{base}" if base else "")
+    elif not shape_only and (Path(target.path) / "manifest.json").is_file():  # a pruned model names its base build
+        base = identity.read_manifest(target.path).get("source", {}).get("digest")
+        ckpt = source + (f"+from:{base}" if base else "")
     else:
         ckpt = source
     return Job(model=target.model, scheme=target.scheme, path=str(target.path), ledger=str(ledger),

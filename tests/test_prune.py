@@ -47,4 +47,8 @@ def test_pruned_model_loads_in_vllm_and_scores(pruned_tiny, tmp_path):
     with sqlite3.connect(ledger) as db:
         rows = dict(db.execute("SELECT metric, value FROM results WHERE model = 'tiny-keep50' AND cell = 'moeq_mc4'"))
         facts = json.loads(db.execute("SELECT note FROM results WHERE model = 'tiny-keep50' AND kind = 'model'").fetchone()[0])
+        ckpt, build = db.execute("SELECT DISTINCT checkpoint, build FROM results WHERE model = 'tiny-keep50'").fetchone()
     assert 0 < rows["acc"] <= 1 and facts["num_experts"] == 4
+    # the rows name the build they were pruned from, so the report pairs them only with that build of tiny
+    source = json.loads((pruned_tiny / "manifest.json").read_text())["source"]["digest"]
+    assert ckpt.endswith(f"+from:{source}") and build == source

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from moeq import roofline
+from moeq import pruned, roofline
 from moeq.evaluate import kernels
 from moeq.evaluate.report import compare, gpus, headline, render, routing_load, serving, verdicts
 from moeq.evaluate.ledger import KEY as LEDGER_KEY, LEGACY, LEGACY_RECORD
@@ -46,6 +46,8 @@ def read_ledger(path: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, d
     for df in (results, items):
         if "settings" not in df:
             df["settings"] = LEGACY
+        if "build" not in df:  # schema 1-2: one build per key
+            df["build"] = ""
     settings = {k: json.loads(v) for k, v in settings.items()}
     settings.setdefault(LEGACY, LEGACY_RECORD)
     return results, items, env, settings
@@ -65,24 +67,35 @@ def label_builds(results: pd.DataFrame, items: pd.DataFrame) -> tuple[pd.DataFra
     """A model measured on more than one build (an embedded model rebuilt between sessions: GPU training is not
     bitwise reproducible, so each build is other weights) carries its build in its rows' provenance ("real ·
     build e358b9e1"): every build's rows stay in the report, each a group of its own, and nothing pairs across
-    them. A row that does not say its build (written before builds were recorded) belongs to its group's newest
+    them. A model pruned from it carries the build it was pruned from, so that it pairs with that build only.
+    A row that does not say its build (written before builds were recorded) belongs to its group's newest
     bf16 build. Returns (results, items, one row per model and build: rows, first and last measured)."""
     none = pd.DataFrame(columns=["model", "build", "provenance", "rows", "first", "last"])
     real = results[results.provenance == "real"].dropna(subset=["checkpoint"])
+    bf16 = real.checkpoint[real.scheme == BASELINE]
+    # a pruned checkpoint '<own>+from:<build>': what is quantized from it names <own>
+    pruned_from = dict(c.split("+from:", 1) for c in bf16 if "+from:" in c)
+
+    def base(checkpoint):  # the build a checkpoint names (None: it names none)
+        b = base_of(checkpoint)
+        return pruned_from.get(b, b)
     newest = real[real.scheme == BASELINE].sort_values("created").groupby(GROUP).checkpoint.last()
     if newest.empty:
         return results, items, none
-    row_base = real.checkpoint.where(real.scheme == BASELINE, real.checkpoint.map(base_of))
+    newest = newest.map(lambda c: base(c) or c)
+    row_base = real.checkpoint.map(base).fillna(bf16)
     build = row_base.fillna(real[GROUP].join(newest.rename("current"), on=GROUP).current).dropna()
-    several = build.groupby(real.model[build.index]).transform("nunique") > 1
-    build = build[several]
+    model = real.model[build.index]
+    family = model.map(lambda m: pruned.parse(m)[0])  # a pruned model is labelled when the model it came from is
+    rebuilt = build[model == family].groupby(model).nunique().loc[lambda n: n > 1].index
+    build = build[(build.groupby(model).transform("nunique") > 1) | family.isin(rebuilt)]
     if build.empty:
         return results, items, none
     labelled = results.provenance[build.index] + " · build " + build.str[:8]
-    moved = results.loc[build.index, KEY + ["cell"]].assign(labelled=labelled).drop_duplicates(KEY + ["cell"])
+    moved = results.loc[build.index, KEY + ["build", "cell"]].assign(labelled=labelled).drop_duplicates(KEY + ["build", "cell"])
     results = results.copy()
     results.loc[build.index, "provenance"] = labelled
-    items = items.merge(moved.rename(columns={"cell": "task"}), on=KEY + ["task"], how="left")
+    items = items.merge(moved.rename(columns={"cell": "task"}), on=KEY + ["build", "task"], how="left")
     items = items.assign(provenance=items.labelled.fillna(items.provenance)).drop(columns="labelled")
     table = (results.loc[build.index].assign(build=build).groupby(["model", "build", "provenance"])
              .created.agg(rows="size", first="min", last="max").reset_index())

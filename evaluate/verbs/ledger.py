@@ -48,7 +48,7 @@ def run(args):
     for r in poisoned:
         print(f"poisoned: {r['model']} / {r['scheme']} ({r['provenance']}, {r['device']}): {r['note'][:160]}")
         if args.remove:
-            db.delete({k: r[k] for k in ledger.KEY}, "status")
+            db.delete({k: r[k] for k in ledger.KEY}, "status", r["build"])
     settings = dict(db.db.execute("SELECT id, record FROM settings").fetchall())
     print(f"{path}: schema {ledger.VERSION}, {len(db.rows())} rows, {len(poisoned)} poisoned status rows"
           + (" (removed)" if args.remove and poisoned else "") + f", {len(settings)} engine settings:")

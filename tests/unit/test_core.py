@@ -292,10 +292,11 @@ def test_plain_eval_skips_hidden_folders_and_finds_models_quantized_from_a_path(
 
 
 def test_items_kept_with_a_rowid_are_moved_to_a_table_without_one(tmp_path):
+    from tests.unit.test_ledger_writers import V2_SCHEMA
     path = tmp_path / "ledger.sqlite"
     with contextlib.closing(sqlite3.connect(path)) as db, db:  # schema 2 as moeq wrote it until session 8
-        db.executescript(ledger_mod.SCHEMA.replace(" WITHOUT ROWID", ""))
-        db.execute(f"PRAGMA user_version = {ledger_mod.VERSION}")
+        db.executescript(V2_SCHEMA.replace(" WITHOUT ROWID", ""))
+        db.execute("PRAGMA user_version = 2")
         db.executemany("INSERT INTO items VALUES ('m', 'bf16', 'real', 'vllm-cuda', 'H200', 's', 't', 'acc', ?, ?)",
                        [(i, i % 2) for i in range(5000)])
     before = path.stat().st_size

@@ -75,3 +75,84 @@ def test_an_engine_whose_driver_is_gone_measures_nothing(tmp_path):
     out = subprocess.run([sys.executable, "-m", "moeq.evaluate.engine", str(job)], capture_output=True, text=True,
                          env=env, timeout=120)
     assert out.returncode == 1 and "ended before this engine started" in out.stderr
+
+
+# schema 2 (sessions 1-14): no build column, so a rebuilt model's rows replaced the earlier build's
+V2_SCHEMA = """
+CREATE TABLE env (id INTEGER PRIMARY KEY, digest TEXT UNIQUE NOT NULL, record TEXT NOT NULL);
+CREATE TABLE settings (id TEXT PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE results (
+  model TEXT NOT NULL, scheme TEXT NOT NULL, provenance TEXT NOT NULL, backend TEXT NOT NULL,
+  device TEXT NOT NULL, settings TEXT NOT NULL, kind TEXT NOT NULL, cell TEXT NOT NULL, metric TEXT NOT NULL,
+  value REAL, spread REAL, spread_kind TEXT, n INTEGER, unit TEXT, repeats TEXT,
+  status TEXT NOT NULL DEFAULT 'ok', note TEXT, recipe_sha TEXT, env_id INTEGER REFERENCES env(id),
+  checkpoint TEXT, item_limit INTEGER, created TEXT NOT NULL,
+  PRIMARY KEY (model, scheme, provenance, backend, device, settings, cell, metric));
+CREATE TABLE items (
+  model TEXT NOT NULL, scheme TEXT NOT NULL, provenance TEXT NOT NULL, backend TEXT NOT NULL,
+  device TEXT NOT NULL, settings TEXT NOT NULL, task TEXT NOT NULL, metric TEXT NOT NULL, item INTEGER NOT NULL,
+  value REAL NOT NULL,
+  PRIMARY KEY (model, scheme, provenance, backend, device, settings, task, metric, item)) WITHOUT ROWID;
+"""
+REAL = dict(KEY, model="moe-500m", scheme="bf16", provenance="real")
+
+
+def _v2_ledger(path):
+    with sqlite3.connect(path) as db:
+        db.executescript(V2_SCHEMA)
+        db.execute("PRAGMA user_version = 2")
+        db.execute("INSERT INTO settings VALUES ('s1', '{}')")
+        for scheme, prov, ckpt in (("bf16", "real", "buildA"), ("fp8", "real", "q1+from:buildA"),
+                                   ("fp8-online", "real", "buildA+vllm:fp8"), ("fp8", "shape-only", "cfg")):
+            db.execute("INSERT INTO results (model, scheme, provenance, backend, device, settings, kind, cell, metric, "
+                       "value, checkpoint, created) VALUES ('moe-500m', ?, ?, 'vllm-cuda', 'NVIDIA H200', 's1', "
+                       "'accuracy', 'moeq_mc4', 'acc', 0.5, ?, 'then')", (scheme, prov, ckpt))
+            db.execute("INSERT INTO items VALUES ('moe-500m', ?, ?, 'vllm-cuda', 'NVIDIA H200', 's1', 'moeq_mc4', "
+                       "'acc', 0, 1.0)", (scheme, prov))
+    db.close()
+
+
+def test_schema_2_ledgers_get_each_rows_build(tmp_path):
+    """Migration names the build each row measured, from its checkpoint; per-item scores take their cell's."""
+    _v2_ledger(tmp_path / "v2.sqlite")
+    db = Ledger(tmp_path / "v2.sqlite")
+    got = dict(db.db.execute("SELECT scheme || ' ' || provenance, build FROM results").fetchall())
+    assert got == {"bf16 real": "buildA", "fp8 real": "buildA", "fp8-online real": "buildA", "fp8 shape-only": ""}
+    assert dict(db.db.execute("SELECT scheme || ' ' || provenance, build FROM items").fetchall()) == got
+
+
+def test_a_rebuilt_model_keeps_the_earlier_builds_rows(tmp_path):
+    """Session 15 rebuilt moe-500m (other weights) and its bf16 scores replaced the first build's: now each
+    build keeps its rows; re-measuring one build (or re-quantizing it) still replaces that build's rows."""
+    db = Ledger(tmp_path / "l.sqlite")
+    db.add_settings("s1", {"llm": {}})
+    for ckpt, value in (("buildA", 0.80), ("buildB", 0.70)):
+        db.write(REAL, "accuracy", "moeq_mc4", [{"metric": "acc", "value": value}], [("moeq_mc4", "acc", 0, value)],
+                 checkpoint=ckpt)
+    assert db.has(REAL, "moeq_mc4", "buildA") and db.has(REAL, "moeq_mc4", "buildB")
+    assert not db.has(REAL, "moeq_mc4", "buildC")
+    db.write(REAL, "accuracy", "moeq_mc4", [{"metric": "acc", "value": 0.75}], [("moeq_mc4", "acc", 0, 0.75)],
+             checkpoint="buildB")
+    for table in ("results", "items"):
+        assert sorted(map(tuple, db.db.execute(f"SELECT build, value FROM {table}"))) == [("buildA", 0.8), ("buildB", 0.75)]
+    fp8 = dict(REAL, scheme="fp8")
+    db.write(fp8, "accuracy", "moeq_mc4", [{"metric": "acc", "value": 0.7}], checkpoint="q1+from:buildA")
+    db.write(fp8, "accuracy", "moeq_mc4", [{"metric": "acc", "value": 0.6}], checkpoint="q2+from:buildA")  # new recipe
+    assert [r["checkpoint"] for r in db.rows(scheme="fp8")] == ["q2+from:buildA"]
+    # dummy weights have no build: a changed shape-only folder replaces its rows, as before
+    shape = dict(KEY, provenance="shape-only")
+    db.write(shape, "perf", "b1", [{"metric": "throughput", "value": 1.0}], checkpoint="cfg1")
+    db.write(shape, "perf", "b1", [{"metric": "throughput", "value": 2.0}], checkpoint="cfg2")
+    assert [r["value"] for r in db.rows(provenance="shape-only")] == [2.0]
+
+
+def test_merge_keeps_both_builds_and_reads_an_older_schema(tmp_path):
+    _v2_ledger(tmp_path / "v2.sqlite")
+    before = (tmp_path / "v2.sqlite").read_bytes()
+    main = Ledger(tmp_path / "main.sqlite")
+    main.add_settings("s1", {})
+    main.write(dict(REAL, settings="s1"), "accuracy", "moeq_mc4", [{"metric": "acc", "value": 0.9}], checkpoint="buildB")
+    assert main.merge(tmp_path / "v2.sqlite") == (4, 0)
+    assert (tmp_path / "v2.sqlite").read_bytes() == before  # read from a migrated copy
+    assert sorted(map(tuple, main.db.execute("SELECT build, value FROM results WHERE scheme = 'bf16'"))) == [
+        ("buildA", 0.5), ("buildB", 0.9)]

@@ -87,35 +87,48 @@ def test_published_anchors_are_consistent_and_name_moeq_schemes():
 
 
 def test_each_build_of_a_model_is_a_group_of_its_own():
+    from moeq.evaluate.ledger import build_of
     from moeq.evaluate.report.build import label_builds
     from moeq.evaluate.report.page import several_builds_text
     key = dict(model="moe-500m", provenance="real", backend="vllm-cuda", device="H200", settings="s")
     rows = [  # session 7's build (oldbuild1), then session 9's (newbuild): bf16 accuracy rescored, fp8-online not
-        ("bf16", "b1", "oldbuild1", "t1"), ("bf16", "moeq_xl", "newbuild", "t3"),
-        ("fp8-online", "moeq_xl", "oldbuild1+vllm:fp8", "t2"),
-        ("fp8", "moeq_xl", "q2+from:newbuild", "t4"), ("w8a16", "moeq_xl", "q1", "t2"),  # q1: written before builds were said
+        ("moe-500m", "bf16", "b1", "oldbuild1", "t1"), ("moe-500m", "bf16", "moeq_xl", "newbuild", "t3"),
+        ("moe-500m", "fp8-online", "moeq_xl", "oldbuild1+vllm:fp8", "t2"),
+        ("moe-500m", "fp8", "moeq_xl", "q2+from:newbuild", "t4"),
+        ("moe-500m", "w8a16", "moeq_xl", "q1", "t2"),  # q1: written before builds were said
+        # pruned from the new build (session 15), and that pruned model quantized
+        ("moe-500m-keep50", "bf16", "moeq_xl", "p50+from:newbuild", "t5"),
+        ("moe-500m-keep50", "fp8", "moeq_xl", "q3+from:p50", "t6"),
     ]
-    results = pd.DataFrame([key | dict(scheme=s, kind="x", cell=c, metric="m", value=1.0, checkpoint=k, created=t)
-                            for s, c, k, t in rows])
+    results = pd.DataFrame([key | dict(model=m, scheme=s, kind="x", cell=c, metric="m", value=1.0, checkpoint=k,
+                                       created=t, build=build_of("real", k)) for m, s, c, k, t in rows])
     tiny = pd.DataFrame([key | dict(model="tiny", scheme="bf16", kind="x", cell="b1", metric="m", value=1.0,
-                                    checkpoint="tinybuild", created="t1")])
+                                    checkpoint="tinybuild", created="t1", build="tinybuild")])
     results = pd.concat([results, tiny], ignore_index=True)
-    items = pd.DataFrame([dict(key, model=m) | dict(scheme=s, task=c, metric="m", item=0, value=1.0)
-                          for m, s, c in zip(results.model, results.scheme, results.cell)])
+    items = pd.DataFrame([dict(key, model=m) | dict(scheme=s, task=c, metric="m", item=0, value=1.0, build=b)
+                          for m, s, c, b in zip(results.model, results.scheme, results.cell, results.build)])
     labelled, labelled_items, measured = label_builds(results, items)
     prov = dict(zip(zip(labelled.model, labelled.scheme, labelled.cell), labelled.provenance))
     old, new = "real · build oldbuild", "real · build newbuild"
     assert prov == {("moe-500m", "bf16", "b1"): old, ("moe-500m", "fp8-online", "moeq_xl"): old,
                     ("moe-500m", "bf16", "moeq_xl"): new, ("moe-500m", "fp8", "moeq_xl"): new,
                     ("moe-500m", "w8a16", "moeq_xl"): new,  # says no build: its group's newest bf16
+                    ("moe-500m-keep50", "bf16", "moeq_xl"): new,  # the build it was pruned from
+                    ("moe-500m-keep50", "fp8", "moeq_xl"): new,
                     ("tiny", "bf16", "b1"): "real"}  # one build: its provenance as it was
     assert sorted(zip(labelled_items.model, labelled_items.scheme, labelled_items.provenance)) == sorted(
         (m, s, prov[(m, s, c)]) for m, s, c in zip(results.model, results.scheme, results.cell))
-    assert sorted(measured.provenance) == [new, old] and list(measured.sort_values("first").rows) == [2, 3]
+    assert sorted(measured.provenance) == [new, new, old] and list(measured.sort_values("first").rows) == [2, 3, 2]
     assert "real · build oldbuild (2 rows" in several_builds_text(measured)
     # one build only: nothing relabelled
     one = results[results.checkpoint.isin(["tinybuild"])]
     assert label_builds(one, items)[2].empty
+    # two builds' rows of one cell (schema 3 keeps both): each keeps its own per-item scores
+    both = pd.concat([results.iloc[[1]], results.iloc[[1]].assign(checkpoint="oldbuild1", build="oldbuild1",
+                                                                  created="t0")], ignore_index=True)
+    both_items = pd.concat([items.iloc[[1]], items.iloc[[1]].assign(build="oldbuild1", value=0.0)], ignore_index=True)
+    got = label_builds(both, both_items)[1]
+    assert dict(zip(got.provenance, got.value)) == {new: 1.0, old: 0.0}
 
 
 def test_accuracy_rows_say_when_experts_ran_on_16_bit_activations():
