@@ -187,7 +187,28 @@ def run(args) -> dict:
             "shape": {k: cfg[k] for k in ("hidden_size", "intermediate_size", "num_local_experts", "num_experts_per_tok")},
             "dtype": "bfloat16", "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu: {platform.processor() or 'cpu'}",
             "libraries": libs, "warmup": args.warmup, "repeats": args.repeats, "reference": REFERENCE,
-            "results": rows, "not_run": missing}
+            "host": host_facts(device), "results": rows, "not_run": missing}
+
+
+def host_facts(device: str) -> dict:
+    """Where it ran: two leases of one GPU model timed vLLM's kernel 16% apart (sessions 14 and 15), so a run
+    names its host and the GPU's clocks and temperature right after the timed runs (NVML, where present)."""
+    facts = {"name": platform.node()}
+    if device != "cuda":
+        return facts
+    try:
+        import pynvml
+        from moeq.evaluate.host import visible_gpu
+        pynvml.nvmlInit()
+        h = visible_gpu(pynvml)
+        facts |= {"sm_clock_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM),
+                  "memory_clock_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_MEM),
+                  "max_sm_clock_mhz": pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM),
+                  "temperature_c": pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU),
+                  "power_limit_w": pynvml.nvmlDeviceGetEnforcedPowerLimit(h) / 1000}
+    except Exception as e:  # no NVML binding in this environment: say so rather than guess
+        facts["nvml"] = f"{type(e).__name__}: {e}"
+    return facts
 
 
 def main(argv=None):

@@ -5,17 +5,22 @@ from moeq.evaluate.report import verdicts
 
 def benchmark_rows(claim: dict, benchmarks: dict) -> list[dict]:
     """A benchmark claim (`benchmark: {file, variant, reference}`) read from the JSON a benchmark script wrote
-    (benchmarks/fused_moe.py: per implementation and batch, the timed runs of one MoE layer stack): speedup
-    = variant / reference tokens per second, bootstrap over the runs. A reduced shape or a CPU run is a test
-    of the script: shown, with no verdict. An implementation that did not run says why."""
+    (benchmarks/fused_moe.py: per implementation and batch, the timed runs of one MoE layer stack), one group
+    per run: `fused_moe.json` and `fused_moe-<run>.json` (merge-back.sh names a device session's run so), as two
+    leases of one GPU model need not agree (sessions 14 and 15: vLLM's kernel 16% apart at batch 64).
+    Speedup = variant / reference tokens per second, bootstrap over the runs. A reduced shape or a CPU run is a
+    test of the script: shown, with no verdict. An implementation that did not run says why."""
     spec = claim["benchmark"]
-    data = benchmarks.get(spec["file"])
-    if data is None:
-        return []
+    stem = spec["file"].removesuffix(".json")
+    return [row for name, data in sorted(benchmarks.items()) if name == spec["file"] or
+            (name.startswith(f"{stem}-") and name.endswith(".json")) for row in _run_rows(spec, name, data)]
+
+
+def _run_rows(spec: dict, name: str, data: dict) -> list[dict]:
     got = {(r["impl"], r["batch"]): r for r in data["results"]}
     where = {"model": data["model"], "provenance": "shape-only", "device": data["device"], "scheme": "bf16",
              "backend": ", ".join(f"{k} {v}" for k, v in data["libraries"].items() if v),
-             "settings": spec["file"], "variant": spec["variant"], "reference": spec["reference"]}
+             "settings": name, "variant": spec["variant"], "reference": spec["reference"]}
     caveat = ("reduced shape (hidden and expert width / 16): a test of the script, not the claim" if data.get("reduced")
               else "CPU run: the claim speaks of GPU serving" if data["device"].startswith("cpu") else None)
     out = []
@@ -26,7 +31,7 @@ def benchmark_rows(claim: dict, benchmarks: dict) -> list[dict]:
         point, lo, hi = verdicts.ratio_of_medians([batch / t for t in v["ms_runs"]], [batch / t for t in r["ms_runs"]])
         note = (f"one stack of {data['layers']} MoE layers ({data['shape']['hidden_size']} hidden, "
                 f"{data['shape']['intermediate_size']} expert width, {data['dtype']}), one decode step; "
-                f"{v['ms_median']:.3f} vs {r['ms_median']:.3f} ms; an end-to-end gain is at most this, scaled by "
+                f"{v['ms_median']:.3f} vs {r['ms_median']:.3f} ms{_host(data)}; an end-to-end gain is at most this, scaled by "
                 "the MoE layers' share of a step")
         if v.get("max_rel_err_vs_eager") is not None and impl != "eager":  # how far the outputs agree, and why not
             agree = v.get("routing_agreement_vs_eager")
@@ -36,5 +41,12 @@ def benchmark_rows(claim: dict, benchmarks: dict) -> list[dict]:
                             "note": note} | ({"flag": caveat, "note": f"{caveat}; {note}"} if caveat else {}))
     not_run = [f"{k}: {why}" for k, why in (data.get("not_run") or {}).items() if k.startswith(spec["variant"])]
     if not out and not_run:
-        out.append(where | {"cell": "-", "note": f"{spec['file']}: not run: " + "; ".join(not_run)})
+        out.append(where | {"cell": "-", "note": f"{name}: not run: " + "; ".join(not_run)})
     return out
+
+
+def _host(data: dict) -> str:
+    """Where the run was timed (written since session 15): the host and the GPU's clocks during the runs."""
+    host = data.get("host") or {}
+    clocks = host.get("sm_clock_mhz")
+    return (f" on {host['name']}" if host.get("name") else "") + (f" (SM clock {clocks} MHz)" if clocks else "")

@@ -20,8 +20,8 @@ for bundle in "$@"; do
   for gz in "$dir"/ledger*.sqlite.gz; do [ -f "$gz" ] && gunzip -f "$gz"; done
   for db in "$dir"/ledger*.sqlite; do [ -f "$db" ] && $MOEQ ledger merge --ledger "$LEDGER" --from "$db"; done
   for o in "$dir"/outliers-*.json; do [ -f "$o" ] && mkdir -p "$(dirname "$LEDGER")/outliers" && cp "$o" "$(dirname "$LEDGER")/outliers/"; done
-  # the fused-MoE benchmark's JSON (device.sh fused), where `moeq report` reads it
-  [ -f "$dir/fused_moe.json" ] && mkdir -p "$(dirname "$LEDGER")/benchmarks" && cp "$dir/fused_moe.json" "$(dirname "$LEDGER")/benchmarks/"
+  # the fused-MoE benchmark's JSON (device.sh fused), where `moeq report` reads it, one file per session's run
+  [ -f "$dir/fused_moe.json" ] && mkdir -p "$(dirname "$LEDGER")/benchmarks" && cp "$dir/fused_moe.json" "$(dirname "$LEDGER")/benchmarks/fused_moe-$session.json"
   [ -f "$dir/moeq_build.json" ] && echo "$dir/moeq_build.json: a build's record (builds/ beside the ledger takes it by hand)"
   echo "$bundle -> $dir"
 done

@@ -177,3 +177,17 @@ def test_fused_kernel_claim_reads_the_benchmark_json():
     v = compare.comparison_table(grouped, pd.DataFrame(columns=verdicts.GROUP + ["scheme"]), *empty, {}, {}, {}, bench)
     assert np.allclose(v.value, 0.91 / 0.82) and set(v.reference) == {"grouped_mm"}
     assert v.note.str.contains("max error 2.0% of the largest output, routing 75.0% as eager's", regex=False).all()
+
+
+def test_each_run_of_a_benchmark_is_a_group_of_its_own():
+    """Sessions 14 and 15 ran benchmarks/fused_moe.py on two leases (fused_moe-s14.json, fused_moe-s15.json):
+    both runs are shown, each with its own verdict and where it ran; another benchmark's file is not read."""
+    claims = {"claims": [c for c in verdicts.load_claims()["claims"] if c["id"] == "fused-kernel-throughput"]}
+    empty = [pd.DataFrame()] * 4
+    s14, s15 = _bench()["fused_moe.json"], _bench(vllm_runs=(0.5, 0.51, 0.52))["fused_moe.json"]
+    s15["host"] = {"name": "fc-v1", "sm_clock_mhz": 1980}
+    runs = {"fused_moe-s14.json": s14, "fused_moe-s15.json": s15, "fused_moe_other.json": s15}
+    v = compare.comparison_table(claims, pd.DataFrame(columns=verdicts.GROUP + ["scheme"]), *empty, {}, {}, {}, runs)
+    assert sorted(set(v.settings)) == ["fused_moe-s14.json", "fused_moe-s15.json"] and len(v) == 4
+    later = v[v.settings == "fused_moe-s15.json"]
+    assert np.allclose(later.value, 1.02 / 0.51) and later.note.str.contains("ms on fc-v1 (SM clock 1980 MHz)", regex=False).all()
