@@ -159,7 +159,9 @@ step_harness() {  # harness=mixtral/fp8/128: moeq's cell (engine in-process and 
 }
 
 step_fused() {  # fused[=mixtral]: benchmarks/fused_moe.py (issue 12, claim 7): eager loop vs grouped_mm vs vLLM's fused_experts
-  timeout $(left) python3 $W/benchmarks/fused_moe.py --model ${1:-mixtral} --out "$OUT/fused_moe.json" 2>&1 |
+  # a second run in one chain is kept beside the first (fused_moe-run2.json): two leases timed the kernel 16% apart
+  local out=$OUT/fused_moe.json n=1; while [ -f "$out" ]; do n=$((n + 1)); out=$OUT/fused_moe-run$n.json; done
+  timeout $(left) python3 $W/benchmarks/fused_moe.py --model ${1:-mixtral} --out "$out" 2>&1 |
     tee -a "$OUT/device$TAG.log" | tail -n 12
 }
 

@@ -21,7 +21,10 @@ for bundle in "$@"; do
   for db in "$dir"/ledger*.sqlite; do [ -f "$db" ] && $MOEQ ledger merge --ledger "$LEDGER" --from "$db"; done
   for o in "$dir"/outliers-*.json; do [ -f "$o" ] && mkdir -p "$(dirname "$LEDGER")/outliers" && cp "$o" "$(dirname "$LEDGER")/outliers/"; done
   # the fused-MoE benchmark's JSON (device.sh fused), where `moeq report` reads it, one file per session's run
-  [ -f "$dir/fused_moe.json" ] && mkdir -p "$(dirname "$LEDGER")/benchmarks" && cp "$dir/fused_moe.json" "$(dirname "$LEDGER")/benchmarks/fused_moe-$session.json"
+  for f in "$dir"/fused_moe*.json; do  # fused_moe.json, fused_moe-run2.json, ...: fused_moe-s16.json, fused_moe-s16-run2.json
+    [ -f "$f" ] || continue; run=$(basename "$f" .json); run=${run#fused_moe}
+    mkdir -p "$(dirname "$LEDGER")/benchmarks" && cp "$f" "$(dirname "$LEDGER")/benchmarks/fused_moe-$session$run.json"
+  done
   [ -f "$dir/moeq_build.json" ] && echo "$dir/moeq_build.json: a build's record (builds/ beside the ledger takes it by hand)"
   echo "$bundle -> $dir"
 done

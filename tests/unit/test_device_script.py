@@ -1,6 +1,7 @@
 """reports/h200/device.sh's own plumbing, run here: a build folder leaves in pieces and comes back whole
 (fetch/restore), and steps run detached are followed by collect (session 7 lost its quantization to call limits)."""
 import gzip
+import json
 import os
 import sqlite3
 import subprocess
@@ -124,6 +125,8 @@ def test_merge_back_unpacks_bundles_and_merges_their_ledgers(tmp_path):
     stream.mkdir()
     Ledger(stream / "ledger-g0.sqlite").write(key, "perf", "b16", [{"metric": "tps", "value": 16.0}])
     (stream / "outliers-m.json").write_text("{}")
+    for run in ("fused_moe.json", "fused_moe-run2.json"):  # two fused benchmark runs of one chain
+        (stream / run).write_text(json.dumps({"run": run}))
     subprocess.run(["gzip", str(stream / "ledger-g0.sqlite")], check=True)
     with tarfile.open(tmp_path / "bg-g0.tgz", "w:gz") as t:
         t.add(stream, arcname=".")
@@ -135,6 +138,8 @@ def test_merge_back_unpacks_bundles_and_merges_their_ledgers(tmp_path):
     assert (tmp_path / ".h200/back/s0/g0/ledger-g0.sqlite").is_file() and (tmp_path / "reports/outliers/outliers-m.json").is_file()
     cells = Ledger(tmp_path / "reports/ledger.sqlite", readonly=True).db.execute("SELECT cell FROM results").fetchall()
     assert sorted(c[0] for c in cells) == ["b1", "b16"]
+    runs = {f.name: json.loads(f.read_text())["run"] for f in (tmp_path / "reports/benchmarks").iterdir()}
+    assert runs == {"fused_moe-s0.json": "fused_moe.json", "fused_moe-s0-run2.json": "fused_moe-run2.json"}
 
 
 def test_a_plan_step_finds_the_plan_install_kept_and_stops_the_chain_on_a_wrong_one(tmp_path):
@@ -173,3 +178,16 @@ def test_prune_runs_in_the_quantize_environment_and_score_finds_the_pruned_model
     log = (tmp_path / "io/device.log").read_text()
     assert f"python3: -m moeq.cli eval --model {ckpt}/.pruned/moe-500m-keep50 --scheme bf16" in log
     assert "python3: -m moeq.cli eval --model moe-500m --scheme bf16" in log
+
+
+def test_a_second_fused_run_in_one_chain_is_kept_beside_the_first(tmp_path):
+    """fused twice in one chain (at its start and after its engines: two leases timed the kernel 16% apart)
+    writes two files; merge-back names them fused_moe-sN.json and fused_moe-sN-run2.json."""
+    (tmp_path / "repo").mkdir()
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "python3").write_text('#!/bin/sh\nwhile [ "$1" != --out ]; do shift; done; echo "{}" > "$2"\n')
+    (bin_ / "python3").chmod(0o755)
+    r = device(tmp_path, "fused", "fused", PATH=f"{bin_}:{os.environ['PATH']}")
+    assert sorted(p.name for p in (tmp_path / "io").glob("fused_moe*.json")) == ["fused_moe-run2.json", "fused_moe.json"], \
+        r.stdout + r.stderr
