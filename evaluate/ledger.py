@@ -2,7 +2,9 @@
 
 Every write is one transaction, so a run killed part-way leaves only whole rows behind, and a rerun
 skips what `has()` finds. Repeated timings and per-item accuracy scores are kept beside the summary
-values so that the report can compute its own intervals (bootstrap, paired comparisons). Each row
+values so that the report can compute its own intervals (bootstrap, paired comparisons): a task's scores
+of one metric are one JSON row (view `item_rows`: one row per item), as one row per item repeated the
+whole key (23 of the H200 ledger's 25 MiB, and a device call carries the ledger in 64 MiB with vLLM). Each row
 names the engine settings it was measured with (table `settings`, evaluate/settings.py) and the
 checkpoint identity it measured, so a differently-set run or a re-quantized checkpoint never stands in
 for another. A real model's build (the weights a checkpoint was made from: `build_of`) is part of every
@@ -13,7 +15,9 @@ bf16 scores). One writer at a time: `lock()`.
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
+import math
 import os
 import shutil
 import sqlite3
@@ -23,7 +27,7 @@ from pathlib import Path
 
 from moeq.errors import UserError
 
-VERSION = 3
+VERSION = 4
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS env (
   id INTEGER PRIMARY KEY, digest TEXT UNIQUE NOT NULL, record TEXT NOT NULL);
@@ -38,13 +42,17 @@ CREATE TABLE IF NOT EXISTS results (
 CREATE TABLE IF NOT EXISTS items (
   model TEXT NOT NULL, scheme TEXT NOT NULL, provenance TEXT NOT NULL, backend TEXT NOT NULL,
   device TEXT NOT NULL, settings TEXT NOT NULL, build TEXT NOT NULL DEFAULT '', task TEXT NOT NULL,
-  metric TEXT NOT NULL, item INTEGER NOT NULL, value REAL NOT NULL,
-  PRIMARY KEY (model, scheme, provenance, backend, device, settings, build, task, metric, item)) WITHOUT ROWID;
+  metric TEXT NOT NULL, scores TEXT NOT NULL,
+  PRIMARY KEY (model, scheme, provenance, backend, device, settings, build, task, metric)) WITHOUT ROWID;
+CREATE VIEW IF NOT EXISTS item_rows AS
+  SELECT i.model, i.scheme, i.provenance, i.backend, i.device, i.settings, i.build, i.task, i.metric,
+         CAST(j.key AS INTEGER) AS item, CAST(j.value AS REAL) AS value
+  FROM items i, json_each(i.scores) j;
 """
 KEY = ("model", "scheme", "provenance", "backend", "device", "settings")
 COLUMNS = (*KEY, "build", "kind", "cell", "metric", "value", "spread", "spread_kind", "n", "unit", "repeats", "status",
            "note", "recipe_sha", "env_id", "checkpoint", "item_limit", "created")
-ITEM_COLUMNS = (*KEY, "build", "task", "metric", "item", "value")
+ITEM_COLUMNS = (*KEY, "build", "task", "metric", "scores")
 # Rows of a schema-1 ledger were written before settings were recorded.
 LEGACY = "legacy-v1"
 LEGACY_RECORD = {"legacy": "engine settings were not recorded (ledger schema 1)"}
@@ -55,13 +63,6 @@ def schema_version(db: sqlite3.Connection) -> int:
     if version == 0 and db.execute("SELECT 1 FROM sqlite_master WHERE name = 'results'").fetchone():
         return 1  # schema 1 never set user_version
     return version or VERSION  # an empty file is created at the current version
-
-
-def rowid_items(db: sqlite3.Connection) -> bool:
-    """Whether per-item scores are stored with a rowid: their primary key is then a second copy of every row
-    (80k items were 14 of the H200 ledger's 16 MiB, and a device call carries the ledger in 64 MiB with vLLM)."""
-    sql = db.execute("SELECT sql FROM sqlite_master WHERE name = 'items'").fetchone()
-    return sql is not None and "WITHOUT ROWID" not in sql[0].upper()
 
 
 def build_of(provenance: str, checkpoint: str | None) -> str:
@@ -76,47 +77,54 @@ def build_of(provenance: str, checkpoint: str | None) -> str:
     return checkpoint.split("+vllm:", 1)[0]
 
 
+def scores_json(scores) -> str:
+    """One task's per-item scores of one metric, [(item, value), ...], as JSON: a list when the items are 0..n-1
+    (lm-eval's doc ids), else an object by item; whole numbers without '.0', a non-finite score null."""
+    scores = sorted(scores)
+
+    def num(v):
+        v = float(v)
+        return None if not math.isfinite(v) else int(v) if v.is_integer() else v
+    values = [num(v) for _, v in scores]
+    if all(i == n for n, (i, _) in enumerate(scores)):
+        return json.dumps(values, separators=(",", ":"))
+    return json.dumps({str(i): v for (i, _), v in zip(scores, values)}, separators=(",", ":"))
+
+
 def migrate(path: Path, legacy_record: dict | None = None) -> bool:
-    """Bring a ledger of schema 1 or 2 to the current schema (and items stored with a rowid to a table without
-    one) on a copy, then swap it in: a failure at any point leaves the original untouched. Returns whether
-    anything was migrated."""
+    """Bring a ledger of schema 1-3 to the current one on a copy, then swap it in: a failure at any point
+    leaves the original untouched. Returns whether anything was migrated."""
     with contextlib.closing(sqlite3.connect(path)) as db:
-        version, rowid = schema_version(db), rowid_items(db)
-    if version == VERSION and not rowid:
+        version = schema_version(db)
+    if version == VERSION:
         return False
-    if version not in (1, 2, VERSION):
-        raise UserError(f"{path} has ledger schema {version}; this moeq reads {VERSION} (and migrates 1 and 2)")
+    if version not in (1, 2, 3):
+        raise UserError(f"{path} has ledger schema {version}; this moeq reads {VERSION} (and migrates 1-3)")
     tmp = path.with_name(f".{path.name}.migrating-{os.getpid()}")
     shutil.copy2(path, tmp)
     try:
         with contextlib.closing(sqlite3.connect(tmp)) as db:
             db.create_function("build_of", 2, build_of, deterministic=True)
             with db:
-                _copy_into_schema(db, legacy=version == 1)
+                for table in ("results", "items"):
+                    db.execute(f"ALTER TABLE {table} RENAME TO old_{table}")
+                db.executescript(SCHEMA)
+                old = [c[1] for c in db.execute("PRAGMA table_info(old_results)")]
+                legacy = "settings" not in old  # schema 1 had no settings: LEGACY
+                db.execute(f"INSERT INTO results ({', '.join(old)}{', settings' if legacy else ''}) SELECT {', '.join(old)}"
+                           f"{', ?' if legacy else ''} FROM old_results", (LEGACY,) if legacy else ())
                 if version == 1:
                     _from_schema_1(db, legacy_record)
-                if version < 3:
-                    _fill_builds(db)
+                if version < 3:  # schema 3's build column, from what the rows recorded
+                    db.execute("UPDATE results SET build = build_of(provenance, checkpoint)")
+                _items_as_json(db)
+                db.execute("DROP TABLE old_results")
                 db.execute(f"PRAGMA user_version = {VERSION}")
             db.execute("VACUUM")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return True
-
-
-def _copy_into_schema(db: sqlite3.Connection, legacy: bool):
-    """Both tables re-created at the current schema, their rows copied by column name (columns an older
-    schema lacks take their defaults; schema 1 had no settings column: LEGACY)."""
-    for table in ("results", "items"):
-        db.execute(f"ALTER TABLE {table} RENAME TO old_{table}")
-    db.executescript(SCHEMA)
-    for table in ("results", "items"):
-        old = [c[1] for c in db.execute(f"PRAGMA table_info(old_{table})")]
-        extra = ", settings" if legacy else ""
-        db.execute(f"INSERT INTO {table} ({', '.join(old)}{extra}) SELECT {', '.join(old)}{', ?' if legacy else ''} "
-                   f"FROM old_{table}", (LEGACY,) if legacy else ())
-        db.execute(f"DROP TABLE old_{table}")
 
 
 def _from_schema_1(db: sqlite3.Connection, legacy_record: dict | None):
@@ -127,13 +135,22 @@ def _from_schema_1(db: sqlite3.Connection, legacy_record: dict | None):
                (LEGACY, json.dumps(legacy_record or LEGACY_RECORD, sort_keys=True)))
 
 
-def _fill_builds(db: sqlite3.Connection):
-    """Schema 3's build column from what schema 2 recorded: each row's checkpoint, and for per-item scores
-    their cell's (schema 2 held one row per key and cell, so the lookup is unique)."""
-    db.execute("UPDATE results SET build = build_of(provenance, checkpoint)")
-    same = " AND ".join(f"r.{k} = items.{k}" for k in KEY)
-    db.execute(f"UPDATE items SET build = COALESCE((SELECT r.build FROM results r WHERE {same} AND r.cell = items.task "
-               "LIMIT 1), '')")
+def _items_as_json(db: sqlite3.Connection):
+    """Schema 1-3's one row per item into one JSON row per task and metric. Rows of schema 1 take LEGACY
+    settings; rows of schema 1-2 their cell's build (one row per key and cell then, so the lookup is unique)."""
+    old = [c[1] for c in db.execute("PRAGMA table_info(old_items)")]
+    if "settings" not in old:
+        db.execute(f"ALTER TABLE old_items ADD COLUMN settings TEXT NOT NULL DEFAULT '{LEGACY}'")
+    if "build" not in old:
+        db.execute("ALTER TABLE old_items ADD COLUMN build TEXT NOT NULL DEFAULT ''")
+        same = " AND ".join(f"r.{k} = old_items.{k}" for k in KEY)
+        db.execute(f"UPDATE old_items SET build = COALESCE((SELECT r.build FROM results r WHERE {same} "
+                   "AND r.cell = old_items.task LIMIT 1), '')")
+    group = ", ".join((*KEY, "build", "task", "metric"))
+    rows = db.execute(f"SELECT {group}, item, value FROM old_items ORDER BY {group}, item")
+    for key, scores in itertools.groupby(rows, key=lambda r: r[:9]):
+        db.execute("INSERT INTO items VALUES (?,?,?,?,?,?,?,?,?,?)", (*key, scores_json(r[9:] for r in scores)))
+    db.execute("DROP TABLE old_items")
 
 
 class Ledger:
@@ -217,8 +234,10 @@ class Ledger:
                      m.get("status", "ok"), m.get("note"), recipe_sha, env_id, checkpoint, limit, now))
             if items:
                 self.db.execute(f"DELETE FROM items WHERE {match} AND task = ?", (*kv, build, cell))
-                self.db.executemany(f"INSERT INTO items ({', '.join(ITEM_COLUMNS)}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                                    [(*kv, build, *item) for item in items])
+                by_metric = itertools.groupby(sorted(items, key=lambda i: i[:2]), key=lambda i: i[:2])
+                self.db.executemany(f"INSERT INTO items ({', '.join(ITEM_COLUMNS)}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                                    [(*kv, build, task, metric, scores_json(i[2:] for i in group))
+                                     for (task, metric), group in by_metric])
 
     def rows(self, **where) -> list[dict]:
         clause = " AND ".join(f"{k} = ?" for k in where) or "1"
@@ -284,7 +303,7 @@ class Ledger:
                                     tuple(r[c] for c in COLUMNS))
                 if items:
                     self.db.execute(f"DELETE FROM items WHERE {match.replace('cell', 'task')}", args)
-                    self.db.executemany(f"INSERT INTO items ({', '.join(ITEM_COLUMNS)}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    self.db.executemany(f"INSERT INTO items ({', '.join(ITEM_COLUMNS)}) VALUES (?,?,?,?,?,?,?,?,?,?)",
                                         [tuple(i[c] for c in ITEM_COLUMNS) for i in items])
             taken += 1
         src.close()

@@ -91,7 +91,7 @@ def test_every_scheme_gets_accuracy_on_the_baselines_backend(measured):
     for r in acc:
         assert r["value"] is not None and math.isfinite(r["value"]) and r["value"] >= 0
     items = sqlite3.connect(ledger).execute(
-        "SELECT COUNT(*) FROM items WHERE scheme = 'fp8' AND task = 'moeq_mc4' AND metric = 'acc'").fetchone()[0]
+        "SELECT COUNT(*) FROM item_rows WHERE scheme = 'fp8' AND task = 'moeq_mc4' AND metric = 'acc'").fetchone()[0]
     assert items == 24
 
 

@@ -36,7 +36,9 @@ def read_ledger(path: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, d
         raise UserError(f"no ledger at {path}: run `make eval` first")
     try:
         with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True) as db:
-            results, items, env = (pd.read_sql_query(f"SELECT * FROM {t}", db) for t in ("results", "items", "env"))
+            per_item = "item_rows" if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'item_rows'").fetchone() \
+                else "items"  # schema 4 keeps a task's scores as one JSON row, the view one row per item
+            results, items, env = (pd.read_sql_query(f"SELECT * FROM {t}", db) for t in ("results", per_item, "env"))
             has_settings = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'settings'").fetchone()
             settings = dict(db.execute("SELECT id, record FROM settings").fetchall()) if has_settings else {}
     except (sqlite3.DatabaseError, pd.errors.DatabaseError) as e:

@@ -41,7 +41,7 @@ def run(args):
         record = yaml.safe_load(Path(args.legacy_settings).read_text()) if args.legacy_settings else None
         done = ledger.migrate(path, record)
         print(f"{path}: " + ("migrated to schema " if done else "already at schema ") + str(ledger.VERSION)
-              + ", per-item scores stored without a rowid")
+              + " (per-item scores: one JSON row per task and metric)")
         return 0
     db = ledger.Ledger(path, readonly=not args.remove)
     poisoned = [r for r in db.rows(cell="status") if not REFUSALS.search(r["note"] or "")]

@@ -27,7 +27,8 @@ SRC=${SRC:-.}  # the moeq that runs: the tree, or a clean `git archive` of a com
 #   git archive HEAD core quantize evaluate recipes benchmarks reports/h200/device.sh 'reports/h200*/plan*.yaml' | tar x -C .h200/src
 PLAN=$SRC/reports/h200/${PLANFILE:-plan.yaml} LEDGER=$W/ledger$TAG.sqlite CKPT=$W/checkpoints  # PLANFILE=plan-separate.yaml: another plan
 [ -f $LEDGER ] || [ ! -f $W/ledger.sqlite ] || cp $W/ledger.sqlite $LEDGER  # a new stream starts from the committed ledger
-# the ledger gzipped: with lm-eval's per-item scores it nears the 16 MiB a returned file may have (15 MiB in session 7)
+# the ledger gzipped: with lm-eval's per-item scores it neared the 16 MiB a returned file may have (15 MiB in session 7,
+# before schema 4 kept a task's scores as one JSON row)
 snapshot() { [ -f $LEDGER ] && python3 -c "import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))" $LEDGER $W/.snap$TAG 2>/dev/null &&
   gzip -c $W/.snap$TAG > "$1/$(basename $LEDGER).gz"; (cd $W && tar cf "$1/results$TAG.tar" *.json 2>/dev/null); }
 # a call that only follows or fetches (collect=, fetch=, stash=, restore=) returns what it fetched and nothing else:

@@ -291,17 +291,27 @@ def test_plain_eval_skips_hidden_folders_and_finds_models_quantized_from_a_path(
         _base_of(root, "orphan")
 
 
-def test_items_kept_with_a_rowid_are_moved_to_a_table_without_one(tmp_path):
+def test_per_item_scores_become_one_json_row_per_task_and_metric(tmp_path):
+    """Schema 2-3 kept one row per item, the whole key repeated (23 of the H200 ledger's 25 MiB): schema 4 keeps
+    a task's scores of one metric as one JSON row, and the view item_rows gives them back one per item."""
     from tests.unit.test_ledger_writers import V2_SCHEMA
     path = tmp_path / "ledger.sqlite"
-    with contextlib.closing(sqlite3.connect(path)) as db, db:  # schema 2 as moeq wrote it until session 8
+    with contextlib.closing(sqlite3.connect(path)) as db, db:  # schema 2 as moeq wrote it until session 8 (rowid)
         db.executescript(V2_SCHEMA.replace(" WITHOUT ROWID", ""))
         db.execute("PRAGMA user_version = 2")
         db.executemany("INSERT INTO items VALUES ('m', 'bf16', 'real', 'vllm-cuda', 'H200', 's', 't', 'acc', ?, ?)",
                        [(i, i % 2) for i in range(5000)])
+        db.executemany("INSERT INTO items VALUES ('m', 'bf16', 'real', 'vllm-cuda', 'H200', 's', 't', 'll', ?, ?)",
+                       [(3, -1.25), (7, 2.5)])  # not 0..n-1: kept by item
     before = path.stat().st_size
     led = Ledger(path)
-    assert not ledger_mod.rowid_items(led.db)
-    assert tuple(led.db.execute("SELECT COUNT(*), SUM(value) FROM items").fetchone()) == (5000, 2500)
-    assert path.stat().st_size < 0.75 * before
+    assert tuple(led.db.execute("SELECT COUNT(*), SUM(value) FROM item_rows WHERE metric = 'acc'").fetchone()) == (5000, 2500)
+    assert list(map(tuple, led.db.execute("SELECT item, value FROM item_rows WHERE metric = 'll'"))) == [(3, -1.25), (7, 2.5)]
+    assert led.db.execute("SELECT COUNT(*) FROM items").fetchone()[0] == 2
+    assert path.stat().st_size < 0.2 * before
     assert not ledger_mod.migrate(path)  # once only
+
+
+def test_scores_json_keeps_every_item_and_value():
+    assert ledger_mod.scores_json([(1, 0.0), (0, 1.0), (2, 0.5)]) == "[1,0,0.5]"
+    assert ledger_mod.scores_json([(0, float("nan")), (2, 1.0)]) == '{"0":null,"2":1}'

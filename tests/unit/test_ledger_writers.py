@@ -55,7 +55,7 @@ def test_merge_leaves_no_free_pages(tmp_path):
     other.close()
     assert main.merge(tmp_path / "gpu1.sqlite") == (1, 0)
     assert main.db.execute("PRAGMA freelist_count").fetchone()[0] == 0
-    assert main.db.execute("SELECT COUNT(*) FROM items").fetchone()[0] == 10
+    assert main.db.execute("SELECT COUNT(*) FROM item_rows").fetchone()[0] == 10
 
 
 def test_merge_verb_refuses_a_missing_ledger(tmp_path):
@@ -118,7 +118,7 @@ def test_schema_2_ledgers_get_each_rows_build(tmp_path):
     db = Ledger(tmp_path / "v2.sqlite")
     got = dict(db.db.execute("SELECT scheme || ' ' || provenance, build FROM results").fetchall())
     assert got == {"bf16 real": "buildA", "fp8 real": "buildA", "fp8-online real": "buildA", "fp8 shape-only": ""}
-    assert dict(db.db.execute("SELECT scheme || ' ' || provenance, build FROM items").fetchall()) == got
+    assert dict(db.db.execute("SELECT scheme || ' ' || provenance, build FROM item_rows").fetchall()) == got
 
 
 def test_a_rebuilt_model_keeps_the_earlier_builds_rows(tmp_path):
@@ -133,7 +133,7 @@ def test_a_rebuilt_model_keeps_the_earlier_builds_rows(tmp_path):
     assert not db.has(REAL, "moeq_mc4", "buildC")
     db.write(REAL, "accuracy", "moeq_mc4", [{"metric": "acc", "value": 0.75}], [("moeq_mc4", "acc", 0, 0.75)],
              checkpoint="buildB")
-    for table in ("results", "items"):
+    for table in ("results", "item_rows"):
         assert sorted(map(tuple, db.db.execute(f"SELECT build, value FROM {table}"))) == [("buildA", 0.8), ("buildB", 0.75)]
     fp8 = dict(REAL, scheme="fp8")
     db.write(fp8, "accuracy", "moeq_mc4", [{"metric": "acc", "value": 0.7}], checkpoint="q1+from:buildA")
