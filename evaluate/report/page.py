@@ -190,13 +190,15 @@ def anchors_section(anchors: pd.DataFrame, recovery: pd.DataFrame, notes: dict) 
 def builds_text(builds: pd.DataFrame) -> str:
     """One sentence per embedded model trained by moeq: is it a real language model, and how was it made."""
     out = []
+    records = builds.model.value_counts() if "model" in builds else {}
     for b in builds.itertuples():
         if pd.isna(getattr(b, "mfu", None)) or pd.isna(getattr(b, "train_s", None)):
             continue  # built on a CPU (tiny): its record has no speed or per-group figures
         held = "; ".join(f"{g} {getattr(b, 'bpb_' + g):.3f} (unigram {getattr(b, 'unigram_bpb_' + g):.3f}"
                          + (f", tiny {getattr(b, 'tiny_bpb_' + g):.3f}" if pd.notna(getattr(b, 'tiny_bpb_' + g, None)) else "")
                          + ")" for g in ("stdlib", "packages") if pd.notna(getattr(b, "bpb_" + g, None)))
-        out.append(f"{b.model}: {b.params / 1e6:,.1f}M parameters ({b.active_params / 1e6:,.1f}M active), trained on "
+        name = b.model if records[b.model] == 1 else f"{b.model} (`{b.file}`)"  # a model built twice: which record
+        out.append(f"{name}: {b.params / 1e6:,.1f}M parameters ({b.active_params / 1e6:,.1f}M active), trained on "
                    f"{b.train_tokens_seen / 1e6:,.1f}M tokens ({b.epochs:.2f} epochs of {b.train_tokens_unique / 1e6:,.1f}M) "
                    f"in {b.train_s:,.0f} s on {b.device} ({b.tokens_per_s:,.0f} tok/s, MFU {100 * b.mfu:.1f}%); held-out "
                    f"bits per byte {held}; least-used expert {100 * b.min_expert_share_of_fair:.0f}% of a fair share")

@@ -150,3 +150,15 @@ def test_accuracy_rows_say_when_experts_ran_on_16_bit_activations():
     notes = dict(zip(acc.scheme, accuracy_display(with_experts_a16(acc, results)).Note))
     assert notes["w8a8-int8"].startswith("experts ran on 16-bit activations (vLLM's int8_w8a16)")
     assert notes["fp8"] == "" and notes["bf16"] == ""
+
+
+def test_a_model_built_twice_names_each_builders_record():
+    from moeq.evaluate.report.page import builds_text
+    rec = dict(params=4.9e8, active_params=8.2e7, train_tokens_seen=2e8, epochs=2.0, train_tokens_unique=1e8,
+               train_s=450.0, device="NVIDIA H200", tokens_per_s=4.6e5, mfu=0.23, min_expert_share_of_fair=0.18)
+    builds = pd.DataFrame([rec | {"model": "moe-500m", "file": "moe-500m.build.json"},
+                           rec | {"model": "moe-500m", "file": "moe-500m-307add14.build.json"},
+                           rec | {"model": "other", "file": "other.build.json"}])
+    text = builds_text(builds)
+    assert "moe-500m (`moe-500m.build.json`): 490.0M" in text and "moe-500m (`moe-500m-307add14.build.json`)" in text
+    assert "; other: 490.0M" in text
