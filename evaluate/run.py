@@ -146,13 +146,11 @@ def job_for(target: Target, ledger: Path, settings: engine_settings.EngineSettin
     source = identity.source_identity(target.path)["digest"]
     if recipe and recipe.online:
         ckpt = f"{source}+vllm:{recipe.online}"
-    elif recipe and not shape_only:  # a shape-only folder is its config.json, quantization_config included
-        # the base it was made from, readable: the report pairs a scheme with bf16 only on one build of a model
+    elif not shape_only and (recipe or (Path(target.path) / "manifest.json").is_file()):
+        # a quantized or pruned checkpoint names the build it was made from: the report pairs it with that
+        # build only (a shape-only folder is its config.json, quantization_config included)
         base = identity.read_manifest(target.path).get("source", {}).get("digest")
-        ckpt = identity.checkpoint_identity(target.path) + (f"+from:{base}" if base else "")
-    elif not shape_only and (Path(target.path) / "manifest.json").is_file():  # a pruned model names its base build
-        base = identity.read_manifest(target.path).get("source", {}).get("digest")
-        ckpt = source + (f"+from:{base}" if base else "")
+        ckpt = (identity.checkpoint_identity(target.path) if recipe else source) + (f"+from:{base}" if base else "")
     else:
         ckpt = source
     return Job(model=target.model, scheme=target.scheme, path=str(target.path), ledger=str(ledger),

@@ -93,6 +93,11 @@ def test_every_scheme_gets_accuracy_on_the_baselines_backend(measured):
     items = sqlite3.connect(ledger).execute(
         "SELECT COUNT(*) FROM item_rows WHERE scheme = 'fp8' AND task = 'moeq_mc4' AND metric = 'acc'").fetchone()[0]
     assert items == 24
+    # a quantized checkpoint's rows name the bf16 build it was made from, and are keyed on it
+    bf16 = {r["checkpoint"] for r in acc if r["scheme"] == "bf16"}
+    for scheme in ("fp8", "w4a16-gptq"):
+        made = {(r["checkpoint"].split("+from:")[1], r["build"]) for r in acc if r["scheme"] == scheme}
+        assert made == {(b, b) for b in bf16}, (scheme, made, bf16)
 
 
 def test_unsupported_scheme_is_recorded_with_vllms_reason(measured):

@@ -14,7 +14,7 @@ import pandas as pd
 from moeq import pruned, roofline
 from moeq.evaluate import kernels
 from moeq.evaluate.report import compare, gpus, headline, render, routing_load, serving, verdicts
-from moeq.evaluate.ledger import KEY as LEDGER_KEY, LEGACY, LEGACY_RECORD
+from moeq.evaluate.ledger import KEY as LEDGER_KEY, LEGACY, LEGACY_RECORD, build_of
 from moeq.evaluate.report.verdicts import BASELINE, GROUP
 from moeq.atomic import staged_dir
 from moeq.errors import UserError
@@ -58,11 +58,9 @@ def read_ledger(path: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, d
 def base_of(checkpoint) -> str | None:
     """The model build a row measured, where its checkpoint says: a load-time scheme's '<source>+vllm:<method>',
     a quantized checkpoint's '<identity>+from:<source>' (written since session 8; older rows do not say)."""
-    if not isinstance(checkpoint, str):
-        return None
-    if "+from:" in checkpoint:
-        return checkpoint.split("+from:", 1)[1]
-    return checkpoint.split("+vllm:", 1)[0] if "+vllm:" in checkpoint else None
+    if not isinstance(checkpoint, str) or ("+from:" not in checkpoint and "+vllm:" not in checkpoint):
+        return None  # a bf16 build's own identity, or a quantized row written before builds were said
+    return build_of("real", checkpoint)
 
 
 def label_builds(results: pd.DataFrame, items: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
