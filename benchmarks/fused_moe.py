@@ -17,6 +17,7 @@ time of the stack, tokens/s and the speedup over eager, and why an implementatio
 """
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -157,6 +158,8 @@ def run(args) -> dict:
     for batch in args.batch:
         x = torch.randn(batch, 1, cfg["hidden_size"], device=device, dtype=torch.bfloat16)  # one decode step
         ref, ref_picks = routed(impls[REFERENCE], x, blocks)
+        # the expert weights a step must read: the report's bandwidth floor (sessions 14-16: is a run near it?)
+        hit = statistics.mean(p.unique().numel() for p in ref_picks)
         base = None
         for name, fn in impls.items():
             try:
@@ -170,7 +173,7 @@ def run(args) -> dict:
             base = med if name == REFERENCE else base
             rows.append({"impl": name, "batch": batch, "ms_median": 1e3 * med, "ms_runs": [1e3 * t for t in times],
                          "tokens_per_s": batch / med, "speedup_vs_eager": base / med if base else None,
-                         "max_rel_err_vs_eager": err, "routing_agreement_vs_eager": agree})
+                         "max_rel_err_vs_eager": err, "routing_agreement_vs_eager": agree, "experts_hit_per_layer": hit})
             print(f"  batch {batch:>4}  {name:<15} {1e3 * med:9.3f} ms  {batch / med:12,.0f} tok/s  "
                   f"x{(base / med if base else float('nan')):.2f} vs eager  (max rel. error {err:.1e}, "
                   f"routing {agree:.1%} as eager's)", flush=True)
@@ -192,15 +195,19 @@ def run(args) -> dict:
 
 def host_facts(device: str) -> dict:
     """Where it ran: two leases of one GPU model timed vLLM's kernel 16% apart (sessions 14 and 15), so a run
-    names its host and the GPU's clocks and temperature right after the timed runs (NVML, where present)."""
-    facts = {"name": platform.node()}
+    names its host, CPU and load, and the GPU's clocks, temperature and other processes right after the timed
+    runs (NVML, where present)."""
+    from moeq.evaluate.host import host_cpu, visible_gpu
+    # batch 1 is launch-bound (session 16: eager 2.9 ms on one host, 5.6 on another), and a process still
+    # leaving the GPU slowed a run mid-way: the CPU, its load and the GPU's other processes say which
+    facts = {"name": platform.node(), "cpu": host_cpu(), "load_avg_1min": round(os.getloadavg()[0], 2)}
     if device != "cuda":
         return facts
     try:
         import pynvml
-        from moeq.evaluate.host import visible_gpu
         pynvml.nvmlInit()
         h = visible_gpu(pynvml)
+        facts["other_gpu_processes"] = sum(p.pid != os.getpid() for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h))
         facts |= {"sm_clock_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM),
                   "memory_clock_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_MEM),
                   "max_sm_clock_mhz": pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM),

@@ -1,5 +1,6 @@
 """A claim read from the JSON a benchmark script wrote beside the ledger (claims.yaml `benchmark:`), e.g.
 "fused MoE kernels: +12-18%" from benchmarks/fused_moe.py: one MoE layer stack timed per implementation."""
+from moeq import roofline
 from moeq.evaluate.report import verdicts
 
 
@@ -31,8 +32,8 @@ def _run_rows(spec: dict, name: str, data: dict) -> list[dict]:
         point, lo, hi = verdicts.ratio_of_medians([batch / t for t in v["ms_runs"]], [batch / t for t in r["ms_runs"]])
         note = (f"one stack of {data['layers']} MoE layers ({data['shape']['hidden_size']} hidden, "
                 f"{data['shape']['intermediate_size']} expert width, {data['dtype']}), one decode step; "
-                f"{v['ms_median']:.3f} vs {r['ms_median']:.3f} ms{_host(data)}; an end-to-end gain is at most this, scaled by "
-                "the MoE layers' share of a step")
+                f"{v['ms_median']:.3f} vs {r['ms_median']:.3f} ms{_host(data)}{_floor(data, batch, v, r)}"
+                f"{_unsteady(v, r)}; an end-to-end gain is at most this, scaled by the MoE layers' share of a step")
         if v.get("max_rel_err_vs_eager") is not None and impl != "eager":  # how far the outputs agree, and why not
             agree = v.get("routing_agreement_vs_eager")
             note += (f"; output vs eager: max error {v['max_rel_err_vs_eager']:.1%} of the largest output"
@@ -49,4 +50,31 @@ def _host(data: dict) -> str:
     """Where the run was timed (written since session 15): the host and the GPU's clocks during the runs."""
     host = data.get("host") or {}
     clocks = host.get("sm_clock_mhz")
-    return (f" on {host['name']}" if host.get("name") else "") + (f" (SM clock {clocks} MHz)" if clocks else "")
+    return ((f" on {host['name']}" if host.get("name") else "") + (f", {host['cpu']}" if host.get("cpu") else "")
+            + (f" (SM clock {clocks} MHz)" if clocks else ""))
+
+
+def _floor(data: dict, batch: int, v: dict, r: dict) -> str:
+    """The step's memory floor: the expert weights its routing reaches, read once at the GPU's peak bandwidth.
+    A time near it is the kernel's; far above it at batch 1, the host launching kernels (sessions 14-16: eager
+    at batch 1 took 2.9 ms on one host and 5.6 on another, against a 0.59 ms floor)."""
+    device, shape = roofline.match_device(data["device"]), data["shape"]
+    if device is None or data["device"].startswith("cpu") or "num_local_experts" not in shape:
+        return ""
+    hit = v.get("experts_hit_per_layer")  # measured since session 17; before, what balanced routing reaches
+    expected = hit is None
+    if expected:
+        hit = roofline.experts_touched(shape["num_local_experts"], shape["num_experts_per_tok"], batch)
+    gb = data["layers"] * hit * 3 * shape["hidden_size"] * shape["intermediate_size"] * 2 / 1e9  # BF16 gate, up, down
+    floor = 1e3 * gb / device["memory_bandwidth_GBps"]
+    return (f"; memory floor {floor:.3f} ms ({hit:.2f} experts per layer{', expected' if expected else ''}: {gb:.2f} GB "
+            f"at {device['memory_bandwidth_GBps']:,} GB/s): {v['impl']} at {floor / v['ms_median']:.0%} of the "
+            f"bandwidth, {r['impl']} at {floor / r['ms_median']:.0%}")
+
+
+def _unsteady(*rows: dict) -> str:
+    """Runs of one implementation that are not steady (session 16: eager at batch 64 went 13.5 -> 9.5 ms mid-run,
+    right after a vLLM engine had exited): the median hides it, so say it."""
+    wide = [f"{x['impl']} {min(x['ms_runs']):.2f}-{max(x['ms_runs']):.2f} ms" for x in rows
+            if max(x["ms_runs"]) > 1.25 * min(x["ms_runs"])]
+    return f"; runs not steady: {', '.join(wide)}" if wide else ""

@@ -207,18 +207,37 @@ def _hosts_of_sweep(p: pd.DataFrame) -> str:
     return f"; its batches were timed on {len(hosts)} hosts ({per}): host-bound small batches may not compare across them"
 
 
-def _acceptance(row) -> str:
+def _decode_steps(row) -> tuple[float, float] | None:
+    """A cell's mean decode step and the tokens a step gave a request. vLLM's ITL is one gap per step that
+    gave a request tokens, however many (a speculative step gives several), so gaps = decode time / mean ITL."""
+    itl, decode = getattr(row, "itl_mean", np.nan), getattr(row, "latency", np.nan) - getattr(row, "ttft", np.nan)
+    return (itl, row.output_len * itl / decode) if itl > 0 and decode > 0 else None
+
+
+def _acceptance(row, ref=None) -> str:
+    """A speculative cell's acceptance and, beside its plain reference, where its speedup comes from: the speedup
+    is tokens per step over a step's cost against a plain step. Session 16 (moe-500m on the H200): a step cost
+    2-4x a plain one (a small target's plain step is launch-bound), and at batch 16 few steps found an n-gram."""
     rate, length = getattr(row, "spec_acceptance_rate", np.nan), getattr(row, "spec_acceptance_length", np.nan)
-    return "" if pd.isna(rate) else f"; acceptance {rate:.3f} ({length:.2f} tokens per target step)"
+    if pd.isna(rate):
+        return ""
+    note = f"; acceptance {rate:.3f} ({length:.2f} tokens per drafted step)"
+    mine, plain = _decode_steps(row), (_decode_steps(ref) if ref is not None else None)
+    if mine and plain:
+        cost = mine[0] / plain[0]
+        note += (f"; a decode step took {cost:.2f}x a plain one (mean ITL {1e3 * mine[0]:.2f} vs {1e3 * plain[0]:.2f} ms) "
+                 f"and gave {mine[1]:.2f} tokens against {plain[1]:.2f}: x{mine[1] / plain[1] / cost:.2f} from the steps alone")
+    return note
 
 
 def measured_pair(quantity: str, v, r, perf, items, acc, mem) -> list[dict]:
     if quantity == "speedup":  # throughput as a ratio (x), with the variant's acceptance beside
         rows = measured_pair("throughput", v, r, perf, items, acc, mem)
-        pv = select(perf, v).set_index("cell")
+        pv, pr = select(perf, v).set_index("cell"), select(perf, r).set_index("cell")
         for f in rows:
             f.update({k: 1 + f[k] / 100 for k in ("value", "lo", "hi")})
-            if f["cell"] in pv.index and (note := _acceptance(pv.loc[f["cell"]]).lstrip("; ")):
+            ref = pr.loc[f["cell"]] if f["cell"] in pr.index else None
+            if f["cell"] in pv.index and (note := _acceptance(pv.loc[f["cell"]], ref).lstrip("; ")):
                 f["note"] = note + (f"; {f['note']}" if f.get("note") else "")
         return rows
     if quantity == "throughput":

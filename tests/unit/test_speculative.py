@@ -119,7 +119,9 @@ def _spec_frames(speeds: dict, acceptance: dict, device="NVIDIA H200", roofline=
             perf_rows.append(g | {"cell": f"b{b}-i512-o128", "batch": b, "input_len": 512, "output_len": 128,
                                   "throughput": s, "repeats": json.dumps([s * 0.99, s, s * 1.01]), "flag": None,
                                   "roofline": roofline, "spec_acceptance_rate": acceptance.get(sid, np.nan),
-                                  "spec_acceptance_length": 1 + 3 * acceptance.get(sid, np.nan)})
+                                  "spec_acceptance_length": 1 + 3 * acceptance.get(sid, np.nan),
+                                  # a plain step 2 ms for one token; a speculative one 4 ms for two
+                                  "itl_mean": 0.002 if sid == "none" else 0.004, "ttft": 0.01, "latency": 0.266})
     empty = pd.DataFrame()
     return pd.DataFrame(keys), pd.DataFrame(perf_rows), empty, empty, empty, settings
 
@@ -135,6 +137,9 @@ def test_speedup_pairs_each_speculation_with_the_same_prompts_without_it():
     assert np.allclose(draft.value, 1.2) and set(draft.verdict) == {verdicts.FAILS}
     assert (ngram.lo <= ngram.value).all() and (ngram.value <= ngram.hi).all()
     assert ngram.note.str.startswith("acceptance 0.700").all() and (ngram.reference.str.contains("speculation none")).all()
+    # 64 steps of 4 ms against 128 of 2 ms: two tokens a step at twice the cost gain nothing
+    assert ngram.note.str.contains("a decode step took 2.00x a plain one (mean ITL 4.00 vs 2.00 ms) and gave 2.00 "
+                                   "tokens against 1.00: x1.00 from the steps alone", regex=False).all()
 
 
 def test_speedup_on_a_device_without_roofline_is_shown_without_verdict():
@@ -191,3 +196,22 @@ def test_each_run_of_a_benchmark_is_a_group_of_its_own():
     assert sorted(set(v.settings)) == ["fused_moe-s14.json", "fused_moe-s15.json"] and len(v) == 4
     later = v[v.settings == "fused_moe-s15.json"]
     assert np.allclose(later.value, 1.02 / 0.51) and later.note.str.contains("ms on fc-v1 (SM clock 1980 MHz)", regex=False).all()
+
+
+def test_a_benchmark_run_is_set_against_its_memory_floor_and_unsteady_runs_are_named():
+    """Session 16: fused b64 ran at 73% of the H200's bandwidth in three runs and eager at b1 far from it
+    (host-bound); a run whose times jump (13.5 -> 9.5 ms) is named, not hidden in its median."""
+    claims = {"claims": [c for c in verdicts.load_claims()["claims"] if c["id"] == "fused-kernel-throughput"]}
+    empty = [pd.DataFrame()] * 4
+    run = _bench(vllm_runs=(1.0, 1.01, 1.02))["fused_moe.json"]
+    run["shape"] |= {"num_local_experts": 8, "num_experts_per_tok": 2}
+    for r in run["results"]:
+        r["ms_runs"] = [13.5, 13.4, 9.5] if (r["impl"], r["batch"]) == ("eager", 64) else r["ms_runs"]
+        r["ms_median"] = float(np.median(r["ms_runs"]))
+        r |= {"experts_hit_per_layer": 2.0} if r["batch"] == 1 and r["impl"] == "vllm_fused_moe" else {}
+    v = compare.comparison_table(claims, pd.DataFrame(columns=verdicts.GROUP + ["scheme"]), *empty, {}, {}, {},
+                                 {"fused_moe.json": run}).set_index("cell")
+    # 4 layers x 2 experts x 3 x 4096 x 14336 x 2 bytes = 2.82 GB at 4,800 GB/s: 0.587 ms, measured routing
+    assert "memory floor 0.587 ms (2.00 experts per layer: 2.82 GB at 4,800 GB/s): vllm_fused_moe at 58%" in v.note["b1"]
+    assert "(8.00 experts per layer, expected: 11.27 GB" in v.note["b64"]  # no routing recorded: balanced routing's
+    assert "runs not steady: eager 9.50-13.50 ms" in v.note["b64"] and "not steady" not in v.note["b1"]
