@@ -60,6 +60,18 @@ def modal_shape(perf: pd.DataFrame) -> tuple | None:
     return shapes.idxmax() if len(shapes) else None
 
 
+def compared_sweep(perf: pd.DataFrame) -> pd.DataFrame:
+    """A group's batch sweep at the batches the most schemes were timed at: a plan that extends bf16's sweep
+    alone (session 16: Mixtral bf16 to 512) must not make the smallest or largest batch one no scheme is
+    compared at."""
+    shape = modal_shape(perf)
+    if shape is None:
+        return perf.iloc[:0]
+    sweep = perf[(perf.input_len == shape[0]) & (perf.output_len == shape[1])]
+    schemes = sweep.groupby("batch").scheme.nunique()
+    return sweep[sweep.batch.isin(schemes[schemes == schemes.max()].index)]
+
+
 def cell_labels(perf: pd.DataFrame) -> dict:
     """cell -> "b16" for the group's batch sweep, the full cell name for any other shape."""
     shape = modal_shape(perf)
@@ -80,8 +92,10 @@ SHORT_NOTES = {NO_BASELINE: "no bf16 at these settings",
 
 
 def _runs(rows: pd.DataFrame, labels: dict) -> list[str]:
-    """Consecutive rows with one verdict as one phrase: "holds at b16–b128 (+58 to +67%)"."""
-    out, rows = [], rows.reset_index(drop=True)
+    """Consecutive rows with one verdict as one phrase: "holds at b16–b128 (+58 to +67%)". Cells the scheme
+    was not timed at (a sweep extended for bf16 alone) are left to the verdict table, unless it has no other."""
+    timed = rows[rows.note.fillna("") != "not timed"]
+    out, rows = [], (timed if len(timed) else rows).reset_index(drop=True)
     same = rows.verdict + rows.note.fillna("").map(short_flag) + rows.cell.map(lambda c: "off" * (c in labels and
                                                                                        " " in labels[c]))
     run_id = (same != same.shift()).cumsum()
@@ -181,8 +195,7 @@ def recommendations(v, perf, mem, keys, settings, groups) -> pd.DataFrame:
         if BASELINE not in schemes or gp.empty:
             continue
         eligible, accuracy = _accuracy_status(v, gkey, [s for s in schemes if s != BASELINE])
-        shape = modal_shape(gp)
-        sweep = gp[(gp.input_len == shape[0]) & (gp.output_len == shape[1])].sort_values("batch")
+        sweep = compared_sweep(gp).sort_values("batch")
         for use, cell in (("latency", sweep.cell.iloc[0]), ("throughput", sweep.cell.iloc[-1])):
             p = _pick(gp, cell, eligible)
             s = p["scheme"]

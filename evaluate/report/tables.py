@@ -292,8 +292,7 @@ def grid_display(v, perf, acc, mem, groups) -> pd.DataFrame:
             gv = gv[gv.reference.isna()]
         gm = in_group(mem, gkey).drop_duplicates("scheme").set_index("scheme")
         verdict = {(r.scheme, r.quantity, r.cell): (r.verdict, r.note) for r in gv.itertuples()}
-        shape = headline.modal_shape(gp)
-        sweep = gp[(gp.input_len == shape[0]) & (gp.output_len == shape[1])] if shape else gp.iloc[:0]
+        sweep = headline.compared_sweep(gp)
         ends = sorted(sweep.batch.unique())[::max(1, len(sweep.batch.unique()) - 1)] if len(sweep) else []
         for i, s in enumerate(scheme_order(in_group(perf, gkey).scheme.tolist() + gm.index.tolist())):
             row = {"Group": "" if i else group_title(gkey), "Scheme": s}  # a group's title once, on its first row

@@ -30,6 +30,24 @@ def test_runs_merge_cells_with_one_verdict():
                          "note": [np.nan] * 3, "quantity": ["throughput"] * 3})
     labels = {"b1": "b1", "b16": "b16", "b64": "b64"}
     assert headline._runs(rows, labels) == ["fails at b1 (-20.0% [-21.0, -19.0])", "holds at b16–b64 (+24 to +33%)"]
+    # a batch bf16 alone was timed at (session 16's Mixtral sweep) stays in the verdict table, not the sentence
+    wider = pd.concat([rows, pd.DataFrame({"cell": ["b512"], "verdict": ["not measured"], "value": [np.nan],
+                                           "lo": [np.nan], "hi": [np.nan], "note": ["not timed"],
+                                           "quantity": ["throughput"]})])
+    assert headline._runs(wider, labels | {"b512": "b512"}) == headline._runs(rows, labels)
+    assert headline._runs(wider.tail(1), {"b512": "b512"}) == ["not measured at b512 (not timed)"]
+
+
+def test_a_sweep_extended_for_one_scheme_keeps_the_batches_the_schemes_share():
+    """Session 16 swept Mixtral bf16 to batch 512 in the group where every scheme was timed at 1-128: the
+    answer's largest batch stays 128, not a batch at which nothing is compared; other shapes stay out."""
+    rows = [{"scheme": s, "batch": b, "input_len": 512, "output_len": 128} for s in ("bf16", "fp8", "w8a16")
+            for b in (1, 16, 128)] + [{"scheme": "bf16", "batch": b, "input_len": 512, "output_len": 128}
+                                      for b in (2, 256, 512)] + [{"scheme": "fp8", "batch": 16, "input_len": 2048,
+                                                                  "output_len": 128}]
+    sweep = headline.compared_sweep(pd.DataFrame(rows))
+    assert sorted(sweep.batch.unique()) == [1, 16, 128] and set(sweep.input_len) == {512}
+    assert headline.compared_sweep(pd.DataFrame(columns=["scheme", "batch", "input_len", "output_len"])).empty
 
 
 def test_committed_h200_report_reads_in_one_sitting():
