@@ -215,9 +215,10 @@ def _decode_steps(row) -> tuple[float, float] | None:
 
 
 def _acceptance(row, ref=None) -> str:
-    """A speculative cell's acceptance and, beside its plain reference, where its speedup comes from: the speedup
-    is tokens per step over a step's cost against a plain step. Session 16 (moe-500m on the H200): a step cost
-    2-4x a plain one (a small target's plain step is launch-bound), and at batch 16 few steps found an n-gram."""
+    """A speculative cell's acceptance and, beside its plain reference, the decode speedup as its two factors:
+    tokens per step over a step's cost against a plain step (their quotient is the decode-time ratio, not a
+    prediction). Session 16 (moe-500m on the H200): a step cost 2-3.5x a plain one (a small target's plain step
+    is launch-bound), and at batch 16 few steps gained a token."""
     rate, length = getattr(row, "spec_acceptance_rate", np.nan), getattr(row, "spec_acceptance_length", np.nan)
     if pd.isna(rate):
         return ""
@@ -226,7 +227,8 @@ def _acceptance(row, ref=None) -> str:
     if mine and plain:
         cost = mine[0] / plain[0]
         note += (f"; a decode step took {cost:.2f}x a plain one (mean ITL {1e3 * mine[0]:.2f} vs {1e3 * plain[0]:.2f} ms) "
-                 f"and gave {mine[1]:.2f} tokens against {plain[1]:.2f}: x{mine[1] / plain[1] / cost:.2f} from the steps alone")
+                 f"and gave {mine[1]:.2f} tokens against {plain[1]:.2f}: decode x{mine[1] / plain[1] / cost:.2f}, the "
+                 "rest is prefill")
     return note
 
 
