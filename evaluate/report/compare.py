@@ -208,17 +208,18 @@ def _hosts_of_sweep(p: pd.DataFrame) -> str:
 
 
 def _decode_steps(row) -> tuple[float, float] | None:
-    """A cell's mean decode step and the tokens a step gave a request. vLLM's ITL is one gap per step that
-    gave a request tokens, however many (a speculative step gives several), so gaps = decode time / mean ITL."""
+    """A cell's mean decode step (vLLM's ITL: one gap per step that gave a request tokens, however many) and how
+    many such steps the batch's decode spanned: its slowest request sets the batch's latency, while the ITL and
+    acceptance are averages over requests, so at batch 16 one prompt the draft cannot predict stretches it."""
     itl, decode = getattr(row, "itl_mean", np.nan), getattr(row, "latency", np.nan) - getattr(row, "ttft", np.nan)
-    return (itl, row.output_len * itl / decode) if itl > 0 and decode > 0 else None
+    return (itl, decode / itl) if itl > 0 and decode > 0 else None
 
 
 def _acceptance(row, ref=None) -> str:
-    """A speculative cell's acceptance and, beside its plain reference, the decode speedup as its two factors:
-    tokens per step over a step's cost against a plain step (their quotient is the decode-time ratio, not a
-    prediction). Session 16 (moe-500m on the H200): a step cost 2-3.5x a plain one (a small target's plain step
-    is launch-bound), and at batch 16 few steps gained a token."""
+    """A speculative cell's acceptance and, beside its plain reference, the decode-time ratio as its two
+    factors: steps spanned and a step's cost (their product is the decode-time ratio, not a prediction).
+    Session 16 (moe-500m on the H200): a step cost 2-3.5x a plain one (a small target's plain step is
+    launch-bound), and the batch-16 decodes spanned nearly as many steps as plain decoding."""
     rate, length = getattr(row, "spec_acceptance_rate", np.nan), getattr(row, "spec_acceptance_length", np.nan)
     if pd.isna(rate):
         return ""
@@ -227,8 +228,9 @@ def _acceptance(row, ref=None) -> str:
     if mine and plain:
         cost = mine[0] / plain[0]
         note += (f"; a decode step took {cost:.2f}x a plain one (mean ITL {1e3 * mine[0]:.2f} vs {1e3 * plain[0]:.2f} ms) "
-                 f"and gave {mine[1]:.2f} tokens against {plain[1]:.2f}: decode x{mine[1] / plain[1] / cost:.2f}, the "
-                 "rest is prefill")
+                 f"and the batch's decode spanned {mine[1]:.0f} of them against {plain[1]:.0f}"
+                 + (" (its slowest request sets it)" if getattr(row, "batch", 1) > 1 else "")
+                 + f": decode x{plain[1] / mine[1] / cost:.2f}, the rest is prefill")
     return note
 
 

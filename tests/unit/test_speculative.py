@@ -138,8 +138,11 @@ def test_speedup_pairs_each_speculation_with_the_same_prompts_without_it():
     assert (ngram.lo <= ngram.value).all() and (ngram.value <= ngram.hi).all()
     assert ngram.note.str.startswith("acceptance 0.700").all() and (ngram.reference.str.contains("speculation none")).all()
     # 64 steps of 4 ms against 128 of 2 ms: two tokens a step at twice the cost gain nothing
-    assert ngram.note.str.contains("a decode step took 2.00x a plain one (mean ITL 4.00 vs 2.00 ms) and gave 2.00 "
-                                   "tokens against 1.00: decode x1.00, the rest is prefill", regex=False).all()
+    assert ngram.note.str.contains("a decode step took 2.00x a plain one (mean ITL 4.00 vs 2.00 ms) and the batch's "
+                                   "decode spanned 64 of them against 128", regex=False).all()
+    assert ngram.note.str.contains("decode x1.00, the rest is prefill", regex=False).all()
+    # one request at batch 1; at 16 the batch's latency is its slowest request's
+    assert list(ngram.note.str.contains("(its slowest request sets it)", regex=False)) == [False, True]
 
 
 def test_speedup_on_a_device_without_roofline_is_shown_without_verdict():
