@@ -31,10 +31,12 @@ def answer(device, groups, tables_, claims, settings) -> list[tuple]:
     rec = tables_["recommendations"]
     rec = rec[[headline.group_key(r) in groups for _, r in rec.iterrows()]] if len(rec) else rec
     if len(rec):
+        shared = tables.shared_caveats(rec)
         out += [("h3", "What to deploy"),
                 ("p", "Per model: the fastest scheme whose whole 95% interval is above bf16, among those whose "
-                      "accuracy passes its claim (bf16 where none is), at the smallest and the largest batch."),
-                ("table", tables.recommendation_display(rec), slug("deploy", device))]
+                      "accuracy passes its claim (bf16 where none is), at the smallest and the largest batch."
+                      + (f" Caveats of every row: {'; '.join(shared)}." if shared else "")),
+                ("table", tables.recommendation_display(rec, shared), slug("deploy", device))]
     return out
 
 

@@ -328,8 +328,16 @@ def _pick_text(r) -> str:
     return batch + f"**{r.scheme}** {fmt_pct(r.delta_pct, r.delta_lo, r.delta_hi)}"
 
 
-def recommendation_display(rec: pd.DataFrame) -> pd.DataFrame:
-    """One row per group: what to deploy for latency and for throughput, and what that buys."""
+def shared_caveats(rec: pd.DataFrame) -> list[str]:
+    """The caveats every group of a recommendation table shares (routing, warm-up, a kernel note): said once
+    above the table rather than on each row, which kept the report's first screen under its size budget."""
+    per = [r.caveats.split(" | ") for r in rec[rec.use == "throughput"].itertuples()] if len(rec) else []
+    return [c for c in per[0] if c and all(c in p for p in per[1:])] if len(per) > 1 else []
+
+
+def recommendation_display(rec: pd.DataFrame, shared: list[str] = ()) -> pd.DataFrame:
+    """One row per group: what to deploy for latency and for throughput, and what that buys; `shared`
+    caveats (said above the table) left out of each row."""
     rows = []
     for g, r in rec.groupby(GROUP, sort=False):
         lat, tput = r[r.use == "latency"].iloc[0], r[r.use == "throughput"].iloc[0]
@@ -340,7 +348,8 @@ def recommendation_display(rec: pd.DataFrame) -> pd.DataFrame:
             "Weights (bf16)": f"{fmt_bytes(tput.weights_bytes)} ({fmt_bytes(tput.weights_bf16_bytes)})",
             f"{headline.CONTEXT}-token sequences (bf16)": fmt(seqs, ",.0f") + f" ({fmt(base, ',.0f')})" + (
                 f", ×{seqs / base:.2f}" if pd.notna(seqs) and base > 0 else ""),
-            "Accuracy": tput.accuracy, "Caveats": tput.caveats.replace(" | ", "; ")})
+            "Accuracy": tput.accuracy,
+            "Caveats": "; ".join(c for c in tput.caveats.split(" | ") if c not in shared) or "—"})
     return pd.DataFrame(rows)
 
 

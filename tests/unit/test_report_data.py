@@ -180,3 +180,11 @@ def test_a_model_built_twice_names_each_builders_record():
     text = builds_text(builds)
     assert "moe-500m (`moe-500m.build.json`): 490.0M" in text and "moe-500m (`moe-500m-307add14.build.json`)" in text
     assert "; other: 490.0M" in text
+
+
+def test_caveats_every_recommendation_shares_are_said_once():
+    from moeq.evaluate.report import tables
+    rec = pd.DataFrame({"use": ["throughput", "latency", "throughput"],
+                        "caveats": ["routing: uniform_random | kernels: A", "x", "kernels: B | routing: uniform_random"]})
+    assert tables.shared_caveats(rec) == ["routing: uniform_random"]
+    assert tables.shared_caveats(rec.iloc[:1]) == []  # one group: nothing to factor out
