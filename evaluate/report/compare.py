@@ -210,7 +210,8 @@ def _hosts_of_sweep(p: pd.DataFrame) -> str:
 def _decode_steps(row) -> tuple[float, float] | None:
     """A cell's mean decode step (vLLM's ITL: one gap per step that gave a request tokens, however many) and how
     many such steps the batch's decode spanned: its slowest request sets the batch's latency, while the ITL and
-    acceptance are averages over requests, so at batch 16 one prompt the draft cannot predict stretches it."""
+    acceptance are averages over requests (at batch 16, likely one prompt the draft cannot predict; per-request
+    decode times are not recorded)."""
     itl, decode = getattr(row, "itl_mean", np.nan), getattr(row, "latency", np.nan) - getattr(row, "ttft", np.nan)
     return (itl, decode / itl) if itl > 0 and decode > 0 else None
 

@@ -11,7 +11,7 @@ import pandas as pd
 
 from moeq.evaluate.kernels import config_kind
 from moeq.evaluate.ledger import LEGACY
-from moeq.evaluate.report.verdicts import BASELINE, FLAGGED, GROUP, HOLDS, NO_BASELINE, NOT_MEASURED
+from moeq.evaluate.report.verdicts import BASELINE, FLAGGED, GROUP, HOLDS, NO_BASELINE, NOT_MEASURED, NOT_TIMED
 
 CONTEXT = 2048  # tokens per sequence for "max concurrent sequences": the issue's 2k context
 MISSING = "—"
@@ -94,7 +94,7 @@ SHORT_NOTES = {NO_BASELINE: "no bf16 at these settings",
 def _runs(rows: pd.DataFrame, labels: dict) -> list[str]:
     """Consecutive rows with one verdict as one phrase: "holds at b16–b128 (+58 to +67%)". Cells the scheme
     was not timed at (a sweep extended for bf16 alone) are left to the verdict table, unless it has no other."""
-    timed = rows[rows.note.fillna("") != "not timed"]
+    timed = rows[rows.note.fillna("") != NOT_TIMED]
     out, rows = [], (timed if len(timed) else rows).reset_index(drop=True)
     same = rows.verdict + rows.note.fillna("").map(short_flag) + rows.cell.map(lambda c: "off" * (c in labels and
                                                                                        " " in labels[c]))
@@ -172,7 +172,7 @@ def _pick(perf: pd.DataFrame, cell: str, eligible: list[str]) -> dict:
     """The fastest eligible scheme at `cell` whose whole interval is above bf16, else bf16 itself."""
     rows = perf[(perf.cell == cell) & perf.scheme.isin(eligible + [BASELINE])]
     if rows.empty:
-        return {"cell": cell, "scheme": None, "why": "not timed"}
+        return {"cell": cell, "scheme": None, "why": NOT_TIMED}
     if rows.flag.notna().all():
         return {"cell": cell, "scheme": None, "why": "no speed verdict: " + short_flag(rows.flag.dropna().iloc[0])}
     usable = rows[rows.flag.isna() & (rows.scheme != BASELINE) & (rows.delta_lo > 0)]

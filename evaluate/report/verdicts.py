@@ -20,6 +20,7 @@ FORMAT_KEYS = tuple(BF16_FORMAT)
 HOLDS, FAILS, INCONCLUSIVE, NOT_MEASURED, FLAGGED = "holds", "fails", "inconclusive", "not measured", "flagged"
 GROUP = ["model", "provenance", "backend", "device", "settings"]
 NO_BASELINE = "no bf16 row with the same model, provenance, backend, device and engine settings"
+NOT_TIMED = "not timed"  # a cell the group timed that this scheme lacks
 LEVEL, N_BOOT, SEED = 0.95, 2000, 20240611
 RULES = {
     HOLDS: "the whole interval is on the claim's side of the bound b: lo ≥ b for a minimum, hi ≤ b for a maximum",
@@ -190,7 +191,7 @@ def _measured(perf, acc, mem, quantity, gkey, scheme) -> list[dict]:
         cells = _select(perf, gkey).sort_values(["batch", "cell"]).cell.unique()
         return [({"cell": c, "value": own.delta_pct[c], "lo": own.delta_lo[c], "hi": own.delta_hi[c]}
                  | ({"flag": own.flag[c], "note": own.flag[c]} if isinstance(own.flag[c], str) else {}))
-                if c in own.index else {"cell": c, "note": "not timed"} for c in cells]
+                if c in own.index else {"cell": c, "note": NOT_TIMED} for c in cells]
     if quantity == "accuracy_loss":
         # a loss is the negated relative change, so its interval flips too
         return [{"cell": r.task, "value": -r.delta_pct, "lo": -r.delta_hi, "hi": -r.delta_lo,
