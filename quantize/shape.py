@@ -65,12 +65,20 @@ def _drop_unimportable_lazy_modules():
 
 
 def word_tokenizer(vocab: int, out: Path):
-    """A plain word-level tokenizer: oneshot wants a processor beside the data, even for token ids."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A plain word-level tokenizer ("t0" ... "tN", whitespace-separated): oneshot wants a processor beside the data,
+    even for token ids, and a shape-only server detokenizes with it. Each entry carries its separator ("\u2581t17",
+    as SentencePiece's do), so no text of N tokens is longer than N x the longest entry: vLLM refuses, before it
+    tokenizes, a prompt of more characters than the context allows tokens x that (session 17: the longest random
+    prompts, "t12345 " at 7 characters a token against a longest entry of 6, came back 400 Bad Request)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", eos_token="t2", pad_token="t1").save_pretrained(out)
+    sep = "\u2581"
+    tok = Tokenizer(models.WordLevel({f"{sep}t{i}": i for i in range(vocab)}, unk_token=f"{sep}t0"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                 pre_tokenizers.Metaspace(replacement=sep, prepend_scheme="always")])
+    tok.decoder = decoders.Metaspace(replacement=sep, prepend_scheme="always")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=f"{sep}t0", eos_token=f"{sep}t2",
+                            pad_token=f"{sep}t1").save_pretrained(out)
 
 
 def small_quantization_config(model, recipe, cfg: dict, layers: int, log=print) -> dict:

@@ -216,3 +216,31 @@ def test_failure_reasons_name_the_commonest_errors_with_counts():
     run = {"errors": ["", "Bad Request:  prompt too\nlong", "Bad Request: prompt too long", "", "timeout"]}
     assert serve_load.failure_reasons(run) == "2x Bad Request: prompt too long; 1x timeout"
     assert serve_load.failure_reasons({"errors": ["", ""]}) == "no error text saved"
+
+
+
+def test_random_prompts_of_the_shape_only_tokenizer_pass_vllms_character_precheck(tmp_path):
+    # vLLM refuses (400) a prompt longer in characters than its token budget x the vocabulary's longest entry,
+    # before tokenizing; the word tokenizer once joined "t12345" entries (6 characters) with spaces (7 a token)
+    from transformers import AutoTokenizer
+    from vllm.tokenizers.hf import get_cached_tokenizer
+    from moeq.quantize.shape import word_tokenizer
+    word_tokenizer(32000, tmp_path)
+    tok = get_cached_tokenizer(AutoTokenizer.from_pretrained(tmp_path))
+    ids = np.random.default_rng(0).integers(3, 32000, 768).tolist()  # vLLM's random dataset: ids, then text
+    text = tok.decode(ids)
+    assert tok.encode(text, add_special_tokens=False) == ids
+    assert len(text) <= len(ids) * tok.max_chars_per_token
+    assert tok.encode("t5 t6  t7\nt8", add_special_tokens=False) == [5, 6, 7, 8]
+
+
+def test_a_served_engines_warmup_is_a_setting_of_its_own():
+    from moeq.evaluate import settings
+    cells = [(1, 768, 128)]  # serve-bench's context: the longest prompt of 512 ± 50% and 128 out
+    cold = settings.build(gpu=True, cells=cells, shape_only=True, server=True)
+    assert cold.profile == "a1b46091efd5"  # the H200's serving rows of sessions 8 and 17, made without a warm-up
+    warm = settings.build(gpu=True, cells=cells, shape_only=True, server=True, server_warmup=64)
+    assert warm.profile != cold.profile and warm.non_default()["server_warmup"] == 64
+    assert settings.from_record(warm.record()) == warm
+    with pytest.raises(UserError, match="a warm-up burst is for served engines"):
+        settings.build(gpu=True, cells=cells, shape_only=True, server_warmup=64)
