@@ -7,7 +7,9 @@ run in this process with the arguments a user would type, saving its JSON with e
 at a ladder of Poisson request rates, stopping at the first rate the server cannot keep up with, and at a
 sweep of fixed concurrencies. Prompts: real weights get windows of the held-out corpus split (text the
 model never trained or calibrated on) of mixed token lengths; shape-only weights get vLLM's random-token
-prompts. Output lengths are fixed (EOS ignored). Each rate's metrics are one ledger transaction.
+prompts. Output lengths are fixed (EOS ignored). Each rate's metrics are one ledger transaction. Before a
+server's first timed rate, one unrecorded run at the sweep's highest concurrency warms it: vLLM compiles a
+fused-MoE Triton kernel the first time a token count needs it, which stalled a fresh server's first rates.
 """
 import contextlib
 import json
@@ -15,6 +17,7 @@ import math
 import os
 import shlex
 import statistics
+import time
 import zlib
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -27,6 +30,7 @@ from moeq.evaluate.ledger import Ledger, lock
 from moeq.evaluate.server import Server, ServerFailed, server_flags, sigterm_as_interrupt
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+DEFAULT_WARMUP = 16  # requests in flight in a server's warm-up run when the load has no concurrency sweep
 
 
 @dataclass
@@ -212,7 +216,21 @@ def bench_target(target, settings, load: Load, ledger_path: Path, port: int, for
         if server is None:
             log(f"[serve] {target.model} / {target.scheme}: vllm serve {target.path} {shlex.join(flags)}")
             server = stack.enter_context(Server(target.path, flags, folder / "server.log", port, env, start_timeout, log))
+            if settings.server_warmup:
+                warm_up(server)
         return server
+
+    def warm_up(srv):
+        """One unrecorded run of the client, `server_warmup` requests in flight, before anything is timed."""
+        c = settings.server_warmup
+        data = None
+        if not shape_only:
+            data = folder / "warmup.prompts.jsonl"
+            write_corpus_prompts(data, tokenizer, 2 * c + load.warmups, load, "warmup")
+        t0 = time.monotonic()
+        run = bench(client_args(srv, target.path, tokenizer, load, None, c, 2 * c, zlib.crc32(b"warmup") % 2**31,
+                                data, folder / "warmup.json"), folder / "client.log")
+        log(f"[serve]  warm-up: {c} in flight, {run['completed']} requests in {time.monotonic() - t0:.0f} s (not recorded)")
 
     def cell(name, rate, concurrency, label):
         """One rate (or concurrency): measured and written in one transaction, or read back from the ledger."""
@@ -272,8 +290,11 @@ def bench_target(target, settings, load: Load, ledger_path: Path, port: int, for
 
 def serve_bench(models=None, schemes=None, weights="real", routing=None, engine_args=None, load: Load | None = None,
                 ledger=Path("results/ledger.sqlite"), checkpoints=Path("checkpoints"), port=8000, force=False,
-                start_timeout=900, log=print, shape_tokenizer: str | None = None) -> int:
+                start_timeout=900, log=print, shape_tokenizer: str | None = None, warmup: int | None = None) -> int:
+    """warmup: requests in flight in each server's unrecorded warm-up run (None: the sweep's highest concurrency)."""
     load = load or Load()
+    if warmup is None:
+        warmup = max(load.concurrency, default=DEFAULT_WARMUP)
     if weights not in ("real", "dummy"):
         raise UserError(f"unknown WEIGHTS {weights!r}; valid: real, dummy")
     if routing and routing.startswith("zipf"):
@@ -282,7 +303,7 @@ def serve_bench(models=None, schemes=None, weights="real", routing=None, engine_
     gpu = run.on_gpu()
     shape_only = weights == "dummy"
     settings = engine_settings.build(gpu=gpu, cells=[(1, load.longest_input, load.output_len)], shape_only=shape_only,
-                                     user_args=engine_args, routing=routing, server=True)
+                                     user_args=engine_args, routing=routing, server=True, server_warmup=warmup)
     targets = (run.shape_only_targets if shape_only else run.find_targets)(models, schemes, Path(checkpoints))
     parallel.check_targets(settings.llm, [(f"{t.model} / {t.scheme}", t.path) for t in targets], gpu)
     log(f"[serve] {len(targets)} targets; settings {settings.profile}; load {json.dumps(asdict(load))}")

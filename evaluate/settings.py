@@ -45,6 +45,9 @@ class EngineSettings:
     prompts: str = perf.RANDOM  # where perf prompts come from (perf.PROMPT_SOURCES)
     engine_process: str = INPROCESS  # ENGINE_PROCESSES
     moe_configs: dict = field(default_factory=dict)  # file name -> content digest, from TUNED_CONFIGS_ENV
+    # requests in flight in a served engine's unrecorded warm-up run (0: none): vLLM JIT-compiles a fused-MoE Triton
+    # kernel the first time a token count needs it, and a fresh server's first rates stalled on it (session 17)
+    server_warmup: int = 0
 
     def record(self) -> dict:
         rec = {"llm": self.llm, "routing": self.routing, "warmup_tokens": self.warmup_tokens}
@@ -54,6 +57,8 @@ class EngineSettings:
             rec["prompts"] = self.prompts
         if self.engine_process != INPROCESS:  # likewise
             rec["engine_process"] = self.engine_process
+        if self.server_warmup:  # likewise
+            rec["server_warmup"] = self.server_warmup
         return rec
 
     def _identity(self) -> dict:
@@ -93,6 +98,8 @@ class EngineSettings:
             out["engine_process"] = self.engine_process
         if self.moe_configs:
             out["moe_configs"] = self.moe_configs
+        if self.server_warmup:
+            out["server_warmup"] = self.server_warmup
         return out
 
     def environment(self) -> dict:
@@ -174,7 +181,7 @@ def check_prompts(prompts: str, shape_only: bool):
 def build(*, gpu: bool, cells: list[tuple], shape_only: bool, quantization: str | None = None,
           user_args: dict | None = None, routing: str | None = None, warmup_tokens: int | None = None,
           tasks=(), prompts: str | None = None, server: bool = False,
-          engine_process: str | None = None) -> EngineSettings:
+          engine_process: str | None = None, server_warmup: int = 0) -> EngineSettings:
     """The one place engine settings are made, for `moeq eval`, sweeps and benchmarks alike
     (server: for `vllm serve`, which starts its data-parallel ranks itself)."""
     need = max([i + o for _, i, o in cells] + [2048 if tasks else 0])
@@ -207,11 +214,13 @@ def build(*, gpu: bool, cells: list[tuple], shape_only: bool, quantization: str 
     if engine_process == SEPARATE and routing.startswith("zipf:"):
         raise UserError("zipf routing is registered inside moeq's own engine process; with engine process "
                         f"{SEPARATE!r} use a vLLM strategy (e.g. uniform_random) or engine process {INPROCESS!r}")
+    if server_warmup and not server:
+        raise UserError("a warm-up burst is for served engines (serve-bench); offline cells warm up with warmup_tokens")
     return EngineSettings(llm=llm, routing=routing, warmup_tokens=warmup_tokens, prompts=prompts,
-                          engine_process=engine_process, moe_configs=supplied_moe_configs())
+                          engine_process=engine_process, moe_configs=supplied_moe_configs(), server_warmup=server_warmup)
 
 
 def from_record(rec: dict) -> EngineSettings:
     return EngineSettings(llm=rec["llm"], routing=rec["routing"], warmup_tokens=rec.get("warmup_tokens"),
                           prompts=rec.get("prompts", perf.RANDOM), engine_process=rec.get("engine_process", INPROCESS),
-                          moe_configs=rec.get("moe_configs", {}))
+                          moe_configs=rec.get("moe_configs", {}), server_warmup=rec.get("server_warmup", 0))

@@ -59,6 +59,8 @@ def test_ladder_to_saturation_and_concurrency_sweep_into_the_ledger(served):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert f"port {port} is in use: the server listens on" in log
+    # warmed at the sweep's highest concurrency before the first timed rate, and not recorded
+    assert re.search(r"\[serve\]  warm-up: 8 in flight, 16 requests in \d+ s \(not recorded\)", log), log[-3000:]
     assert_cleaned_up(log)
     rows = serve_rows(ledger)
     cells = {}
@@ -96,6 +98,8 @@ def test_report_has_a_serving_page(served, tmp_path):
     assert "FP8 raises throughput by 20-30%: not measured under load" in page
     assert "MoE kernel (Triton config)" in page and "not recorded" not in page
     assert (tmp_path / "r" / "report-serving.png").stat().st_size > 10_000
+    # serve rows alone make no offline group: no group page, no claim sentence with nothing measured
+    assert not list((tmp_path / "r").glob("tiny-*.md")) and "tiny" not in readme.split("## Serving under load")[0]
 
 
 def test_a_server_that_fails_to_start_says_why_and_exits_nonzero(tiny_model, tmp_path):

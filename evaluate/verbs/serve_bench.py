@@ -27,6 +27,9 @@ def add_args(p):
     p.add_argument("--concurrency", default=env_default("CONCURRENCY", "1,4,16"),
                    help="fixed-concurrency sweep (requests in flight), comma list, or none")
     p.add_argument("--seconds", default=env_default("SECONDS", "30"), help="per rate: prompts = rate x seconds")
+    p.add_argument("--warmup-concurrency", default=env_default("WARMUP_CONCURRENCY"),
+                   help="requests in flight in each server's unrecorded warm-up run, before its first rate (default: "
+                        "the highest --concurrency; 0: none; part of the settings id)")
     p.add_argument("--min-prompts", default=env_default("MIN_PROMPTS", "32"))
     p.add_argument("--max-prompts", default=env_default("MAX_PROMPTS", "2000"))
     p.add_argument("--repeats", default=env_default("REPEATS", "1"), help="runs per rate (2+: intervals in the report)")
@@ -83,4 +86,6 @@ def run(args):
                        engine_args=engine_args(args), load=load, ledger=Path(args.ledger),
                        checkpoints=Path(args.checkpoints), port=int_at_least(args.port, "--port", 1024),
                        force=args.force or env_flag("FORCE"),
-                       start_timeout=number(args.start_timeout, "--start-timeout", 1), shape_tokenizer=args.tokenizer)
+                       start_timeout=number(args.start_timeout, "--start-timeout", 1), shape_tokenizer=args.tokenizer,
+                       warmup=None if args.warmup_concurrency is None else
+                       int_at_least(args.warmup_concurrency, "--warmup-concurrency", 0))

@@ -150,6 +150,9 @@ step_serve() {  # serve=mixtral/bf16,fp8[/KEY=VALUE,...]: vLLM's OpenAI server u
   grep -h -E 'ERROR|Error|" [45][0-9][0-9] ' $W/serve/*/*/*/server.log 2>/dev/null |
     sed -E 's/^[^A-Z]*(ERROR|[A-Za-z]*Error)/\1/; s/[0-9.]+:[0-9]+ - /HOST - /' | sort | uniq -c |
     sort -rn | head -n 20 | tee -a "$OUT/device$TAG.log"
+  # every run's per-request timings (vLLM's --save-detailed JSON) and the servers' logs: a stall shows there as
+  # requests whose first tokens all came at once (session 17's first rates), which the ledger's percentiles cannot say
+  tar czf "$OUT/serve-runs$TAG.tgz" --exclude='*.prompts.jsonl' -C $W serve 2>/dev/null
 }
 
 step_harness() {  # harness=mixtral/fp8/128: moeq's cell (engine in-process and in its own process) beside vllm bench
