@@ -21,6 +21,7 @@ from moeq.evaluate.report.verdicts import BASELINE, GROUP, INCONCLUSIVE, NOT_MEA
 from moeq.evaluate.serve_load import SUSTAINED, ladder_outcome, slo_text
 
 KEY = list(LEDGER_KEY)
+KINDS = ("serve", "serve-engine")  # the ledger kinds serve-bench writes (its rows and its server's kernel)
 CELL = re.compile(r"^serve-i(\d+)~(\d+)-o(\d+)-([rc])([0-9.e+-]+)$")
 SHAPE = ["input_len", "input_spread", "output_len"]
 METRICS = ["request_throughput", "output_throughput", "throughput", "goodput", "ttft_p50", "ttft_p99", "itl_p50",
