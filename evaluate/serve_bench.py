@@ -154,7 +154,8 @@ def measure(run_once, load: Load, label: str, closed_loop: bool, log=print) -> t
         runs.append(serve_load.run_metrics(run, load.slo))
         m = runs[-1]
         log(f"[serve]  {label}: {m['request_throughput']:.3g} req/s done, TTFT p99 {1e3 * m['ttft_p99']:.0f} ms, "
-            f"ITL p99 {1e3 * m['itl_p99']:.1f} ms, goodput {m['goodput']:.3g} req/s"
+            f"ITL p99 {1e3 * m['itl_p99']:.1f} ms, longest pause {1e3 * m['pause_max']:.0f} ms, "
+            f"goodput {m['goodput']:.3g} req/s"
             + ("" if closed_loop else f", arrivals {m['arrival_rate']:.3g}/s, completions {m['completion_rate']:.3g}/s")
             + (f", {m['failed']:.0f} failed" if m["failed"] else ""))
         if m["failed"]:  # why, in the client's words (session 8 saw a few per run on the H200, the same for every scheme)
@@ -172,7 +173,7 @@ def measure(run_once, load: Load, label: str, closed_loop: bool, log=print) -> t
     for name, value in median.items():
         if name in ("saturated", "slo_met"):
             metrics.append({"metric": name, "value": value, "n": len(runs)})
-        elif name.split("_")[-1] in ("mean", "p50", "p99") or name == "duration":
+        elif name.split("_")[-1] in ("mean", "p50", "p99") or name in ("duration", "pause_max"):
             metrics.append(perf.summarize(name, "s", [r[name] for r in runs]))
         else:
             metrics.append(perf.summarize(name, units.get(name, "requests"), [r[name] for r in runs]))

@@ -7,6 +7,7 @@ not compute is computed here from its per-request lists:
 - goodput under an SLO that includes inter-token latency: vLLM's own `--goodput` takes ttft, tpot and
   e2el only. A request is good when every SLO key holds for it: its TTFT, its own p99 inter-token gap,
   its TPOT or its end-to-end latency;
+- the longest pause: the longest time no request got a token while one was waiting (longest_pause);
 - saturation: the server keeps up when requests complete as fast as they arrive. Arrival rate = requests
   over the span of send times, completion rate = requests over the span of completion times; the span
   of completions is used rather than the run's duration so that the last requests' drain does not count
@@ -105,6 +106,24 @@ def saturated(arrival: float, completion: float) -> bool:
     return completion < SUSTAINED * arrival
 
 
+def longest_pause(run: dict) -> float:
+    """The longest time no request got a token while some request was waiting for one, in seconds: about one
+    decode step or prefill chunk on a healthy server, seconds when the engine stalls (session 17's fresh bf16
+    servers, likely compiling kernels). Events are the requests' send times and token times (send + TTFT + the
+    running sum of its gaps); a gap between two consecutive events counts when a request sent at or before its
+    start had not received its last token by then."""
+    reqs = _requests(run)
+    if not reqs:
+        return math.nan
+    starts = np.sort([r["start"] for r in reqs])
+    tokens = [r["start"] + r["ttft"] + np.cumsum([0.0, *r["itl"]]) for r in reqs]
+    lasts = np.sort([t[-1] for t in tokens])
+    events = np.unique(np.concatenate([starts, *tokens]))
+    gaps = np.diff(events)
+    waiting = np.searchsorted(starts, events[:-1], "right") - np.searchsorted(lasts, events[:-1], "right") > 0
+    return float(gaps[waiting].max()) if waiting.any() else 0.0
+
+
 def run_metrics(run: dict, slo: dict[str, float]) -> dict[str, float]:
     """The ledger's metrics of one saved run: vLLM's own statistics (ms converted to seconds) and what
     this module adds (goodput under the SLO with ITL, arrival and completion rates, saturation)."""
@@ -119,6 +138,7 @@ def run_metrics(run: dict, slo: dict[str, float]) -> dict[str, float]:
     good, per_s = goodput(run, slo)
     arrival, completion = rates(run)
     out |= {"goodput": per_s, "good_requests": good, "arrival_rate": arrival, "completion_rate": completion,
+            "pause_max": longest_pause(run),
             "saturated": float(saturated(arrival, completion)),
             "slo_met": float(all(out.get(f"{k}_p99", math.inf) <= bound for k, bound in slo.items()))}
     return out

@@ -77,6 +77,7 @@ def test_ladder_to_saturation_and_concurrency_sweep_into_the_ledger(served):
         assert m["completed"] >= 16 and m["failed"] == 0, (name, m)
         assert 0 < m["ttft_p50"] <= m["ttft_p99"] and 0 < m["itl_p50"] <= m["itl_p99"] < m["e2el_p99"]
         assert 0 < m["goodput"] <= m["request_throughput"] * 1.0001 and m["output_throughput"] > 0
+        assert 0 < m["pause_max"] < m["duration"]  # the longest time a waiting request got no token
         # fixed output length, mixed input lengths around 128 tokens of held-out text
         assert m["output_throughput"] == pytest.approx(16 * m["request_throughput"], rel=0.01)
         assert 64 <= m["input_tokens"] / m["completed"] <= 192

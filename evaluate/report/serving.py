@@ -26,7 +26,7 @@ CELL = re.compile(r"^serve-i(\d+)~(\d+)-o(\d+)-([rc])([0-9.e+-]+)$")
 SHAPE = ["input_len", "input_spread", "output_len"]
 METRICS = ["request_throughput", "output_throughput", "throughput", "goodput", "ttft_p50", "ttft_p99", "itl_p50",
            "itl_p99", "tpot_p99", "e2el_p50", "e2el_p99", "arrival_rate", "completion_rate", "saturated", "slo_met",
-           "completed", "failed"]
+           "completed", "failed", "pause_max"]
 NO_ROOFLINE = "no verdict: speed on a device with no roofline (a CPU)"
 UNSTABLE = ("a ladder went back inside the SLO after leaving it, so its p99s are noise at this many runs per rate; "
             "repeat each rate (--repeats) for a capacity")
@@ -207,7 +207,7 @@ def rows_display(serve: pd.DataFrame) -> pd.DataFrame:
         "Done, req/s": s.request_throughput.map(lambda x: f"{x:.3g}"), "Out tok/s": s.output_throughput.map(lambda x: f"{x:,.0f}"),
         "Goodput, req/s": s.goodput.map(lambda x: f"{x:.3g}"), "TTFT p50 / p99, ms": [f"{_ms(a)} / {_ms(b)}" for a, b in zip(s.ttft_p50, s.ttft_p99)],
         "ITL p50 / p99, ms": [f"{_ms(a)} / {_ms(b)}" for a, b in zip(s.itl_p50, s.itl_p99)],
-        "E2E p99, ms": s.e2el_p99.map(_ms),
+        "E2E p99, ms": s.e2el_p99.map(_ms), "Longest pause, ms": s.pause_max.map(_ms),
         "Failed": [f"{f:.0f} of {c + f:.0f}" if pd.notna(f) and pd.notna(c) else "—" for f, c in zip(s.failed, s.completed)],
         "Saturated": s.saturated.map({1.0: "yes", 0.0: "no"}).fillna("—"), "SLO met": s.slo_met.map({1.0: "yes", 0.0: "no"}).fillna("—")})
 

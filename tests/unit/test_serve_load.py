@@ -244,3 +244,12 @@ def test_a_served_engines_warmup_is_a_setting_of_its_own():
     assert settings.from_record(warm.record()) == warm
     with pytest.raises(UserError, match="a warm-up burst is for served engines"):
         settings.build(gpu=True, cells=cells, shape_only=True, server_warmup=64)
+
+
+def test_the_longest_pause_counts_only_gaps_a_waiting_request_sat_through():
+    gaps = [0.02] * 5
+    stall = saved_run([0.1, 2.0], [gaps, gaps], [0.0, 0.05], [0.2, 2.15])  # the second waits 2 s for its first token
+    assert serve_load.longest_pause(stall) == pytest.approx(2.05 - 0.2)  # from the first's last token to its first
+    idle = saved_run([0.1, 0.1], [gaps, gaps], [0.0, 5.0], [0.2, 5.2])  # nobody waits between 0.2 s and 5 s
+    assert serve_load.longest_pause(idle) == pytest.approx(0.1)
+    assert serve_load.run_metrics(stall, {"ttft": 2.0})["pause_max"] == pytest.approx(1.85)
