@@ -8,8 +8,9 @@ at a ladder of Poisson request rates, stopping at the first rate the server cann
 sweep of fixed concurrencies. Prompts: real weights get windows of the held-out corpus split (text the
 model never trained or calibrated on) of mixed token lengths; shape-only weights get vLLM's random-token
 prompts. Output lengths are fixed (EOS ignored). Each rate's metrics are one ledger transaction. Before a
-server's first timed rate, one unrecorded run at the sweep's highest concurrency warms it: vLLM compiles a
-fused-MoE Triton kernel the first time a token count needs it, which stalled a fresh server's first rates.
+server's first timed rate, one unrecorded run at the sweep's highest concurrency warms it: fresh bf16 servers
+stalled for seconds at their first rates on the H200, likely Triton compiling fused-MoE kernels for token counts
+the engine's start had not run (fp8's CUTLASS kernels did not stall).
 """
 import contextlib
 import json

@@ -45,8 +45,8 @@ class EngineSettings:
     prompts: str = perf.RANDOM  # where perf prompts come from (perf.PROMPT_SOURCES)
     engine_process: str = INPROCESS  # ENGINE_PROCESSES
     moe_configs: dict = field(default_factory=dict)  # file name -> content digest, from TUNED_CONFIGS_ENV
-    # requests in flight in a served engine's unrecorded warm-up run (0: none): vLLM JIT-compiles a fused-MoE Triton
-    # kernel the first time a token count needs it, and a fresh server's first rates stalled on it (session 17)
+    # requests in flight in a served engine's unrecorded warm-up run (0: none): fresh servers' first rates stalled for
+    # seconds (session 17), likely on Triton compiling a fused-MoE kernel the first time a token count needed it
     server_warmup: int = 0
 
     def record(self) -> dict:
