@@ -46,7 +46,8 @@ def device_body(device, groups, all_groups, tables_, claims, formats, folder) ->
     stem = slug(device)
     out = [("h2", f"{device}: models × schemes"),
            ("p", "Throughput change vs bf16 of the same group [95% interval], accuracy change per task (relative, "
-                 "paired interval), weights (change vs bf16) and KV capacity; each with its claim's verdict."),
+                 "paired interval), weights (change vs bf16) and KV capacity; each with its claim's verdict. "
+                 f"\"{tables.SHAPE_ONLY_ACCURACY}\": random weights, accuracy not measured."),
            ("table", tables.grid_display(v, perf, acc, mem, groups or all_groups), f"{stem}-grid")]
     made = [plots.speedup(folder, stem, all_groups, perf, verdicts.scheme_claims(claims["claims"]), formats),
             plots.memory(folder, stem, all_groups, mem), plots.accuracy(folder, stem, all_groups, acc, verdicts.scheme_claims(claims["claims"]), formats),

@@ -16,6 +16,7 @@ QUANTITY = {"throughput": "throughput change", "accuracy_loss": "accuracy loss (
             "acceptance_rate": "draft acceptance rate", "min_gpu_memory_gb": "smallest GPU memory (GB)",
             "best_expert_count": "best expert count"}
 MISSING = "—"
+SHAPE_ONLY_ACCURACY = "shape-only"  # the grid's accuracy cell for random weights (the table's caption says so)
 
 
 def fmt_bytes(b) -> str:
@@ -307,8 +308,7 @@ def grid_display(v, perf, acc, mem, groups) -> pd.DataFrame:
             row["Δ accuracy per task"] = "; ".join(
                 f"{r.task} " + ("baseline" if s == BASELINE else _with_verdict(
                     fmt_pct(r.delta_pct, r.delta_lo, r.delta_hi), *verdict.get((s, "accuracy_loss", r.task), (None,) * 2)))
-                for r in a.itertuples()) or ("not measured (shape-only weights)"
-                                             if gkey["provenance"].startswith("shape-only") else MISSING)
+                for r in a.itertuples()) or (SHAPE_ONLY_ACCURACY if gkey["provenance"].startswith("shape-only") else MISSING)
             m = gm.loc[s] if s in gm.index else pd.Series(dtype=float)
             row["Weights"] = fmt_bytes(m.get("weights_bytes")) + ("" if s == BASELINE else " " + _with_verdict(
                 fmt_pct(m.get("weights_bytes_delta_pct")), *verdict.get((s, "memory", "engine"), (None,) * 2)))
