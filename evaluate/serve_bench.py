@@ -222,16 +222,20 @@ def bench_target(target, settings, load: Load, ledger_path: Path, port: int, for
                 warm_up(server)
         return server
 
-    def warm_up(srv):
-        """One unrecorded run of the client, `server_warmup` requests in flight, before anything is timed."""
-        c = settings.server_warmup
+    def send(srv, run_name, rate, concurrency, n):
+        """One run of vLLM's client (its prompts and seed named by the run), saved as run_name.json."""
         data = None
         if not shape_only:
-            data = folder / "warmup.prompts.jsonl"
-            write_corpus_prompts(data, tokenizer, 2 * c + load.warmups, load, "warmup")
-        t0 = time.monotonic()
-        run = bench(client_args(srv, target.path, tokenizer, load, None, c, 2 * c, zlib.crc32(b"warmup") % 2**31,
-                                data, folder / "warmup.json"), folder / "client.log")
+            data = folder / f"{run_name}.prompts.jsonl"
+            write_corpus_prompts(data, tokenizer, n + load.warmups, load, run_name)
+        seed = zlib.crc32(run_name.encode()) % 2**31
+        return bench(client_args(srv, target.path, tokenizer, load, rate, concurrency, n, seed, data,
+                                 folder / f"{run_name}.json"), folder / "client.log")
+
+    def warm_up(srv):
+        """One unrecorded run of the client, `server_warmup` requests in flight, before anything is timed."""
+        c, t0 = settings.server_warmup, time.monotonic()
+        run = send(srv, "warmup", None, c, 2 * c)
         log(f"[serve]  warm-up: {c} in flight, {run['completed']} requests in {time.monotonic() - t0:.0f} s (not recorded)")
 
     def cell(name, rate, concurrency, label):
@@ -243,15 +247,7 @@ def bench_target(target, settings, load: Load, ledger_path: Path, port: int, for
         srv = start()
 
         def run_once(rep):
-            seed = zlib.crc32(f"{name}-{rep}".encode()) % 2**31
-            n = load.prompts(rate, concurrency)
-            data = None
-            if not shape_only:
-                data = folder / f"{name}-{rep}.prompts.jsonl"
-                write_corpus_prompts(data, tokenizer, n + load.warmups, load, f"{name}-{rep}")
-            argv = client_args(srv, target.path, tokenizer, load, rate, concurrency, n, seed, data,
-                               folder / f"{name}-{rep}.json")
-            return bench(argv, folder / "client.log")
+            return send(srv, f"{name}-{rep}", rate, concurrency, load.prompts(rate, concurrency))
         metrics, median = measure(run_once, load, label, closed_loop=rate is None, log=log)
         spec = {"request_rate": rate, "max_concurrency": concurrency, "prompts": load.prompts(rate, concurrency),
                 "repeats": load.repeats, "input_len": load.input_len, "input_spread": load.input_spread,

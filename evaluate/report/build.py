@@ -461,9 +461,7 @@ def build_report(ledger_path: Path, name: str = "default", out_root: Path = Path
     acc = accuracy_table(results, scores, claims["accuracy_metrics"])
     status = results[(results.kind == "status") & (results.status == "unsupported")]
     unsupported = {(*(getattr(r, k) for k in GROUP), r.scheme): r.note for r in status.itertuples()}
-    # which schemes each group has, and its env records; serving rows have a page of their own (serving.md), and
-    # a group of them alone has no offline claim or cell to show
-    keys = results[~results.kind.isin(serving.KINDS)][KEY + ["env_id"]].drop_duplicates()
+    keys = serving.offline(results)[KEY + ["env_id"]].drop_duplicates()  # which schemes each group has, its env records
     verdict = verdicts.verdict_table(claims, formats, keys, perf, acc, mem, unsupported)
     # the guide's other claims (issue 12): variants of one model against each other, batch sweeps, plans
     checkpoints = results.dropna(subset=["checkpoint"]).groupby(KEY).checkpoint.agg(set).to_dict()
@@ -482,7 +480,7 @@ def build_report(ledger_path: Path, name: str = "default", out_root: Path = Path
     anchors, published_outliers, tables["anchor_notes"] = anchors_table()
     tables |= {"anchors": anchors, "outliers_published": published_outliers}
     serve = serving.serve_table(results)  # issue 17: `moeq serve-bench` rows
-    engines = kernel_table(results, serving.KINDS[1])
+    engines = kernel_table(results, serving.ENGINE_KIND)
     tables |= {"serving": serve, "serving_capacity": serving.capacity_table(serve, engines),
                "serving_claims": serving.claim_table(serve, verdicts.scheme_claims(claims["claims"]), formats)}
     with staged_dir(final) as tmp:

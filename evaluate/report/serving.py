@@ -21,7 +21,7 @@ from moeq.evaluate.report.verdicts import BASELINE, GROUP, INCONCLUSIVE, NOT_MEA
 from moeq.evaluate.serve_load import SUSTAINED, ladder_outcome, slo_text
 
 KEY = list(LEDGER_KEY)
-KINDS = ("serve", "serve-engine")  # the ledger kinds serve-bench writes (its rows and its server's kernel)
+ENGINE_KIND = "serve-engine"  # serve-bench's record of its server's MoE kernel
 CELL = re.compile(r"^serve-i(\d+)~(\d+)-o(\d+)-([rc])([0-9.e+-]+)$")
 SHAPE = ["input_len", "input_spread", "output_len"]
 METRICS = ["request_throughput", "output_throughput", "throughput", "goodput", "ttft_p50", "ttft_p99", "itl_p50",
@@ -30,6 +30,12 @@ METRICS = ["request_throughput", "output_throughput", "throughput", "goodput", "
 NO_ROOFLINE = "no verdict: speed on a device with no roofline (a CPU)"
 UNSTABLE = ("a ladder went back inside the SLO after leaving it, so its p99s are noise at this many runs per rate; "
             "repeat each rate (--repeats) for a capacity")
+
+
+def offline(results: pd.DataFrame) -> pd.DataFrame:
+    """The rows serve-bench did not write (its runs, its server's kernel, a scheme its server refused): a group of
+    those alone has no offline claim or cell, and this page covers them."""
+    return results[~(results.kind.isin(("serve", ENGINE_KIND)) | (results.cell == "serve-status"))]
 
 
 def serve_table(results: pd.DataFrame) -> pd.DataFrame:
