@@ -36,6 +36,7 @@ fi
   model-hosting-container-standards==0.1.16 jmespath==1.1.0 supervisor==4.3.0
 [ -d .device/humming ] || python3 -m pip download -q --no-deps humming-kernels==0.1.10 -d .device/humming
 # tiny for the build's bits-per-byte comparison, the word tokenizer vLLM's random dataset needs, shape-only folders
+mkdir -p .h200
 [ -d .h200/tiny ] || cp -r "$(.venv/quant/bin/moeq build tiny | tail -n 1)" .h200/tiny
 grep -q '"▁t0"' .h200/tokenizer/tokenizer.json 2>/dev/null || rm -rf .h200/tokenizer  # older: no separator in its entries (NOTES, s17)
 [ -d .h200/tokenizer ] || .venv/quant/bin/python -c "from pathlib import Path; from moeq.quantize.shape import word_tokenizer; word_tokenizer(32000, Path('.h200/tokenizer'))"
