@@ -9,8 +9,12 @@ sweep of fixed concurrencies. Prompts: real weights get windows of the held-out 
 model never trained or calibrated on) of mixed token lengths; shape-only weights get vLLM's random-token
 prompts. Output lengths are fixed (EOS ignored). Each rate's metrics are one ledger transaction. Before a
 server's first timed rate, one unrecorded run at the sweep's highest concurrency warms it: fresh bf16 servers
-stalled for seconds at their first rates on the H200, likely Triton compiling fused-MoE kernels for token counts
-the engine's start had not run (fp8's CUTLASS kernels did not stall).
+stalled for seconds at their first rates on the H200 (fp8's CUTLASS kernels did not), and warmed ones still paused
+1.6 s at a higher rate (session 18). The suspect is Triton compiling a kernel variant (fused-MoE tile configs are
+chosen by token count) that neither the engine's start nor the warm-up ran: each server gets compile caches of
+its own (unless the user set them), every timed run counts the kernels compiled while it ran (`jit_compiles`),
+and a run that compiled any is run again, up to JIT_RERUNS times, so that the rates compare steady states; the
+ledger keeps the count of the kept run and of the runs redone (`jit_reruns`), and the log names the kernels.
 """
 import contextlib
 import json
@@ -32,6 +36,19 @@ from moeq.evaluate.server import Server, ServerFailed, server_flags, sigterm_as_
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 DEFAULT_WARMUP = 16  # requests in flight in a server's warm-up run when the load has no concurrency sweep
+JIT_RERUNS = 2  # a timed run during which the server compiled kernels is run again at most this often
+
+
+def compiled_kernels(roots: list[Path]) -> set[Path]:
+    """The kernels compiled into these caches so far: Triton writes one `__grp__<kernel>.json` per compiled
+    variant (vLLM points Triton into its own cache root, under torch_compile_cache); a cache hit writes none."""
+    return {f for root in roots if root.is_dir() for f in root.rglob("__grp__*.json")}
+
+
+def kernel_names(files: set[Path]) -> str:
+    """'fused_moe_kernel x2, triton_poi_fused_mul_0' from the group files of compiled variants."""
+    names = sorted(f.name.removeprefix("__grp__").removesuffix(".json").split(".")[0] for f in files)
+    return ", ".join(f"{n} x{names.count(n)}" if names.count(n) > 1 else n for n in dict.fromkeys(names))
 
 
 @dataclass
@@ -146,6 +163,19 @@ def bench(argv: list[str], log_file: Path) -> dict:
     return json.loads((Path(args.result_dir) / args.result_filename).read_text())
 
 
+def steady(send, run_name: str, label: str, log=print) -> dict:
+    """One timed run (send(run_name) returns its saved JSON and the kernels compiled during it), run again
+    under a new name while the server compiled kernels during it, JIT_RERUNS times at most."""
+    for again in range(JIT_RERUNS + 1):
+        name = run_name + (f"-again{again}" if again else "")
+        run = send(name)
+        run["jit_reruns"] = again
+        if not run["jit_kernels"] or again == JIT_RERUNS:
+            return run
+        log(f"[serve]  {label}: the server compiled {len(run['jit_kernels'])} kernels during the run "
+            f"({kernel_names(run['jit_kernels'])}; {name}.json kept): run again")
+
+
 def measure(run_once, load: Load, label: str, closed_loop: bool, log=print) -> tuple[list[dict], dict]:
     """`repeats` runs of one rate or concurrency: ledger metrics (median over runs, the runs kept) and the
     medians used for the ladder."""
@@ -158,7 +188,10 @@ def measure(run_once, load: Load, label: str, closed_loop: bool, log=print) -> t
             f"ITL p99 {1e3 * m['itl_p99']:.1f} ms, longest pause {1e3 * m['pause_max']:.0f} ms, "
             f"goodput {m['goodput']:.3g} req/s"
             + ("" if closed_loop else f", arrivals {m['arrival_rate']:.3g}/s, completions {m['completion_rate']:.3g}/s")
-            + (f", {m['failed']:.0f} failed" if m["failed"] else ""))
+            + (", at the SLO's bound (a p99's 95% interval holds it)" if m.get("slo_at_bound") else "")
+            + (f", {m['failed']:.0f} failed" if m["failed"] else "")
+            + (f", {m['jit_compiles']:.0f} kernels compiled during it ({kernel_names(run['jit_kernels'])})"
+               if m.get("jit_compiles") else ""))
         if m["failed"]:  # why, in the client's words (session 8 saw a few per run on the H200, the same for every scheme)
             log(f"[serve]  {label}: failed requests: {serve_load.failure_reasons(run)}")
     # a closed loop (fixed concurrency) sends as fast as requests complete: arrivals say nothing there
@@ -169,12 +202,13 @@ def measure(run_once, load: Load, label: str, closed_loop: bool, log=print) -> t
         median["saturated"] = float(serve_load.saturated(median["arrival_rate"], median["completion_rate"]))
     median["slo_met"] = float(all(median.get(f"{k}_p99", math.inf) <= b for k, b in load.slo.items()))
     units = {"request_throughput": "req/s", "goodput": "req/s", "arrival_rate": "req/s", "completion_rate": "req/s",
-             "output_throughput": "tok/s", "throughput": "tok/s", "input_tokens": "tokens"}
+             "output_throughput": "tok/s", "throughput": "tok/s", "input_tokens": "tokens", "jit_compiles": "kernels",
+             "jit_reruns": "runs"}
     metrics = []
     for name, value in median.items():
-        if name in ("saturated", "slo_met"):
+        if name in ("saturated", "slo_met", "slo_at_bound"):
             metrics.append({"metric": name, "value": value, "n": len(runs)})
-        elif name.split("_")[-1] in ("mean", "p50", "p99") or name in ("duration", "pause_max"):
+        elif name.split("_")[-1] in ("mean", "p50", "p99", "low", "high") or name in ("duration", "pause_max"):
             metrics.append(perf.summarize(name, "s", [r[name] for r in runs]))
         else:
             metrics.append(perf.summarize(name, units.get(name, "requests"), [r[name] for r in runs]))
@@ -210,6 +244,8 @@ def bench_target(target, settings, load: Load, ledger_path: Path, port: int, for
     flags = server_flags(target.path, settings.llm, extra)
     env = {**run.engine_env(), **settings.environment()}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # set for moeq eval's in-process engines; a server forks its own
+    caches = [Path(env.setdefault(var, str(folder / "cache" / sub)))  # counted per run (compiled_kernels)
+              for var, sub in (("VLLM_CACHE_ROOT", "vllm"), ("TRITON_CACHE_DIR", "triton"))]
     stack = contextlib.ExitStack()
     server = None
 
@@ -229,14 +265,18 @@ def bench_target(target, settings, load: Load, ledger_path: Path, port: int, for
             data = folder / f"{run_name}.prompts.jsonl"
             write_corpus_prompts(data, tokenizer, n + load.warmups, load, run_name)
         seed = zlib.crc32(run_name.encode()) % 2**31
-        return bench(client_args(srv, target.path, tokenizer, load, rate, concurrency, n, seed, data,
-                                 folder / f"{run_name}.json"), folder / "client.log")
+        before = compiled_kernels(caches)
+        run = bench(client_args(srv, target.path, tokenizer, load, rate, concurrency, n, seed, data,
+                                folder / f"{run_name}.json"), folder / "client.log")
+        run["jit_kernels"] = compiled_kernels(caches) - before
+        return run
 
     def warm_up(srv):
         """One unrecorded run of the client, `server_warmup` requests in flight, before anything is timed."""
         c, t0 = settings.server_warmup, time.monotonic()
         run = send(srv, "warmup", None, c, 2 * c)
-        log(f"[serve]  warm-up: {c} in flight, {run['completed']} requests in {time.monotonic() - t0:.0f} s (not recorded)")
+        jit = f", {len(run['jit_kernels'])} kernels compiled" if run["jit_kernels"] else ""
+        log(f"[serve]  warm-up: {c} in flight, {run['completed']} requests in {time.monotonic() - t0:.0f} s{jit} (not recorded)")
 
     def cell(name, rate, concurrency, label):
         """One rate (or concurrency): measured and written in one transaction, or read back from the ledger."""
@@ -247,7 +287,8 @@ def bench_target(target, settings, load: Load, ledger_path: Path, port: int, for
         srv = start()
 
         def run_once(rep):
-            return send(srv, f"{name}-{rep}", rate, concurrency, load.prompts(rate, concurrency))
+            return steady(lambda run_name: send(srv, run_name, rate, concurrency, load.prompts(rate, concurrency)),
+                          f"{name}-{rep}", label, log)
         metrics, median = measure(run_once, load, label, closed_loop=rate is None, log=log)
         spec = {"request_rate": rate, "max_concurrency": concurrency, "prompts": load.prompts(rate, concurrency),
                 "repeats": load.repeats, "input_len": load.input_len, "input_spread": load.input_spread,

@@ -42,15 +42,17 @@ def serve_rows(ledger) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def served(tiny_model, tmp_path_factory):
-    """One ladder from 32 req/s doubling until the server saturates, and concurrency 1 and 8, with the first
-    port taken by another listener."""
+    """One ladder from 8 req/s doubling until the server saturates, and concurrency 1 and 8, with the first
+    port taken by another listener. From 8 req/s: on a 2-core AVX2-only machine (vLLM logged "Failed to create
+    oneDNN linear, fallback to torch linear") the server saturated at 32 req/s with no rate under the SLO, where
+    the README's earlier machine kept it to 128."""
     tmp = tmp_path_factory.mktemp("serve")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        proc = serve_moeq(*bench_args(tmp / "ledger.sqlite", tmp / "checkpoints", "--rate-start", "32", "--max-rates",
-                                      "6", "--concurrency", "1,8", "--port", port), check=False, timeout=900)
+        proc = serve_moeq(*bench_args(tmp / "ledger.sqlite", tmp / "checkpoints", "--rate-start", "8", "--max-rates",
+                                      "8", "--concurrency", "1,8", "--port", port), check=False, timeout=900)
     return tmp / "ledger.sqlite", proc, port
 
 
@@ -68,7 +70,7 @@ def test_ladder_to_saturation_and_concurrency_sweep_into_the_ledger(served):
         cells.setdefault(r["cell"], {})[r["metric"]] = r["value"]
         assert r["model"] == "tiny" and r["scheme"] == "bf16" and r["backend"] == "vllm-cpu" and r["env_id"]
     rates = sorted(float(c.rsplit("-r", 1)[1]) for c in cells if "-r" in c)
-    assert rates[0] == 32 and all(b == 2 * a for a, b in zip(rates, rates[1:]))
+    assert rates[0] == 8 and all(b == 2 * a for a, b in zip(rates, rates[1:]))
     ladder = [cells[f"serve-i128~50-o16-r{r:g}"] for r in rates]
     # the ladder stops at the first saturated rate: every rate before it kept up
     assert [m["saturated"] for m in ladder] == [0.0] * (len(rates) - 1) + [1.0], ladder
@@ -94,7 +96,7 @@ def test_report_has_a_serving_page(served, tmp_path):
     serve_moeq("report", "--ledger", ledger, "--out", tmp_path, "--name", "r")
     readme, page = (tmp_path / "r" / "README.md").read_text(), (tmp_path / "r" / "serving.md").read_text()
     assert "## Serving under load" in readme and "(serving.md)" in readme
-    assert re.search(r"\| bf16 \| 128 ± 50% / 16 \| TTFT p99 ≤ 2 s, ITL p99 ≤ 100 ms \| 32, 64.* \| [0-9.]+ \| "
+    assert re.search(r"\| bf16 \| 128 ± 50% / 16 \| TTFT p99 ≤ 2 s, ITL p99 ≤ 100 ms \| 8, 16.* \| [0-9.]+ \| "
                      r"saturated at \d+ req/s", page), page
     assert "FP8 raises throughput by 20-30%: not measured under load" in page
     assert "MoE kernel (Triton config)" in page and "not recorded" not in page

@@ -6,7 +6,9 @@ keys and (completions / arrivals) / SUSTAINED; a rate is inside when it is >= 1.
 achieved request throughput where the headroom crosses 1, interpolated (in log headroom) between the
 last rate inside and the first outside. A ladder that never left the SLO gives a lower bound, one
 outside from its first rate an upper bound: neither is turned into a number. With 2+ runs per rate, each
-point's runs are resampled (a run's metrics together) for a 95% bootstrap interval of the ratio.
+point's runs are resampled (a run's metrics together) for a 95% bootstrap interval of the ratio. A run whose
+p99 has a 95% interval (its requests resampled) that holds the SLO's bound is marked "at the bound": one more
+run of that rate could land on the other side.
 """
 import json
 import re
@@ -26,7 +28,7 @@ CELL = re.compile(r"^serve-i(\d+)~(\d+)-o(\d+)-([rc])([0-9.e+-]+)$")
 SHAPE = ["input_len", "input_spread", "output_len"]
 METRICS = ["request_throughput", "output_throughput", "throughput", "goodput", "ttft_p50", "ttft_p99", "itl_p50",
            "itl_p99", "tpot_p99", "e2el_p50", "e2el_p99", "arrival_rate", "completion_rate", "saturated", "slo_met",
-           "completed", "failed", "pause_max"]
+           "completed", "failed", "pause_max", "jit_compiles", "jit_reruns", "slo_at_bound"]
 NO_ROOFLINE = "no verdict: speed on a device with no roofline (a CPU)"
 UNSTABLE = ("a ladder went back inside the SLO after leaving it, so its p99s are noise at this many runs per rate; "
             "repeat each rate (--repeats) for a capacity")
@@ -214,8 +216,13 @@ def rows_display(serve: pd.DataFrame) -> pd.DataFrame:
         "Goodput, req/s": s.goodput.map(lambda x: f"{x:.3g}"), "TTFT p50 / p99, ms": [f"{_ms(a)} / {_ms(b)}" for a, b in zip(s.ttft_p50, s.ttft_p99)],
         "ITL p50 / p99, ms": [f"{_ms(a)} / {_ms(b)}" for a, b in zip(s.itl_p50, s.itl_p99)],
         "E2E p99, ms": s.e2el_p99.map(_ms), "Longest pause, ms": s.pause_max.map(_ms),
+        # kernels the server compiled during the kept run, and runs redone because one compiled (serve_bench)
+        "Kernels compiled (runs redone)": [f"{c:.0f} ({r:.0f})" if pd.notna(c) else "—"
+                                           for c, r in zip(s.jit_compiles, s.jit_reruns.fillna(0))],
         "Failed": [f"{f:.0f} of {c + f:.0f}" if pd.notna(f) and pd.notna(c) else "—" for f, c in zip(s.failed, s.completed)],
-        "Saturated": s.saturated.map({1.0: "yes", 0.0: "no"}).fillna("—"), "SLO met": s.slo_met.map({1.0: "yes", 0.0: "no"}).fillna("—")})
+        "Saturated": s.saturated.map({1.0: "yes", 0.0: "no"}).fillna("—"),
+        "SLO met": [{1.0: "yes", 0.0: "no"}.get(m, "—") + (" (at the bound)" if b == 1.0 else "")
+                    for m, b in zip(s.slo_met, s.slo_at_bound)]})
 
 
 def section(tables_: dict, folder, stem: str) -> list[tuple]:

@@ -152,8 +152,9 @@ step_serve() {  # serve=mixtral/bf16,fp8[/KEY=VALUE,...]: vLLM's OpenAI server u
     sort -rn | head -n 20 | tee -a "$OUT/device$TAG.log"
   # every run's per-request timings (vLLM's --save-detailed JSON) and the servers' logs: a stall shows there as
   # requests whose first tokens all came at once (session 17's first rates), which the ledger's percentiles cannot say
-  tar czf "$OUT/serve-runs$TAG.tgz" --exclude='*.prompts.jsonl' -C $W serve 2>/dev/null
+  serve_runs "$OUT/serve-runs$TAG.tgz"
 }
+serve_runs() { tar czf "$1" --exclude='*.prompts.jsonl' --exclude=cache -C $W serve 2>/dev/null || true; }  # not the compile caches
 
 step_harness() {  # harness=mixtral/fp8/128: moeq's cell (engine in-process and in its own process) beside vllm bench
   IFS=/ read -r model scheme batch <<< "$1"
@@ -258,6 +259,8 @@ step_collect() {  # bash /tmp/h200/device.sh collect=g0,g1: one bundle per strea
     kill -0 ${pid:-0} 2>/dev/null && echo "$name running (pid $pid)" || echo "$name ended"
     tail -n 8 $W/bg-$name/console.log 2>/dev/null | sed "s/^/$name /"
     (LEDGER=$W/ledger-$name.sqlite TAG=-$name; snapshot $W/bg-$name)
+    # the serve runs so far: session 18's chain was cut inside a serve step, and its per-request timings were lost
+    [ -d $W/serve ] && serve_runs $W/bg-$name/serve-runs-$name.tgz  # the name step_serve gives it
     tar czf "$OUT/bg-$name.tgz" -C $W/bg-$name .
   done
 }

@@ -253,3 +253,67 @@ def test_the_longest_pause_counts_only_gaps_a_waiting_request_sat_through():
     idle = saved_run([0.1, 0.1], [gaps, gaps], [0.0, 5.0], [0.2, 5.2])  # nobody waits between 0.2 s and 5 s
     assert serve_load.longest_pause(idle) == pytest.approx(0.1)
     assert serve_load.run_metrics(stall, {"ttft": 2.0})["pause_max"] == pytest.approx(1.85)
+
+
+def test_a_run_during_which_the_server_compiled_kernels_is_run_again(tmp_path):
+    from moeq.evaluate import serve_bench
+    cache = tmp_path / "cache"
+    grp = cache / "vllm" / "torch_compile_cache" / "ab12" / "rank_0_0" / "backbone" / "triton_cache" / "h1"
+    grp.mkdir(parents=True)
+    (grp / "__grp__fused_moe_kernel.json").write_text("{}")
+    (grp / "fused_moe_kernel.json").write_text("{}")  # the kernel's metadata: not a compile of its own
+    roots = [cache / "vllm", cache / "triton"]  # the second not made yet: the server may never write there
+    before = serve_bench.compiled_kernels(roots)
+    assert [f.name for f in before] == ["__grp__fused_moe_kernel.json"]
+    sent, made, compiles = [], set(before), iter([2, 1, 0])
+
+    def send(name):  # the server compiles two variants during the first run, one during the second, none after
+        sent.append(name)
+        new = set()
+        for k in range(next(compiles)):
+            (d := cache / "triton" / f"{name}-{k}").mkdir(parents=True)
+            (d / "__grp__fused_moe_kernel.json").write_text("{}")
+            new.add(d / "__grp__fused_moe_kernel.json")
+        assert serve_bench.compiled_kernels(roots) - made == new  # what send() in bench_target takes as the run's
+        made.update(new)
+        return {"jit_kernels": new}
+    logged = []
+    run = serve_bench.steady(send, "serve-i512~50-o128-r16-0", "rate 16 req/s", logged.append)
+    assert sent == ["serve-i512~50-o128-r16-0", "serve-i512~50-o128-r16-0-again1", "serve-i512~50-o128-r16-0-again2"]
+    assert run == {"jit_kernels": set(), "jit_reruns": 2}
+    assert "compiled 2 kernels during the run (fused_moe_kernel x2; serve-i512~50-o128-r16-0.json kept)" in logged[0]
+    # a server that keeps compiling: the last run is kept, with its count
+    compiles = iter([1, 1, 1])
+    sent.clear()
+    run = serve_bench.steady(send, "c64-0", "concurrency 64", logged.append)
+    assert len(run["jit_kernels"]) == 1 and run["jit_reruns"] == serve_bench.JIT_RERUNS == len(sent) - 1
+    m = serve_load.run_metrics({**saved_run([0.1, 0.2], [[0.01] * 15] * 2, [0.0, 0.5], [0.3, 0.5]), **run},
+                               {"ttft": 2.0})
+    assert (m["jit_compiles"], m["jit_reruns"]) == (1.0, 2.0)
+    assert serve_load.run_metrics(saved_run([0.1, 0.2], [[0.01] * 15] * 2, [0.0, 0.5], [0.3, 0.5]),
+                                  {"ttft": 2.0})["jit_compiles"] is None  # a run serve_bench did not send
+
+
+def test_a_p99_near_its_bound_is_marked_at_the_bound():
+    rng = np.random.default_rng(3)
+    n = 400
+    ttfts = list(rng.uniform(0.05, 0.2, n))
+    itls = [list(rng.exponential(0.02, 15)) for _ in range(n)]
+    starts = list(np.sort(rng.uniform(0, 20, n)))
+    run = saved_run(ttfts, itls, starts, [t + sum(g) for t, g in zip(ttfts, itls)])
+    itl_p99 = float(np.percentile([g for i in itls for g in i], 99))
+    low, high = serve_load.p99_intervals(run, ["itl"])["itl"]
+    assert low < itl_p99 < high and high - low < 0.5 * itl_p99
+    far = serve_load.run_metrics(run, {"ttft": 2.0, "itl": 10 * itl_p99})
+    assert far["slo_at_bound"] == 0.0 and far["itl_p99_low"] == low and far["slo_met"] == 1.0
+    near = serve_load.run_metrics(run, {"ttft": 2.0, "itl": (low + high) / 2})
+    assert near["slo_at_bound"] == 1.0
+    # the report's every-run table says so beside the verdict, and reads older rows (no such metric) as before
+    rows = pd.DataFrame(ladder("fp8", [(16, 15, 0.2, False), (32, 28, 0.3, False)])).reindex(
+        columns=[*pd.DataFrame(ladder("fp8", [(1, 1, 0.1, False)])).columns, *serving.METRICS])
+    rows = rows.loc[:, ~rows.columns.duplicated()]
+    rows["slo_at_bound"] = [np.nan, 1.0]
+    rows["jit_compiles"], rows["jit_reruns"] = [np.nan, 2.0], [np.nan, 1.0]
+    shown = serving.rows_display(rows)
+    assert shown["SLO met"].tolist() == ["yes", "yes (at the bound)"]
+    assert shown["Kernels compiled (runs redone)"].tolist() == ["—", "2 (1)"]
