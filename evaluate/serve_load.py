@@ -76,11 +76,15 @@ def failure_reasons(run: dict, most: int = 3) -> str:
     return "; ".join(f"{n}x {text}" for text, n in texts.most_common(most)) or "no error text saved"
 
 
+def samples(req: dict) -> dict[str, list[float]]:
+    """One request's values of each SLO key: its TTFT, every inter-token gap, its TPOT, its latency."""
+    tpot = (req["latency"] - req["ttft"]) / (req["output_len"] - 1) if req["output_len"] > 1 else 0.0
+    return {"ttft": [req["ttft"]], "itl": req["itl"], "tpot": [tpot], "e2el": [req["latency"]]}
+
+
 def request_meets(req: dict, slo: dict[str, float]) -> bool:
     """One request against the SLO: its TTFT, its own p99 inter-token gap, TPOT, end-to-end latency."""
-    tpot = (req["latency"] - req["ttft"]) / (req["output_len"] - 1) if req["output_len"] > 1 else 0.0
-    own = {"ttft": req["ttft"], "itl": float(np.percentile(req["itl"], 99)) if req["itl"] else 0.0,
-           "tpot": tpot, "e2el": req["latency"]}
+    own = {k: float(np.percentile(v, 99)) if v else 0.0 for k, v in samples(req).items()}
     return all(own[k] <= bound for k, bound in slo.items())
 
 
@@ -131,14 +135,11 @@ def p99_intervals(run: dict, keys, resamples: int = 200, seed: int = 0) -> dict[
     reqs = _requests(run)
     if len(reqs) < 2:
         return {}
-    def samples(r, key):
-        tpot = (r["latency"] - r["ttft"]) / (r["output_len"] - 1) if r["output_len"] > 1 else 0.0
-        return {"ttft": [r["ttft"]], "itl": r["itl"], "tpot": [tpot], "e2el": [r["latency"]]}[key]
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(reqs), (resamples, len(reqs)))
     out = {}
     for key in keys:
-        per = [np.asarray(samples(r, key), dtype=float) for r in reqs]
+        per = [np.asarray(samples(r)[key], dtype=float) for r in reqs]
         if not any(len(a) for a in per):
             continue
         p99 = [np.percentile(np.concatenate([per[i] for i in pick]), 99) for pick in picks]

@@ -8,7 +8,8 @@ last rate inside and the first outside. A ladder that never left the SLO gives a
 outside from its first rate an upper bound: neither is turned into a number. With 2+ runs per rate, each
 point's runs are resampled (a run's metrics together) for a 95% bootstrap interval of the ratio. A run whose
 p99 has a 95% interval (its requests resampled) that holds the SLO's bound is marked "at the bound": one more
-run of that rate could land on the other side.
+run of that rate could land on the other side. Runs measured before these marks and the kernel counts existed
+(sessions 8-18 on the H200) read "—" for kernels compiled and carry no mark either way.
 """
 import json
 import re
