@@ -187,7 +187,7 @@ def measure(run_once, load: Load, label: str, closed_loop: bool, log=print) -> t
         log(f"[serve]  {label}: {m['request_throughput']:.3g} req/s done, TTFT p99 {1e3 * m['ttft_p99']:.0f} ms, "
             f"ITL p99 {1e3 * m['itl_p99']:.1f} ms, longest pause {1e3 * m['pause_max']:.0f} ms, "
             f"goodput {m['goodput']:.3g} req/s"
-            + ("" if closed_loop else f", arrivals {m['arrival_rate']:.3g}/s, completions {m['completion_rate']:.3g}/s")
+            + ("" if closed_loop else f", arrivals {m['arrival_rate']:.3g}/s, keeping up {m['keep_up']:.2f}")
             + (", at the SLO's bound (a p99's 95% interval holds it)" if m.get("slo_at_bound") else "")
             + (f", {m['failed']:.0f} failed" if m["failed"] else "")
             + (f", {m['jit_compiles']:.0f} kernels compiled during it ({kernel_names(run['jit_kernels'])})"
@@ -195,13 +195,13 @@ def measure(run_once, load: Load, label: str, closed_loop: bool, log=print) -> t
         if m["failed"]:  # why, in the client's words (session 8 saw a few per run on the H200, the same for every scheme)
             log(f"[serve]  {label}: failed requests: {serve_load.failure_reasons(run)}")
     # a closed loop (fixed concurrency) sends as fast as requests complete: arrivals say nothing there
-    skip = ("arrival_rate", "completion_rate", "saturated") if closed_loop else ()
+    skip = ("arrival_rate", "keep_up", "saturated") if closed_loop else ()
     median = {k: float(statistics.median([r[k] for r in runs])) for k in runs[0]
               if runs[0][k] is not None and k not in skip}
     if not closed_loop:
-        median["saturated"] = float(serve_load.saturated(median["arrival_rate"], median["completion_rate"]))
+        median["saturated"] = float(serve_load.saturated(median["keep_up"]))
     median["slo_met"] = float(all(median.get(f"{k}_p99", math.inf) <= b for k, b in load.slo.items()))
-    units = {"request_throughput": "req/s", "goodput": "req/s", "arrival_rate": "req/s", "completion_rate": "req/s",
+    units = {"request_throughput": "req/s", "goodput": "req/s", "arrival_rate": "req/s", "keep_up": "ratio",
              "output_throughput": "tok/s", "throughput": "tok/s", "input_tokens": "tokens", "jit_compiles": "kernels",
              "jit_reruns": "runs"}
     metrics = []

@@ -8,10 +8,10 @@ not compute is computed here from its per-request lists:
   e2el only. A request is good when every SLO key holds for it: its TTFT, its own p99 inter-token gap,
   its TPOT or its end-to-end latency;
 - the longest pause: the longest time no request got a token while one was waiting (longest_pause);
-- saturation: the server keeps up when requests complete as fast as they arrive. Arrival rate = requests
-  over the span of send times, completion rate = requests over the span of completion times; the span
-  of completions is used rather than the run's duration so that the last requests' drain does not count
-  as overload. A run completing at under SUSTAINED of its arrival rate is saturated (its queue grew).
+- saturation: the server keeps up when it makes output tokens as fast as the requests arriving owe them
+  (keep_up). Tokens, not completions: a server that admits every request and slows down finishes them in a
+  burst once sending stops, which completions counted over their own span read as keeping up (the rule
+  through session 18 did: NOTES.md, session 19). A run keeping up at under SUSTAINED is saturated.
 """
 import math
 from collections import Counter
@@ -24,7 +24,7 @@ from moeq.errors import UserError
 # single request is judged against it
 SLO_KEYS = ("ttft", "itl", "tpot", "e2el")
 DEFAULT_SLO = "ttft:2000,itl:100"
-SUSTAINED = 0.9  # completion rate / arrival rate at or above which a rate is sustained
+SUSTAINED = 0.9  # keep_up at or above which a rate is sustained
 
 
 def parse_slo(text: str) -> dict[str, float]:
@@ -94,20 +94,47 @@ def goodput(run: dict, slo: dict[str, float]) -> tuple[int, float]:
     return good, good / run["duration"]
 
 
-def rates(run: dict) -> tuple[float, float]:
-    """(arrival rate, completion rate) in requests per second, from send and completion times."""
-    reqs = _requests(run)
+def arrival_rate(run: dict) -> float:
+    """Requests per second over the span of send times."""
+    starts = sorted(r["start"] for r in _requests(run))
+    if len(starts) < 2:
+        return math.nan
+    return (len(starts) - 1) / (starts[-1] - starts[0]) if starts[-1] > starts[0] else math.inf
+
+
+def keep_up(run: dict) -> float:
+    """Output tokens the server made during the send window over the tokens owed by the requests sent in it,
+    plus an allowance: about 1 when it keeps up. The window opens when the first requests were done (the median
+    latency of the first tenth: the ramp, after which a server keeping up owes as much at the window's end as at
+    its start) and closes at the last send. The allowance is that balance's noise: the request just sent and two
+    standard deviations of the difference of two Poisson counts of λ·L requests in flight (Little's law at the
+    first requests' latency), each owing the mean output. 0 when
+    the first requests outlived the whole send window: a run sized as serve-bench sizes them (tens of seconds
+    on the H200, seconds against sub-second latencies on a CPU) does that only under overload."""
+    reqs = sorted(_requests(run), key=lambda r: r["start"])
     if len(reqs) < 2:
-        return math.nan, math.nan
-    starts = sorted(r["start"] for r in reqs)
-    ends = sorted(r["start"] + r["latency"] for r in reqs)
-    span = lambda t: t[-1] - t[0]
-    arrival = (len(reqs) - 1) / span(starts) if span(starts) > 0 else math.inf
-    return arrival, (len(reqs) - 1) / span(ends) if span(ends) > 0 else math.inf
+        return math.nan
+    starts = np.array([r["start"] for r in reqs])
+    ramp = float(np.median([r["latency"] for r in reqs[:max(3, len(reqs) // 10)]]))
+    t0, t1 = starts[0] + ramp, starts[-1]
+    if t1 <= t0:
+        return 0.0
+    outs = np.array([r["output_len"] or 1 + len(r["itl"]) for r in reqs], dtype=float)
+    owed = outs[(starts > t0) & (starts <= t1)].sum()
+    # a streamed chunk may carry several tokens: each chunk counts its request's share of its output
+    made = sum(((t > t0) & (t <= t1)).sum() * out / len(t) for t, out in zip(_token_times(reqs), outs))
+    in_flight = arrival_rate(run) * ramp
+    allowance = outs.mean() * (1 + 2 * math.sqrt(2 * in_flight))
+    return (made + allowance) / owed if owed else math.nan
 
 
-def saturated(arrival: float, completion: float) -> bool:
-    return completion < SUSTAINED * arrival
+def _token_times(reqs: list[dict]) -> list[np.ndarray]:
+    """Each request's token times: send + TTFT, then the running sum of its gaps."""
+    return [r["start"] + r["ttft"] + np.cumsum([0.0, *r["itl"]]) for r in reqs]
+
+
+def saturated(keeping_up: float) -> bool:
+    return keeping_up < SUSTAINED
 
 
 def longest_pause(run: dict) -> float:
@@ -120,7 +147,7 @@ def longest_pause(run: dict) -> float:
     if not reqs:
         return math.nan
     starts = np.sort([r["start"] for r in reqs])
-    tokens = [r["start"] + r["ttft"] + np.cumsum([0.0, *r["itl"]]) for r in reqs]
+    tokens = _token_times(reqs)
     lasts = np.sort([t[-1] for t in tokens])
     events = np.unique(np.concatenate([starts, *tokens]))
     gaps = np.diff(events)
@@ -159,13 +186,13 @@ def run_metrics(run: dict, slo: dict[str, float]) -> dict[str, float]:
             if (value := run.get(f"{q}_{metric}_ms")) is not None:
                 out[f"{metric}_{q}"] = value / 1000
     good, per_s = goodput(run, slo)
-    arrival, completion = rates(run)
-    out |= {"goodput": per_s, "good_requests": good, "arrival_rate": arrival, "completion_rate": completion,
+    kept = keep_up(run)
+    out |= {"goodput": per_s, "good_requests": good, "arrival_rate": arrival_rate(run), "keep_up": kept,
             "pause_max": longest_pause(run),
             # serve_bench's counts (absent from a run it did not send): kernels the server compiled during the run
             "jit_compiles": float(len(run["jit_kernels"])) if "jit_kernels" in run else None,
             "jit_reruns": float(run["jit_reruns"]) if "jit_reruns" in run else None,
-            "saturated": float(saturated(arrival, completion)),
+            "saturated": float(saturated(kept)),
             "slo_met": float(all(out.get(f"{k}_p99", math.inf) <= bound for k, bound in slo.items()))}
     intervals = p99_intervals(run, slo)
     for key, (low, high) in intervals.items():
@@ -182,26 +209,30 @@ def auto_ladder(start: float, factor: float, steps: int) -> list[float]:
     return [round(start * factor ** i, 6) for i in range(steps)]
 
 
-def ladder_outcome(points: list[tuple[float, bool, bool]]) -> dict:
+def ladder_outcome(points: list[tuple[float, bool | None, bool]]) -> dict:
     """From (offered rate, saturated, SLO met) per rate tried, in increasing order: the highest rate
     sustained under the SLO (None if none), and whether the ladder ever saturated. A ladder that never
-    saturated gives a lower bound only; the statement says so instead of inventing a maximum."""
-    points = sorted(points)
+    saturated gives a lower bound only; the statement says so instead of inventing a maximum. Saturated None:
+    not judged (runs recorded under the completion-span rule, through session 18): the text says so."""
+    points = sorted(points, key=lambda p: p[0])
     ok = [r for r, sat, met in points if met and not sat]
     first_sat = next((r for r, sat, _ in points if sat), None)
     top = points[-1][0] if points else None
     best = max(ok) if ok else None
+    under = f"{best:g} req/s is the highest under the SLO" if best else "no rate met the SLO"
     if not points:
         text = "not measured"
+    elif any(sat is None for _, sat, _ in points):
+        text = f"saturation not judged (runs recorded before keep-up was measured); {under}"
     elif first_sat is None:
         text = (f"never saturated: the server kept up at every rate up to {top:g} req/s, the ladder's top; "
-                + (f"≥ {best:g} req/s under the SLO (a lower bound)" if best == top else
-                   f"{best:g} req/s is the highest under the SLO" if best else "no rate met the SLO"))
+                + (f"≥ {best:g} req/s under the SLO (a lower bound)" if best == top else under))
     else:
         text = (f"saturated at {first_sat:g} req/s; "
                 + (f"{best:g} req/s is the highest sustained under the SLO" if best else "no rate met the SLO"))
     missed = [r for r, sat, met in points if not (met and not sat) and best is not None and r < best]
     if missed:  # outside below a rate inside: one run per rate is noise there (session 8, Qwen3 on the H200)
         text += f" (but not at {', '.join(f'{r:g}' for r in missed)} req/s below it)"
+    judged = all(sat is not None for _, sat, _ in points)
     return {"max_rate_under_slo": best, "saturated_at": first_sat, "top_rate": top,
-            "lower_bound": first_sat is None and best is not None and best == top, "text": text}
+            "lower_bound": judged and first_sat is None and best is not None and best == top, "text": text}

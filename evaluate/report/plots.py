@@ -221,6 +221,7 @@ def serving(folder, stem, serve):
             ax.set_title(f"{key[0]} · {key[1]} · settings {key[4]} · {key[5]:.0f} in / {key[6]:.0f} out", fontsize=8)
             _legend(ax)
     caption = ("Serving under Poisson load: TTFT p99 and ITL p99 (ms, log) against the request rate the server "
-               "achieved (log), one line per scheme over the rate ladder; red rings mark saturated rates (requests "
-               "completed under 90% as fast as they arrived), the dashed line the SLO's bound")
+               "achieved (log), one line per scheme over the rate ladder; red rings mark saturated rates (output "
+               "tokens made under 90% as fast as arriving requests owed them; runs before keep-up was measured are "
+               "not judged), the dashed line the SLO's bound")
     return _save(fig, folder, f"{stem}-serving.png", caption)

@@ -2,14 +2,18 @@
 scheme, the request rate each scheme sustains under its SLO, and the throughput claims restated there.
 
 Capacity under the SLO: at each ladder rate, the headroom is the smallest of bound / p99 over the SLO's
-keys and (completions / arrivals) / SUSTAINED; a rate is inside when it is >= 1. The capacity is the
+keys and keep-up / SUSTAINED (output tokens made during the send window over those owed, serve_load.keep_up);
+a rate is inside when it is >= 1. The capacity is the
 achieved request throughput where the headroom crosses 1, interpolated (in log headroom) between the
 last rate inside and the first outside. A ladder that never left the SLO gives a lower bound, one
 outside from its first rate an upper bound: neither is turned into a number. With 2+ runs per rate, each
 point's runs are resampled (a run's metrics together) for a 95% bootstrap interval of the ratio. A run whose
 p99 has a 95% interval (its requests resampled) that holds the SLO's bound is marked "at the bound": one more
 run of that rate could land on the other side. Runs measured before these marks and the kernel counts existed
-(sessions 8-18 on the H200) read "—" for kernels compiled and carry no mark either way.
+(sessions 8-18 on the H200) read "—" for kernels compiled and carry no mark either way. Their saturation is
+not judged either: it was recorded under the completion-span rule, which read a server that admits every
+request and slows down as keeping up (Mixtral bf16 at 32 req/s: 21.5 req/s done, "no"); their capacity
+rests on the SLO's keys alone.
 """
 import json
 import re
@@ -28,7 +32,7 @@ ENGINE_KIND = "serve-engine"  # serve-bench's record of its server's MoE kernel
 CELL = re.compile(r"^serve-i(\d+)~(\d+)-o(\d+)-([rc])([0-9.e+-]+)$")
 SHAPE = ["input_len", "input_spread", "output_len"]
 METRICS = ["request_throughput", "output_throughput", "throughput", "goodput", "ttft_p50", "ttft_p99", "itl_p50",
-           "itl_p99", "tpot_p99", "e2el_p50", "e2el_p99", "arrival_rate", "completion_rate", "saturated", "slo_met",
+           "itl_p99", "tpot_p99", "e2el_p50", "e2el_p99", "arrival_rate", "keep_up", "saturated", "slo_met",
            "completed", "failed", "pause_max", "jit_compiles", "jit_reruns", "slo_at_bound"]
 NO_ROOFLINE = "no verdict: speed on a device with no roofline (a CPU)"
 UNSTABLE = ("a ladder went back inside the SLO after leaving it, so its p99s are noise at this many runs per rate; "
@@ -53,6 +57,7 @@ def serve_table(results: pd.DataFrame) -> pd.DataFrame:
     df["input_len"], df["input_spread"], df["output_len"] = shape[0].astype(float), shape[1].astype(float) / 100, shape[2].astype(float)
     df["mode"] = shape[3].map({"r": "rate", "c": "concurrency"})
     df["level"] = shape[4].astype(float)
+    df.loc[df.keep_up.isna(), "saturated"] = np.nan  # the completion-span rule's flag: not judged (docstring)
     loads = {tuple(r[k] for k in KEY + ["cell"]): json.loads(r["note"]) for _, r in s[s.metric == "load"].iterrows()}
     df["slo"] = [json.dumps(loads.get(tuple(r[k] for k in KEY + ["cell"]), {}).get("slo_s")) for _, r in df.iterrows()]
     runs = {}
@@ -63,11 +68,11 @@ def serve_table(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def headroom(point: dict, slo: dict) -> float:
-    """min(bound / p99 per SLO key, (completions / arrivals) / SUSTAINED): >= 1 inside the SLO."""
+    """min(bound / p99 per SLO key, keep-up / SUSTAINED): >= 1 inside the SLO."""
     known = lambda m: point.get(m) is not None and pd.notna(point[m]) and point[m] > 0
     ratios = [bound / point[f"{k}_p99"] if known(f"{k}_p99") else np.inf for k, bound in slo.items()]
-    if known("arrival_rate") and known("completion_rate"):
-        ratios.append(point["completion_rate"] / point["arrival_rate"] / SUSTAINED)
+    if point.get("keep_up") is not None and pd.notna(point["keep_up"]):
+        ratios.append(point["keep_up"] / SUSTAINED if point["keep_up"] > 0 else 0.0)
     return float(min(ratios))
 
 
@@ -94,7 +99,7 @@ def capacity(points: list[tuple[float, float]]) -> tuple[float, str]:
 def _point(row, slo, run: int | None = None) -> tuple[float, float]:
     runs = json.loads(row.runs) if isinstance(row.runs, str) else {}
     value = lambda m: runs[m][run] if run is not None and m in runs else getattr(row, m, None)
-    p = {m: value(m) for m in ("request_throughput", "arrival_rate", "completion_rate", "ttft_p99", "itl_p99",
+    p = {m: value(m) for m in ("request_throughput", "keep_up", "ttft_p99", "itl_p99",
                                "tpot_p99", "e2el_p99")}
     return p["request_throughput"], headroom(p, slo)
 
@@ -113,7 +118,8 @@ def capacity_table(serve: pd.DataFrame, kernels: pd.DataFrame | None = None) -> 
     rows = []
     for key, g in ladder_rows(serve).items():
         slo = json.loads(g.slo.iloc[0] or "null") or {}
-        outcome = ladder_outcome([(r.level, bool(r.saturated), bool(r.slo_met)) for r in g.itertuples()])
+        outcome = ladder_outcome([(r.level, None if pd.isna(r.saturated) else bool(r.saturated), bool(r.slo_met))
+                                  for r in g.itertuples()])
         cap, how = capacity([_point(r, slo) for r in g.itertuples()])
         rows.append({**dict(zip(GROUP + ["scheme", *SHAPE], key)), "slo": slo_text(slo) if slo else "",
                      "rates": ", ".join(f"{x:g}" for x in g.level), "max_rate_under_slo": outcome["max_rate_under_slo"],
@@ -221,7 +227,8 @@ def rows_display(serve: pd.DataFrame) -> pd.DataFrame:
         "Kernels compiled (runs redone)": [f"{c:.0f} ({r:.0f})" if pd.notna(c) else "—"
                                            for c, r in zip(s.jit_compiles, s.jit_reruns.fillna(0))],
         "Failed": [f"{f:.0f} of {c + f:.0f}" if pd.notna(f) and pd.notna(c) else "—" for f, c in zip(s.failed, s.completed)],
-        "Saturated": s.saturated.map({1.0: "yes", 0.0: "no"}).fillna("—"),
+        "Saturated (keep-up)": ["—" if r.mode != "rate" else "not judged" if pd.isna(r.saturated) else
+                                f"{'yes' if r.saturated else 'no'} ({r.keep_up:.2f})" for r in s.itertuples()],
         "SLO met": [{1.0: "yes", 0.0: "no"}.get(m, "—") + (" (at the bound)" if b == 1.0 else "")
                     for m, b in zip(s.slo_met, s.slo_at_bound)]})
 

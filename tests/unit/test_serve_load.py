@@ -47,18 +47,48 @@ def test_goodput_counts_each_requests_own_ttft_and_itl():
         serve_load.goodput({k: v for k, v in run.items() if k != "itls"}, slo)
 
 
-def test_saturation_is_read_from_completions_against_arrivals():
-    starts = list(np.arange(20) * 0.1)  # 10 req/s arriving
-    kept_up = saved_run([0.05] * 20, [[0.01] * 15] * 20, starts, [0.3] * 20)
-    arrival, completion = serve_load.rates(kept_up)
-    assert arrival == pytest.approx(10) and completion == pytest.approx(10)
-    assert not serve_load.saturated(arrival, completion)
-    # a server finishing one request every 0.2 s: the queue grows, latency with it
-    queued = saved_run([0.05] * 20, [[0.01] * 15] * 20, starts, [0.3 + 0.1 * i for i in range(20)])
-    arrival, completion = serve_load.rates(queued)
-    assert completion == pytest.approx(5) and serve_load.saturated(arrival, completion)
-    # a long drain at the end of a short run is not overload (the duration would say 5 req/s)
-    assert not serve_load.saturated(*serve_load.rates(saved_run([0.05] * 20, [[0.01] * 15] * 20, starts, [2.0] * 20)))
+RUNS = __import__("pathlib").Path(__file__).parent / "runs"  # vllm bench serve runs of the tiny model on 2 CPU cores
+
+
+def served(starts, out, tokens_per_s, batch=None, step=5e-3) -> dict:
+    """A server making tokens_per_s output tokens shared by the requests it runs (continuous batching): all
+    of them, or the first `batch` in order (the rest queue). Each request owes `out` tokens; one token is
+    streamed per chunk. Returns the saved run."""
+    made, times, t = [0.0] * len(starts), [[] for _ in starts], 0.0
+    while any(m < out for m in made):
+        t += step
+        live = [i for i, s in enumerate(starts) if s <= t and made[i] < out][:batch]
+        for i in live:
+            made[i] += tokens_per_s * step / len(live)
+            if made[i] >= len(times[i]) + 1:
+                times[i].append(t)
+    return saved_run([ts[0] - s for ts, s in zip(times, starts)], [list(np.diff(ts)) for ts in times], list(starts),
+                     [ts[-1] - s for ts, s in zip(times, starts)], out=out)
+
+
+def test_saturation_is_read_from_tokens_made_against_tokens_owed():
+    starts = list(np.arange(200) * 0.1)  # 10 req/s for 20 s (as on the H200), 16 tokens each: 160 tokens/s owed
+    kept_up = served(starts, 16, 200)
+    assert serve_load.arrival_rate(kept_up) == pytest.approx(10)
+    assert 0.95 < serve_load.keep_up(kept_up) < 1.1 and not serve_load.saturated(serve_load.keep_up(kept_up))
+    # 80 tokens/s, one request at a time (the rest queue) or shared by all: half of what is owed
+    for slow in (served(starts, 16, 80, batch=1), served(starts, 16, 80)):
+        assert 0.5 < serve_load.keep_up(slow) < 0.7 and serve_load.saturated(serve_load.keep_up(slow))
+    # two tokens per streamed chunk count as two
+    chunky = dict(kept_up, itls=[gaps[1::2] for gaps in kept_up["itls"]])
+    assert serve_load.keep_up(chunky) == pytest.approx(serve_load.keep_up(kept_up), rel=0.05)
+
+
+def test_a_server_that_admits_everything_and_slows_down_is_saturated():
+    """Measured: 64 req/s at the tiny model on two cores. Every request was admitted and none finished before
+    sending stopped, then all finished within 0.4 s: completions over their own span (the rule through session
+    18) read 326/s against 64 arriving. 8 req/s on the same server kept up."""
+    jammed, fine = (json.loads((RUNS / f"cpu-tiny-r{r}.json").read_text()) for r in (64, 8))
+    ends = sorted(s + lat for s, lat in zip(jammed["start_times"], jammed["latencies"]))
+    assert (len(ends) - 1) / (ends[-1] - ends[0]) > 5 * serve_load.arrival_rate(jammed)
+    assert jammed["request_throughput"] < 0.7 * serve_load.arrival_rate(jammed)
+    assert serve_load.keep_up(jammed) == 0.0 and serve_load.saturated(serve_load.keep_up(jammed))
+    assert 0.9 <= serve_load.keep_up(fine) < 1.2 and not serve_load.saturated(serve_load.keep_up(fine))
 
 
 def test_run_metrics_in_seconds_with_goodput_and_flags():
@@ -105,7 +135,7 @@ def ladder(scheme, points, device="NVIDIA H200", runs=None) -> list[dict]:
         rows.append({"model": "m", "provenance": "shape-only", "backend": "vllm-cuda", "device": device, "settings": "s",
                      "scheme": scheme, "cell": f"serve-i512~50-o128-r{rate:g}", "input_len": 512, "input_spread": 0.5,
                      "output_len": 128, "mode": "rate", "level": rate, "request_throughput": done, "ttft_p99": ttft,
-                     "itl_p99": 0.02, "arrival_rate": rate, "completion_rate": rate * (0.5 if sat else 1.0),
+                     "itl_p99": 0.02, "arrival_rate": rate, "keep_up": 0.5 if sat else 1.0,
                      "saturated": float(sat), "slo_met": float(ttft <= 2 and not sat),
                      "slo": json.dumps({"ttft": 2.0, "itl": 0.1}), "runs": json.dumps(runs[i] if runs else {})})
     return rows
@@ -119,8 +149,13 @@ def test_capacity_interpolates_where_the_slo_is_crossed_and_keeps_bounds():
     assert serve_load.ladder_outcome([(1, False, True), (2, False, False), (4, False, True), (8, True, False)])[
         "text"] == "saturated at 8 req/s; 4 req/s is the highest sustained under the SLO (but not at 2 req/s below it)"
     assert serving.capacity([(1, 4.0), (2, 0.5), (4, 1.5), (8, 0.4)])[1] == "not monotonic"
+    # runs recorded under the completion-span rule: their flag is not restated, their capacity rests on the SLO
+    old = serve_load.ladder_outcome([(1, None, True), (2, None, False)])
+    assert old["saturated_at"] is None and not old["lower_bound"]
+    assert old["text"] == ("saturation not judged (runs recorded before keep-up was measured); "
+                           "1 req/s is the highest under the SLO")
     assert serving.headroom({"ttft_p99": 1.0, "itl_p99": 0.05}, {"ttft": 2.0, "itl": 0.1}) == 2.0
-    assert serving.headroom({"ttft_p99": 1.0, "arrival_rate": 10, "completion_rate": 4.5}, {"ttft": 2.0}) == 0.5
+    assert serving.headroom({"ttft_p99": 1.0, "keep_up": 0.45}, {"ttft": 2.0}) == 0.5
 
 
 def test_claims_restated_at_equal_slo():
@@ -155,7 +190,7 @@ def test_repeats_give_an_interval():
 
     def runs(done, ttft):
         return {"request_throughput": [done * 0.98, done * 1.02], "ttft_p99": [ttft * 0.95, ttft * 1.05],
-                "itl_p99": [0.02, 0.02], "arrival_rate": [9e9, 9e9], "completion_rate": [9e9, 9e9]}
+                "itl_p99": [0.02, 0.02], "keep_up": [1.0, 1.0]}
     pts_b = [(1, 1, 0.5, False), (2, 2, 1.0, False), (4, 3, 4.0, False)]
     pts_f = [(1, 1, 0.25, False), (2, 2, 0.5, False), (4, 4, 1.0, False), (8, 5, 4.0, False)]
     serve = pd.DataFrame(ladder("bf16", pts_b, runs=[runs(d, t) for _, d, t, _ in pts_b])
@@ -209,7 +244,7 @@ def test_a_run_saved_by_vllm_0_26_has_its_latencies_summed_from_ttft_and_gaps():
     old = {k: v for k, v in run.items() if k != "latencies"}
     assert [r["latency"] for r in serve_load._requests(old)] == pytest.approx([0.35, 0.95])
     assert serve_load.goodput(old, slo) == serve_load.goodput(run, slo) == (1, 0.25)
-    assert serve_load.rates(old) == pytest.approx(serve_load.rates(run))
+    assert serve_load.keep_up(old) == pytest.approx(serve_load.keep_up(run))
 
 
 def test_failure_reasons_name_the_commonest_errors_with_counts():
@@ -316,3 +351,18 @@ def test_a_p99_near_its_bound_is_marked_at_the_bound():
     shown = serving.rows_display(rows)
     assert shown["SLO met"].tolist() == ["yes", "yes (at the bound)"]
     assert shown["Kernels compiled (runs redone)"].tolist() == ["—", "2 (1)"]
+
+
+def test_ledger_rows_without_keep_up_are_not_judged_for_saturation():
+    """serve_table reads the ledger's long rows: a run with keep-up keeps its flag, one without (recorded
+    under the completion-span rule) reads saturation as unknown."""
+    def rows(cell, **metrics):
+        return [{"model": "m", "scheme": "bf16", "provenance": "shape-only", "backend": "vllm-cuda", "device": "d",
+                 "settings": "s", "build": "", "kind": "serve", "cell": cell, "metric": k, "value": v,
+                 "repeats": None, "note": None} for k, v in metrics.items()]
+    results = pd.DataFrame(rows("serve-i512~50-o128-r32", saturated=0.0, completion_rate=70.7, arrival_rate=32.0)
+                           + rows("serve-i512~50-o128-r64", saturated=1.0, keep_up=0.4, arrival_rate=64.0))
+    table = serving.serve_table(results).set_index("level")
+    assert pd.isna(table.loc[32, "saturated"]) and table.loc[64, "saturated"] == 1.0
+    shown = serving.rows_display(serving.serve_table(results))["Saturated (keep-up)"].tolist()
+    assert shown == ["not judged", "yes (0.40)"]
