@@ -11,7 +11,8 @@ not compute is computed here from its per-request lists:
 - saturation: the server keeps up when it makes output tokens as fast as the requests arriving owe them
   (keep_up). Tokens, not completions: a server that admits every request and slows down finishes them in a
   burst once sending stops, which completions counted over their own span read as keeping up (the rule
-  through session 18 did: NOTES.md, session 19). A run keeping up at under SUSTAINED is saturated.
+  through session 18 did: reports/h200/NOTES.md, "saturation read in tokens"). A run keeping up at under
+  SUSTAINED is saturated.
 """
 import math
 from collections import Counter
