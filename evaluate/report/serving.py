@@ -3,9 +3,8 @@ scheme, the request rate each scheme sustains under its SLO, and the throughput 
 
 Capacity under the SLO: at each ladder rate, the headroom is the smallest of bound / p99 over the SLO's
 keys and keep-up / SUSTAINED (output tokens made during the send window over those owed, serve_load.keep_up);
-a rate is inside when it is >= 1. The capacity is the
-achieved request throughput where the headroom crosses 1, interpolated (in log headroom) between the
-last rate inside and the first outside. A ladder that never left the SLO gives a lower bound, one
+a rate is inside when it is >= 1. The capacity is the achieved request throughput where the headroom crosses
+1, interpolated (in log headroom) between the last rate inside and the first outside. A ladder that never left the SLO gives a lower bound, one
 outside from its first rate an upper bound: neither is turned into a number. With 2+ runs per rate, each
 point's runs are resampled (a run's metrics together) for a 95% bootstrap interval of the ratio. A run whose
 p99 has a 95% interval (its requests resampled) that holds the SLO's bound is marked "at the bound": one more
@@ -72,7 +71,7 @@ def headroom(point: dict, slo: dict) -> float:
     known = lambda m: point.get(m) is not None and pd.notna(point[m]) and point[m] > 0
     ratios = [bound / point[f"{k}_p99"] if known(f"{k}_p99") else np.inf for k, bound in slo.items()]
     if point.get("keep_up") is not None and pd.notna(point["keep_up"]):
-        ratios.append(point["keep_up"] / SUSTAINED if point["keep_up"] > 0 else 0.0)
+        ratios.append(max(point["keep_up"], 1e-6) / SUSTAINED)  # 0 (nothing done while sending) stays loggable
     return float(min(ratios))
 
 
