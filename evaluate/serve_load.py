@@ -109,9 +109,9 @@ def keep_up(run: dict) -> float:
     latency of the first tenth: the ramp, after which a server keeping up owes as much at the window's end as at
     its start) and closes at the last send. The allowance is that balance's noise: the request just sent and two
     standard deviations of the difference of two Poisson counts of λ·L requests in flight (Little's law at the
-    first requests' latency), each owing the mean output. 0 when
-    the first requests outlived the whole send window: a run sized as serve-bench sizes them (tens of seconds
-    on the H200, seconds against sub-second latencies on a CPU) does that only under overload."""
+    first requests' latency), each owing the mean output. 0 when the first requests outlived the whole send
+    window: a run sized as serve-bench sizes them (tens of seconds on the H200, seconds against sub-second
+    latencies on a CPU) does that only under overload."""
     reqs = sorted(_requests(run), key=lambda r: r["start"])
     if len(reqs) < 2:
         return math.nan
@@ -177,7 +177,7 @@ def p99_intervals(run: dict, keys, resamples: int = 200, seed: int = 0) -> dict[
 
 def run_metrics(run: dict, slo: dict[str, float]) -> dict[str, float]:
     """The ledger's metrics of one saved run: vLLM's own statistics (ms converted to seconds) and what
-    this module adds (goodput under the SLO with ITL, arrival and completion rates, saturation)."""
+    this module adds (goodput under the SLO with ITL, arrival rate, keep-up and saturation, p99 intervals)."""
     out = {"request_throughput": run["request_throughput"], "output_throughput": run["output_throughput"],
            "throughput": run["total_token_throughput"], "completed": run["completed"], "failed": run["failed"],
            "duration": run["duration"], "input_tokens": run["total_input_tokens"],
@@ -220,10 +220,11 @@ def ladder_outcome(points: list[tuple[float, bool | None, bool]]) -> dict:
     first_sat = next((r for r, sat, _ in points if sat), None)
     top = points[-1][0] if points else None
     best = max(ok) if ok else None
+    judged = all(sat is not None for _, sat, _ in points)
     under = f"{best:g} req/s is the highest under the SLO" if best else "no rate met the SLO"
     if not points:
         text = "not measured"
-    elif any(sat is None for _, sat, _ in points):
+    elif not judged:
         text = f"saturation not judged (runs recorded before keep-up was measured); {under}"
     elif first_sat is None:
         text = (f"never saturated: the server kept up at every rate up to {top:g} req/s, the ladder's top; "
@@ -234,6 +235,5 @@ def ladder_outcome(points: list[tuple[float, bool | None, bool]]) -> dict:
     missed = [r for r, sat, met in points if not (met and not sat) and best is not None and r < best]
     if missed:  # outside below a rate inside: one run per rate is noise there (session 8, Qwen3 on the H200)
         text += f" (but not at {', '.join(f'{r:g}' for r in missed)} req/s below it)"
-    judged = all(sat is not None for _, sat, _ in points)
     return {"max_rate_under_slo": best, "saturated_at": first_sat, "top_rate": top,
             "lower_bound": judged and first_sat is None and best is not None and best == top, "text": text}

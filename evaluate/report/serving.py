@@ -4,8 +4,9 @@ scheme, the request rate each scheme sustains under its SLO, and the throughput 
 Capacity under the SLO: at each ladder rate, the headroom is the smallest of bound / p99 over the SLO's
 keys and keep-up / SUSTAINED (output tokens made during the send window over those owed, serve_load.keep_up);
 a rate is inside when it is >= 1. The capacity is the achieved request throughput where the headroom crosses
-1, interpolated (in log headroom) between the last rate inside and the first outside. A ladder that never left the SLO gives a lower bound, one
-outside from its first rate an upper bound: neither is turned into a number. With 2+ runs per rate, each
+1, interpolated (in log headroom) between the last rate inside and the first outside. A ladder that never
+left the SLO gives a lower bound, one outside from its first rate an upper bound: neither is turned into a
+number. With 2+ runs per rate, each
 point's runs are resampled (a run's metrics together) for a 95% bootstrap interval of the ratio. A run whose
 p99 has a 95% interval (its requests resampled) that holds the SLO's bound is marked "at the bound": one more
 run of that rate could land on the other side. Runs measured before these marks and the kernel counts existed
