@@ -108,7 +108,7 @@ demo: setup
 # two tiers: pure functions first (seconds), then the integration tests (engines, the trained model)
 test: setup
 	$(SERVE)/bin/python -m pytest tests/unit
-	$(SERVE)/bin/python -m pytest tests --ignore=tests/unit
+	$(SERVE)/bin/python -m pytest tests --ignore=tests/unit --durations=25  # CI's log says where its time goes (90-minute limit)
 
 clean-checkpoints:
 	rm -rf checkpoints
