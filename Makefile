@@ -69,7 +69,7 @@ eval: setup
 SERVE_FLAGS = $(call flag,MODEL,model) $(call flag,SCHEME,scheme) $(call flag,WEIGHTS,weights) $(call flag,ROUTING,routing) \
   $(call flag,INPUT_LEN,input-len) $(call flag,INPUT_SPREAD,input-spread) $(call flag,OUTPUT_LEN,output-len) \
   $(call flag,RATES,rates) $(call flag,RATE_START,rate-start) $(call flag,MAX_RATES,max-rates) \
-  $(call flag,CONCURRENCY,concurrency) $(call flag,WARMUP_CONCURRENCY,warmup-concurrency) $(call flag,SECONDS,seconds) $(call flag,REPEATS,repeats) $(call flag,SLO,slo) \
+  $(call flag,CONCURRENCY,concurrency) $(call flag,WARMUP_CONCURRENCY,warmup-concurrency) $(call flag,SECONDS,seconds) $(call flag,REPEATS,repeats) $(call flag,KNEE_REPEATS,knee-repeats) $(call flag,SLO,slo) \
   $(call flag,PORT,port) $(call flag,TOKENIZER,tokenizer) $(call flag,LEDGER,ledger) $(call flag,CHECKPOINTS,checkpoints) \
   $(call flag,TP,tp) $(call flag,EP,ep) $(call flag,DP,dp) $(call flag,PP,pp) \
   $(if $(filter 1 true yes,$(FORCE)),--force) $(foreach a,$(ENGINE_ARGS),--engine-arg $(a))

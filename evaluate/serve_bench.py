@@ -66,6 +66,7 @@ class Load:
     min_prompts: int = 32
     max_prompts: int = 2000
     repeats: int = 1
+    knee_repeats: int = 1  # runs at the two rates around the SLO crossing (serve_load.knee)
     slo: dict = field(default_factory=lambda: serve_load.parse_slo(serve_load.DEFAULT_SLO))
     warmups: int = 2
 
@@ -176,11 +177,12 @@ def steady(send, run_name: str, label: str, log=print) -> dict:
             f"({kernel_names(run['jit_kernels'])}; {name}.json kept): run again")
 
 
-def measure(run_once, load: Load, label: str, closed_loop: bool, log=print) -> tuple[list[dict], dict]:
-    """`repeats` runs of one rate or concurrency: ledger metrics (median over runs, the runs kept) and the
-    medians used for the ladder."""
-    runs = []
-    for rep in range(load.repeats):
+def measure(run_once, load: Load, label: str, closed_loop: bool, log=print, runs: list[dict] = (),
+            repeats: int | None = None) -> tuple[list[dict], dict, list[dict]]:
+    """`repeats` runs of one rate or concurrency, counting those given (a knee's earlier runs): ledger metrics
+    (median over runs, the runs kept), the medians used for the ladder, and every run's metrics."""
+    runs = list(runs)
+    for rep in range(len(runs), repeats or load.repeats):
         run = run_once(rep)
         runs.append(serve_load.run_metrics(run, load.slo))
         m = runs[-1]
@@ -212,7 +214,7 @@ def measure(run_once, load: Load, label: str, closed_loop: bool, log=print) -> t
             metrics.append(perf.summarize(name, "s", [r[name] for r in runs]))
         else:
             metrics.append(perf.summarize(name, units.get(name, "requests"), [r[name] for r in runs]))
-    return metrics, median
+    return metrics, median, runs
 
 
 def target_key(target, settings, device_backend) -> dict:
@@ -278,9 +280,12 @@ def bench_target(target, settings, load: Load, ledger_path: Path, port: int, for
         jit = f", {len(run['jit_kernels'])} kernels compiled" if run["jit_kernels"] else ""
         log(f"[serve]  warm-up: {c} in flight, {run['completed']} requests in {time.monotonic() - t0:.0f} s{jit} (not recorded)")
 
-    def cell(name, rate, concurrency, label):
-        """One rate (or concurrency): measured and written in one transaction, or read back from the ledger."""
-        if not force and ledger.has(key, name, job.checkpoint):
+    measured = {}  # cell -> its runs' metrics, for the cells this call measured
+
+    def cell(name, rate, concurrency, label, repeats=None):
+        """One rate (or concurrency): measured and written in one transaction, or read back from the ledger.
+        repeats: run it until it has that many runs (the knee), its earlier runs of this call kept."""
+        if not repeats and not force and ledger.has(key, name, job.checkpoint):
             rows = {r["metric"]: r["value"] for r in ledger.rows(cell=name, **key)}
             log(f"[serve]  {label}: already measured")
             return rows
@@ -289,9 +294,10 @@ def bench_target(target, settings, load: Load, ledger_path: Path, port: int, for
         def run_once(rep):
             return steady(lambda run_name: send(srv, run_name, rate, concurrency, load.prompts(rate, concurrency)),
                           f"{name}-{rep}", label, log)
-        metrics, median = measure(run_once, load, label, closed_loop=rate is None, log=log)
+        metrics, median, measured[name] = measure(run_once, load, label, closed_loop=rate is None, log=log,
+                                                  runs=measured.get(name, []) if repeats else [], repeats=repeats)
         spec = {"request_rate": rate, "max_concurrency": concurrency, "prompts": load.prompts(rate, concurrency),
-                "repeats": load.repeats, "input_len": load.input_len, "input_spread": load.input_spread,
+                "repeats": len(measured[name]), "input_len": load.input_len, "input_spread": load.input_spread,
                 "output_len": load.output_len, "dataset": "random tokens" if shape_only else "held-out corpus",
                 "slo_s": load.slo, "server_flags": flags, "tokenizer": tokenizer, "client": "vllm bench serve"}
         ledger.write(key, "serve", name, metrics + [{"metric": "load", "value": None, "note": json.dumps(spec)}],
@@ -301,12 +307,20 @@ def bench_target(target, settings, load: Load, ledger_path: Path, port: int, for
     env_id = ledger.env_id(env_record(device[1]))
     try:
         with stack:
-            points = []
+            points = {}
             for rate in load.ladder():
                 m = cell(load.cell(rate=rate), rate, None, f"rate {rate:g} req/s")
-                points.append((rate, bool(m.get("saturated")), bool(m.get("slo_met"))))
+                points[rate] = (rate, bool(m.get("saturated")), bool(m.get("slo_met")))
                 if m.get("saturated"):
                     break  # beyond saturation only the queue grows
+            for rate in serve_load.knee(list(points.values())) if load.knee_repeats > 1 else []:
+                name = load.cell(rate=rate)
+                if name not in measured:  # its runs' metrics are not at hand to extend
+                    log(f"[serve]  rate {rate:g} req/s: read from the ledger, not repeated at the knee (--force "
+                        "re-measures the ladder)")
+                elif len(measured[name]) < load.knee_repeats:
+                    m = cell(name, rate, None, f"rate {rate:g} req/s (knee)", repeats=load.knee_repeats)
+                    points[rate] = (rate, bool(m.get("saturated")), bool(m.get("slo_met")))
             for c in load.concurrency:
                 cell(load.cell(concurrency=c), None, c, f"concurrency {c}")
         if server is not None:  # the kernel the server's engine chose, from its log (kind of its own: perf keeps its)
@@ -322,7 +336,7 @@ def bench_target(target, settings, load: Load, ledger_path: Path, port: int, for
         raise
     finally:
         ledger.close()
-    outcome = serve_load.ladder_outcome(points)
+    outcome = serve_load.ladder_outcome(list(points.values()))
     log(f"[serve] {target.model} / {target.scheme}: {outcome['text']} ({serve_load.slo_text(load.slo)})")
     return outcome
 

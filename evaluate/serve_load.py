@@ -110,8 +110,10 @@ def keep_up(run: dict) -> float:
     its start) and closes at the last send. The allowance is that balance's noise: the request just sent and two
     standard deviations of the difference of two Poisson counts of λ·L requests in flight (Little's law at the
     first requests' latency), each owing the mean output. 0 when the first requests outlived the whole send
-    window: a run sized as serve-bench sizes them (tens of seconds on the H200, seconds against sub-second
-    latencies on a CPU) does that only under overload."""
+    window, or left so little of it that the allowance outweighs the tokens owed (tiny at 32 req/s on two cores,
+    2 s of sends: 0 in one run, 8.6 in the next): such a run cannot show that the server kept up, and a run sized
+    as serve-bench sizes them (tens of seconds on the H200, seconds against sub-second latencies on a CPU) is
+    that short only under overload."""
     reqs = sorted(_requests(run), key=lambda r: r["start"])
     if len(reqs) < 2:
         return math.nan
@@ -126,7 +128,7 @@ def keep_up(run: dict) -> float:
     made = sum(((t > t0) & (t <= t1)).sum() * out / len(t) for t, out in zip(_token_times(reqs), outs))
     in_flight = arrival_rate(run) * ramp
     allowance = outs.mean() * (1 + 2 * math.sqrt(2 * in_flight))
-    return (made + allowance) / owed if owed else math.nan
+    return 0.0 if allowance > owed else (made + allowance) / owed
 
 
 def _token_times(reqs: list[dict]) -> list[np.ndarray]:
@@ -208,6 +210,15 @@ def auto_ladder(start: float, factor: float, steps: int) -> list[float]:
     if not start > 0 or not factor > 1 or steps < 1:
         raise UserError(f"rate ladder: start {start} must be > 0, factor {factor} > 1, steps {steps} >= 1")
     return [round(start * factor ** i, 6) for i in range(steps)]
+
+
+def knee(points: list[tuple[float, bool | None, bool]]) -> list[float]:
+    """The two rates either side of the ladder's first step out of the SLO (the last inside, the first outside),
+    between which the capacity is interpolated: repeats there move its interval most. None when the ladder never
+    left the SLO or was outside from its first rate (a bound, not a crossing)."""
+    points = sorted(points, key=lambda p: p[0])
+    out = next((i for i, (_, sat, met) in enumerate(points) if sat or not met), None)
+    return [points[out - 1][0], points[out][0]] if out else []
 
 
 def ladder_outcome(points: list[tuple[float, bool | None, bool]]) -> dict:

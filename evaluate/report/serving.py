@@ -6,8 +6,9 @@ keys and keep-up / SUSTAINED (output tokens made during the send window over tho
 a rate is inside when it is >= 1. The capacity is the achieved request throughput where the headroom crosses
 1, interpolated (in log headroom) between the last rate inside and the first outside. A ladder that never
 left the SLO gives a lower bound, one outside from its first rate an upper bound: neither is turned into a
-number. With 2+ runs per rate, each
-point's runs are resampled (a run's metrics together) for a 95% bootstrap interval of the ratio. A run whose
+number. With 2+ runs at the two rates around each ladder's crossing (`--repeats` at every rate, `--knee-repeats` at
+those two only), each point's runs are resampled (a run's metrics together) for a 95% bootstrap interval of the
+ratio. A run whose
 p99 has a 95% interval (its requests resampled) that holds the SLO's bound is marked "at the bound": one more
 run of that rate could land on the other side. Runs measured before these marks and the kernel counts existed
 (sessions 8-18 on the H200) read "—" for kernels compiled and carry no mark either way. Their saturation is
@@ -84,7 +85,7 @@ def capacity(points: list[tuple[float, float]]) -> tuple[float, str]:
         return np.nan, "not measured"
     if not inside or inside[0] != 0:
         return points[0][0], "upper bound"
-    last = next((i for i in range(len(points)) if points[i][1] < 1), None)
+    last = _first_out(points)
     if last is None:
         return points[-1][0], "lower bound"
     if any(h >= 1 for _, h in points[last + 1:]):
@@ -94,6 +95,11 @@ def capacity(points: list[tuple[float, float]]) -> tuple[float, str]:
     (x0, h0), (x1, h1) = points[last - 1], points[last]
     t = np.log(h0) / (np.log(h0) - np.log(h1))
     return float(x0 + t * (x1 - x0)), "at"
+
+
+def _first_out(points: list[tuple[float, float]]) -> int | None:
+    """The index of the first rate outside the SLO (headroom < 1): the crossing lies just below it."""
+    return next((i for i, (_, h) in enumerate(points) if h < 1), None)
 
 
 def _point(row, slo, run: int | None = None) -> tuple[float, float]:
@@ -110,6 +116,14 @@ def ladder_rows(serve: pd.DataFrame) -> dict:
     return {k: g for k, g in rates.groupby(GROUP + ["scheme", *SHAPE])}
 
 
+def runs_per_rate(g: pd.DataFrame) -> str:
+    """'1', or '1; 3 at 16, 32 req/s' where the knee was repeated."""
+    n = {r.level: len(json.loads(r.runs).get("request_throughput", [0])) for r in g.itertuples()}
+    low = min(n.values())
+    more = {k: v for k, v in n.items() if v > low}
+    return f"{low}" + (f"; {max(more.values())} at {', '.join(f'{k:g}' for k in more)} req/s" if more else "")
+
+
 def capacity_table(serve: pd.DataFrame, kernels: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per ladder: the highest rate sustained under the SLO, saturation, the interpolated capacity, and the
     MoE kernel the server's engine chose (kernels: per engine key, from the server log)."""
@@ -124,22 +138,26 @@ def capacity_table(serve: pd.DataFrame, kernels: pd.DataFrame | None = None) -> 
         rows.append({**dict(zip(GROUP + ["scheme", *SHAPE], key)), "slo": slo_text(slo) if slo else "",
                      "rates": ", ".join(f"{x:g}" for x in g.level), "max_rate_under_slo": outcome["max_rate_under_slo"],
                      "saturated_at": outcome["saturated_at"], "capacity": cap, "capacity_kind": how,
-                     "outcome": outcome["text"], "runs_per_rate": int(min(len(json.loads(r.runs).get(
-                         "request_throughput", [0])) for r in g.itertuples())),
+                     "outcome": outcome["text"], "runs_per_rate": runs_per_rate(g),
                      "moe_kernel": found.get(tuple(g.iloc[0][k] for k in KEY), "not recorded")})
     return pd.DataFrame(rows)
 
 
 def capacity_ratio(base: pd.DataFrame, other: pd.DataFrame, slo: dict) -> tuple[float, float, float]:
     """Percent more requests/s the other ladder sustains than the base under the SLO, with a bootstrap
-    interval when every point has 2+ runs (NaN interval otherwise); NaN when a capacity is not a crossing."""
+    interval when both ladders' rates either side of the crossing have 2+ runs (NaN interval otherwise; a rate of
+    one run is held fixed in the resamples); NaN when a capacity is not a crossing."""
     cap = lambda g, pick=None: capacity([_point(r, slo, pick(r) if pick else None) for r in g.itertuples()])
     (b, bk), (o, ok) = cap(base), cap(other)
     if bk != "at" or ok != "at":
         return np.nan, np.nan, np.nan
     point = 100 * (o / b - 1)
     n_runs = lambda g: [len(json.loads(r.runs).get("request_throughput", [])) for r in g.itertuples()]
-    if min(n_runs(base) + n_runs(other)) < 2:
+
+    def knee_runs(g):  # runs at the rates either side of its crossing (both capacities are 'at': 1 <= i)
+        i = _first_out([_point(r, slo) for r in g.itertuples()])
+        return n_runs(g)[i - 1:i + 1]
+    if min(knee_runs(base) + knee_runs(other)) < 2:
         return point, np.nan, np.nan
     rng = np.random.default_rng(verdicts.SEED)
     reps = []
@@ -176,7 +194,7 @@ def claim_table(serve: pd.DataFrame, claims: list[dict], formats: dict) -> pd.Da
                 verdict, why = NO_ROOFLINE, ""
             else:
                 verdict = verdicts.judge(pct, lo, hi, claim["bound"])
-                why = "" if pd.notna(lo) else "one run per rate: no interval"
+                why = "" if pd.notna(lo) else "one run at a rate either side of a crossing: no interval"
             rows.append({"claim": claim["text"], **gkey, "slo": slo_text(slo) if slo else "", "change_pct": pct,
                          "low": lo, "high": hi, "verdict": verdict, "why": why})
         if not found:

@@ -33,6 +33,9 @@ def add_args(p):
     p.add_argument("--min-prompts", default=env_default("MIN_PROMPTS", "32"))
     p.add_argument("--max-prompts", default=env_default("MAX_PROMPTS", "2000"))
     p.add_argument("--repeats", default=env_default("REPEATS", "1"), help="runs per rate (2+: intervals in the report)")
+    p.add_argument("--knee-repeats", default=env_default("KNEE_REPEATS", "1"),
+                   help="runs at the two rates around the SLO crossing, after the ladder (2+: an interval on the "
+                        "capacity at a fraction of --repeats' time)")
     p.add_argument("--slo", default=env_default("SLO", "ttft:2000,itl:100"),
                    help="p99 bounds in ms, KEY:MS among ttft, itl, tpot, e2el (default ttft:2000,itl:100)")
     p.add_argument("--port", default=env_default("PORT", "8000"), help="first port tried on 127.0.0.1 (default 8000)")
@@ -73,7 +76,8 @@ def load_from(args):
                 max_rates=int_at_least(args.max_rates, "--max-rates", 1), concurrency=concurrency,
                 seconds=number(args.seconds, "--seconds", 0.1), min_prompts=int_at_least(args.min_prompts, "--min-prompts", 2),
                 max_prompts=int_at_least(args.max_prompts, "--max-prompts", 2),
-                repeats=int_at_least(args.repeats, "--repeats", 1), slo=parse_slo(args.slo))
+                repeats=int_at_least(args.repeats, "--repeats", 1),
+                knee_repeats=int_at_least(args.knee_repeats, "--knee-repeats", 1), slo=parse_slo(args.slo))
     if load.min_prompts > load.max_prompts:
         raise UserError(f"--min-prompts {load.min_prompts} is above --max-prompts {load.max_prompts}")
     return load

@@ -144,8 +144,8 @@ step_serve() {  # serve=mixtral/bf16,fp8[/KEY=VALUE,...]: vLLM's OpenAI server u
   IFS=/ read -r models schemes extra <<< "$1"
   for kv in ${extra//,/ }; do args+=(--engine-arg "$kv"); done
   timeout $(left) python3 -m moeq.cli serve-bench --model "$models" --scheme "$schemes" --weights dummy "${args[@]}" \
-    --tokenizer $W/tokenizer --rate-start 4 --max-rates 6 --seconds 20 --concurrency 1,16,64 --input-len 512 \
-    --output-len 128 --ledger $LEDGER --checkpoints $CKPT 2>&1 | show
+    --tokenizer $W/tokenizer --rate-start 4 --max-rates 6 --seconds 20 --knee-repeats 3 --concurrency 1,16,64 \
+    --input-len 512 --output-len 128 --ledger $LEDGER --checkpoints $CKPT 2>&1 | show
   # the servers' own errors (a failed request's cause), counted, into the log that comes back
   grep -h -E 'ERROR|Error|" [45][0-9][0-9] ' $W/serve/*/*/*/server.log 2>/dev/null |
     sed -E 's/^[^A-Z]*(ERROR|[A-Za-z]*Error)/\1/; s/[0-9.]+:[0-9]+ - /HOST - /' | sort | uniq -c |

@@ -91,6 +91,17 @@ def test_a_server_that_admits_everything_and_slows_down_is_saturated():
     assert 0.9 <= serve_load.keep_up(fine) < 1.2 and not serve_load.saturated(serve_load.keep_up(fine))
 
 
+def test_a_send_window_too_short_to_tell_reads_as_not_keeping_up():
+    """Measured: 32 req/s at tiny on two cores, 2 s of sends. The first requests took 1.86 s, leaving 0.06 s of
+    window: the allowance (the balance's noise, 48 requests in flight) outweighed the tokens owed in it, and
+    made + allowance over owed read 8.6 where the run before it read 0. A run that short cannot show keeping up."""
+    run = json.loads((RUNS / "cpu-tiny-r32.json").read_text())
+    reqs = sorted(serve_load._requests(run), key=lambda r: r["start"])
+    ramp = np.median([r["latency"] for r in reqs[:max(3, len(reqs) // 10)]])
+    assert 0 < reqs[-1]["start"] - reqs[0]["start"] - ramp < 0.1  # a window, but a sliver of one
+    assert serve_load.keep_up(run) == 0.0 and serve_load.saturated(serve_load.keep_up(run))
+
+
 def test_run_metrics_in_seconds_with_goodput_and_flags():
     run = saved_run([0.05] * 20, [[0.01] * 15] * 20, list(np.arange(20) * 0.1), [0.3] * 20)
     m = serve_load.run_metrics(run, {"ttft": 2.0, "itl": 0.1})
@@ -123,7 +134,9 @@ def test_load_cells_prompts_and_flags():
     args = parser.parse_args(["--rates", "1,2", "--concurrency", "none", "--slo", "ttft:500"])
     parsed = verb.load_from(args)
     assert parsed.rates == [1.0, 2.0] and parsed.concurrency == [] and parsed.slo == {"ttft": 0.5}
-    for bad in (["--rates", "0"], ["--rates", "x"], ["--input-spread", "1"], ["--min-prompts", "50", "--max-prompts", "10"]):
+    assert parsed.knee_repeats == 1 and verb.load_from(parser.parse_args(["--knee-repeats", "3"])).knee_repeats == 3
+    for bad in (["--rates", "0"], ["--rates", "x"], ["--input-spread", "1"], ["--min-prompts", "50", "--max-prompts", "10"],
+                ["--knee-repeats", "0"]):
         with pytest.raises(UserError):
             verb.load_from(parser.parse_args(bad))
 
@@ -198,6 +211,50 @@ def test_repeats_give_an_interval():
     row = serving.claim_table(serve, claims, formats).iloc[0]
     assert row.low < row.change_pct < row.high and row.verdict == "holds"
 
+
+
+def test_repeats_at_the_knee_alone_give_an_interval():
+    """Runs repeated only at the two rates either side of each crossing (--knee-repeats) are enough for the
+    interval; a ladder with one run at either of them gives none."""
+    claims = [{"text": "FP8", "quantity": "throughput", "bound": {"min": 20},
+               "covers": {"weight_type": ["float"], "weight_bits": [8]}}]
+    formats = {"fp8": {"weight_type": "float", "weight_bits": 8}}
+    pts_b = [(1, 1, 0.5, False), (2, 2, 1.0, False), (4, 3, 4.0, False), (8, 3, 9.0, True)]
+    pts_f = [(1, 1, 0.25, False), (2, 2, 0.5, False), (4, 4, 1.0, False), (8, 5, 4.0, False), (16, 5, 9.0, True)]
+    assert serve_load.knee([(r, s, t <= 2 and not s) for r, _, t, s in pts_b]) == [2, 4]
+    assert serve_load.knee([(r, s, t <= 2 and not s) for r, _, t, s in pts_f]) == [4, 8]
+
+    def runs(points, knee, n=3):
+        one = lambda d, t: {"request_throughput": [d], "ttft_p99": [t], "itl_p99": [0.02], "keep_up": [1.0]}
+        many = lambda d, t: {"request_throughput": [d * (1 + e) for e in np.linspace(-.03, .03, n)],
+                             "ttft_p99": [t * (1 + e) for e in np.linspace(-.1, .1, n)], "itl_p99": [0.02] * n,
+                             "keep_up": [1.0] * n}
+        return [(many if r in knee else one)(d, t) for r, d, t, _ in points]
+    serve = pd.DataFrame(ladder("bf16", pts_b, runs=runs(pts_b, [2, 4])) + ladder("fp8", pts_f, runs=runs(pts_f, [4, 8])))
+    row = serving.claim_table(serve, claims, formats).iloc[0]
+    assert row.low < row.change_pct < row.high and row.verdict in ("holds", "fails")
+    assert serving.capacity_table(serve).set_index("scheme").loc["fp8", "runs_per_rate"] == "1; 3 at 4, 8 req/s"
+    serve = pd.DataFrame(ladder("bf16", pts_b, runs=runs(pts_b, [4])) + ladder("fp8", pts_f, runs=runs(pts_f, [4, 8])))
+    row = serving.claim_table(serve, claims, formats).iloc[0]
+    assert pd.isna(row.low) and row.why == "one run at a rate either side of a crossing: no interval"
+    # no crossing, no knee: a ladder that never left the SLO, or left it at its first rate
+    assert serve_load.knee([(1, False, True), (2, False, True)]) == [] == serve_load.knee([(1, False, False), (2, True, False)])
+
+
+def test_a_knee_rate_keeps_its_first_run_and_adds_the_rest():
+    from moeq.evaluate import serve_bench
+    sent = []
+
+    def run_once(rep):
+        sent.append(rep)
+        return saved_run([0.1 * (rep + 1)] * 2, [[0.01] * 15] * 2, [0.0, 0.5], [0.3, 0.5])
+    load = Load(slo={"ttft": 2.0})
+    _, _, first = serve_bench.measure(run_once, load, "rate 4 req/s", closed_loop=False, log=lambda *_: None)
+    metrics, median, runs = serve_bench.measure(run_once, load, "rate 4 req/s (knee)", closed_loop=False,
+                                                log=lambda *_: None, runs=first, repeats=3)
+    assert sent == [0, 1, 2] and len(runs) == 3 and runs[0] == first[0]
+    ttft = next(m for m in metrics if m["metric"] == "ttft_p99")
+    assert ttft["n"] == 3 and ttft["repeats"] == pytest.approx([0.1, 0.2, 0.3]) and median["ttft_p99"] == pytest.approx(0.2)
 
 
 def test_a_ladder_back_inside_the_slo_gives_no_ratio():
