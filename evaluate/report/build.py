@@ -13,7 +13,7 @@ import pandas as pd
 
 from moeq import pruned, roofline
 from moeq.evaluate import kernels
-from moeq.evaluate.report import compare, gpus, headline, render, routing_load, serving, verdicts
+from moeq.evaluate.report import compare, gpus, headline, render, routing_load, serving, slower, verdicts
 from moeq.evaluate.ledger import KEY as LEDGER_KEY, LEGACY, LEGACY_RECORD, build_of
 from moeq.evaluate.report.verdicts import BASELINE, GROUP
 from moeq.atomic import staged_dir
@@ -474,7 +474,7 @@ def build_report(ledger_path: Path, name: str = "default", out_root: Path = Path
               "recovery": recovery_table(acc, scores), "outliers": read_outliers(ledger_path.parent / "outliers"),
               "builds": read_builds(ledger_path.parent / "builds"), "builds_measured": builds_measured,
               "routing": probes,
-              "memory": mem, "findings": precision_findings(perf, formats, settings),
+              "memory": mem, "findings": precision_findings(perf, formats, settings), "slower": slower.table(perf),
               "recommendations": headline.recommendations(verdict, perf, mem, keys, settings, groups), "keys": keys,
               "gpus_needed": gpus.table(perf, mem, settings)}
     anchors, published_outliers, tables["anchor_notes"] = anchors_table()

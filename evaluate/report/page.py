@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 import pandas as pd
 
 from moeq import roofline
-from moeq.evaluate.report import gpus, headline, plots, routing_load, serving, tables, verdicts
+from moeq.evaluate.report import gpus, headline, plots, routing_load, serving, slower, tables, verdicts
 from moeq.evaluate.report.tables import group_title, in_group, scheme_order, settings_text, slug
 from moeq.evaluate.report.verdicts import GROUP
 from moeq.evaluate.routing import DEGENERATE_ENTROPY
@@ -108,7 +108,9 @@ def blocks(name, ledger_path, tables_, unsupported, env, settings, claims, forma
     for d in devices:
         out += answer(d, [g for g in headline_groups if g[3] == d], tables_, claims, settings)
     contents = [f"{d}: models × schemes" for d in devices] + [f"{d}: plots" for d in devices]
-    contents += ["Findings: one precision, two speeds"] * bool(len(found)) + ["Published recoveries (external)", "How far the embedded models carry", "Routed expert load"] + [
+    slow = tables_.get("slower", pd.DataFrame())
+    contents += ["Findings: one precision, two speeds"] * bool(len(found))
+    contents += ["Findings: slower than bf16, in which phase"] * bool(len(slow)) + ["Published recoveries (external)", "How far the embedded models carry", "Routed expert load"] + [
         "Serving under load", "Every table, per group", "Every verdict", "Methods",
         "Provenance"]
     out += [("h2", "Contents"), ("toc", contents)]
@@ -126,6 +128,11 @@ def blocks(name, ledger_path, tables_, unsupported, env, settings, claims, forma
                 ("p", findings_summary(found)),
                 ("details", "Every such cell, with both kernels and any kernel variant", "findings",
                  [("table", tables.findings_display(found), "findings")])]
+    if len(slow):
+        out += [("h2", "Findings: slower than bf16, in which phase"),
+                ("p", slower.INTRO + " " + slower.summary(slow)),
+                ("details", "Every such cell: latency, TTFT p99 and ITL p50 against bf16's", "slower",
+                 [("table", slower.display(slow), "slower")])]
     out += anchors_section(tables_["anchors"], tables_["recovery"], tables_["anchor_notes"])
     out += outliers_section(tables_["outliers"], tables_["outliers_published"], tables_["builds"],
                             tables_.get("builds_measured", pd.DataFrame()))
@@ -191,20 +198,29 @@ def anchors_section(anchors: pd.DataFrame, recovery: pd.DataFrame, notes: dict) 
 
 
 def builds_text(builds: pd.DataFrame) -> str:
-    """One sentence per embedded model trained by moeq: is it a real language model, and how was it made."""
+    """One sentence per embedded model trained by moeq: is it a real language model, and how was it made; a model
+    built more than once names each builder's record and gives each figure's range over them."""
+    if "model" not in builds:
+        return ""
+    gpu = builds.dropna(subset=[c for c in ("mfu", "train_s") if c in builds]) if {"mfu", "train_s"} <= set(builds) \
+        else builds.iloc[:0]  # built on a CPU (tiny): its record has no speed or per-group figures
     out = []
-    records = builds.model.value_counts() if "model" in builds else {}
-    for b in builds.itertuples():
-        if pd.isna(getattr(b, "mfu", None)) or pd.isna(getattr(b, "train_s", None)):
-            continue  # built on a CPU (tiny): its record has no speed or per-group figures
-        held = "; ".join(f"{g} {getattr(b, 'bpb_' + g):.3f} (unigram {getattr(b, 'unigram_bpb_' + g):.3f}"
-                         + (f", tiny {getattr(b, 'tiny_bpb_' + g):.3f}" if pd.notna(getattr(b, 'tiny_bpb_' + g, None)) else "")
-                         + ")" for g in ("stdlib", "packages") if pd.notna(getattr(b, "bpb_" + g, None)))
-        name = b.model if records[b.model] == 1 else f"{b.model} (`{b.file}`)"  # a model built twice: which record
-        out.append(f"{name}: {b.params / 1e6:,.1f}M parameters ({b.active_params / 1e6:,.1f}M active), trained on "
-                   f"{b.train_tokens_seen / 1e6:,.1f}M tokens ({b.epochs:.2f} epochs of {b.train_tokens_unique / 1e6:,.1f}M) "
-                   f"in {b.train_s:,.0f} s on {b.device} ({b.tokens_per_s:,.0f} tok/s, MFU {100 * b.mfu:.1f}%); held-out "
-                   f"bits per byte {held}; least-used expert {100 * b.min_expert_share_of_fair:.0f}% of a fair share")
+    for model, g in gpu.groupby("model", sort=False):
+        def span(col, f, scale=1.0):
+            lo, hi = scale * g[col].min(), scale * g[col].max()
+            return f(lo) if f(lo) == f(hi) else f"{f(lo)}-{f(hi)}"
+        held = "; ".join(f"{grp} {span('bpb_' + grp, '{:.3f}'.format)} (unigram {span('unigram_bpb_' + grp, '{:.3f}'.format)}"
+                         + (f", tiny {span('tiny_bpb_' + grp, '{:.3f}'.format)}" if g.get('tiny_bpb_' + grp) is not None
+                            and g['tiny_bpb_' + grp].notna().all() else "") + ")"
+                         for grp in ("stdlib", "packages") if g.get("bpb_" + grp) is not None and g["bpb_" + grp].notna().all())
+        name = model if len(g) == 1 else f"{model} ({len(g)} builds: " + ", ".join(f"`{f}`" for f in g.file) + ")"
+        m = lambda x: f"{x:,.1f}M"
+        out.append(f"{name}: {span('params', m, 1e-6)} parameters ({span('active_params', m, 1e-6)} active), trained on "
+                   f"{span('train_tokens_seen', m, 1e-6)} tokens ({span('epochs', '{:.2f}'.format)} epochs of "
+                   f"{span('train_tokens_unique', m, 1e-6)}) in {span('train_s', '{:,.0f}'.format)} s on "
+                   f"{'/'.join(g.device.unique())} ({span('tokens_per_s', '{:,.0f}'.format)} tok/s, MFU "
+                   f"{span('mfu', '{:.1f}'.format, 100)}%); held-out bits per byte {held}; least-used expert "
+                   f"{span('min_expert_share_of_fair', '{:.0f}'.format, 100)}% of a fair share")
     return "Trained by moeq (`builds/`, the builder's record): " + "; ".join(out) + ". " if out else ""
 
 

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from moeq.evaluate.report import headline
 from moeq.evaluate.report.build import HOST_BOUND_PCT, physics_flag
@@ -175,11 +176,15 @@ def test_a_model_built_twice_names_each_builders_record():
     rec = dict(params=4.9e8, active_params=8.2e7, train_tokens_seen=2e8, epochs=2.0, train_tokens_unique=1e8,
                train_s=450.0, device="NVIDIA H200", tokens_per_s=4.6e5, mfu=0.23, min_expert_share_of_fair=0.18)
     builds = pd.DataFrame([rec | {"model": "moe-500m", "file": "moe-500m.build.json"},
-                           rec | {"model": "moe-500m", "file": "moe-500m-307add14.build.json"},
-                           rec | {"model": "other", "file": "other.build.json"}])
+                           rec | {"model": "moe-500m", "file": "moe-500m-307add14.build.json", "train_s": 462.0,
+                                  "mfu": 0.224},
+                           rec | {"model": "other", "file": "other.build.json"},
+                           {"model": "tiny", "file": "tiny.build.json", "params": 3.9e6}])  # built on a CPU: no speed
     text = builds_text(builds)
-    assert "moe-500m (`moe-500m.build.json`): 490.0M" in text and "moe-500m (`moe-500m-307add14.build.json`)" in text
-    assert "; other: 490.0M" in text
+    assert text.startswith("Trained by moeq") and "tiny" not in text
+    assert ("moe-500m (2 builds: `moe-500m.build.json`, `moe-500m-307add14.build.json`): 490.0M parameters (82.0M "
+            "active)") in text
+    assert "in 450-462 s on NVIDIA H200 (460,000 tok/s, MFU 22.4-23.0%)" in text and "; other: 490.0M" in text
 
 
 def test_caveats_every_recommendation_shares_are_said_once():
@@ -188,3 +193,26 @@ def test_caveats_every_recommendation_shares_are_said_once():
                         "caveats": ["routing: uniform_random | kernels: A", "x", "kernels: B | routing: uniform_random"]})
     assert tables.shared_caveats(rec) == ["routing: uniform_random"]
     assert tables.shared_caveats(rec.iloc[:1]) == []  # one group: nothing to factor out
+
+
+def test_a_scheme_slower_than_bf16_is_placed_in_the_phase_that_took_the_time():
+    """Session 19's shape: Mixtral w8a16 at b512 (TTFT p99 14.0 s against 7.2, ITL p50 71.7 ms against 53.1)
+    loses mostly in prefill; a batch-1 loss with the same TTFT is in decoding; a scheme under 10% is not listed."""
+    from moeq.evaluate.report import slower
+    key = dict(model="mixtral", provenance="shape-only", backend="vllm-cuda", device="NVIDIA H200", settings="s")
+    row = lambda scheme, cell, batch, delta, lat, ttft, itl: key | dict(
+        scheme=scheme, cell=cell, batch=batch, delta_pct=delta, latency=lat, ttft_p99=ttft, itl_p50=itl,
+        moe_kernel="MARLIN" if scheme == "w8a16" else "TRITON")
+    perf = pd.DataFrame([row("bf16", "b512", 512, 0.0, 21.6, 7.2, 0.0531), row("w8a16", "b512", 512, -36.6, 34.0, 14.0, 0.0717),
+                         row("fp8", "b512", 512, 81.5, 11.9, 4.1, 0.0345),
+                         row("bf16", "b1", 1, 0.0, 1.04, 0.04, 0.0079), row("w8a16", "b1", 1, -20.0, 1.30, 0.04, 0.0099),
+                         row("w4a16", "b1", 1, -5.0, 1.09, 0.04, 0.0083)])
+    slow = slower.table(perf).set_index(["scheme", "batch"])
+    assert sorted(slow.index) == [("w8a16", 1), ("w8a16", 512)]
+    assert slow.loc[("w8a16", 512), "prefill_share"] == pytest.approx(6.8 / 12.4) and slow.loc[("w8a16", 512), "phase"] == "prefill"
+    assert slow.loc[("w8a16", 1), "prefill_share"] == 0 and slow.loc[("w8a16", 1), "phase"] == "decode"
+    assert slow.loc[("w8a16", 512), "ttft_x"] == pytest.approx(14.0 / 7.2)
+    text = slower.summary(slower.table(perf))
+    assert text == ("Of 2 cells more than 10% under bf16, 1 in decode (batch 1-1: TTFT p99 ×1.00-1.00, ITL p50 ×1.25-1.25; "
+                    "w8a16), 1 in prefill (batch 512-512: TTFT p99 ×1.94-1.94, ITL p50 ×1.35-1.35; w8a16).")
+    assert slower.summary(slower.table(perf[perf.scheme != "w8a16"])).startswith("No cell")
