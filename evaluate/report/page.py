@@ -202,17 +202,18 @@ def builds_text(builds: pd.DataFrame) -> str:
     built more than once names each builder's record and gives each figure's range over them."""
     if "model" not in builds:
         return ""
-    gpu = builds.dropna(subset=[c for c in ("mfu", "train_s") if c in builds]) if {"mfu", "train_s"} <= set(builds) \
-        else builds.iloc[:0]  # built on a CPU (tiny): its record has no speed or per-group figures
+    speed = ["mfu", "train_s"]  # a build on a CPU (tiny) records no speed or per-group figures
+    gpu = builds.dropna(subset=speed) if set(speed) <= set(builds) else builds.iloc[:0]
     out = []
     for model, g in gpu.groupby("model", sort=False):
         def span(col, f, scale=1.0):
             lo, hi = scale * g[col].min(), scale * g[col].max()
             return f(lo) if f(lo) == f(hi) else f"{f(lo)}-{f(hi)}"
-        held = "; ".join(f"{grp} {span('bpb_' + grp, '{:.3f}'.format)} (unigram {span('unigram_bpb_' + grp, '{:.3f}'.format)}"
-                         + (f", tiny {span('tiny_bpb_' + grp, '{:.3f}'.format)}" if g.get('tiny_bpb_' + grp) is not None
-                            and g['tiny_bpb_' + grp].notna().all() else "") + ")"
-                         for grp in ("stdlib", "packages") if g.get("bpb_" + grp) is not None and g["bpb_" + grp].notna().all())
+        known = lambda col: col in g and g[col].notna().all()
+        bpb = lambda col: span(col, "{:.3f}".format)
+        held = "; ".join(f"{grp} {bpb('bpb_' + grp)} (unigram {bpb('unigram_bpb_' + grp)}"
+                         + (f", tiny {bpb('tiny_bpb_' + grp)}" if known("tiny_bpb_" + grp) else "") + ")"
+                         for grp in ("stdlib", "packages") if known("bpb_" + grp))
         name = model if len(g) == 1 else f"{model} ({len(g)} builds: " + ", ".join(f"`{f}`" for f in g.file) + ")"
         m = lambda x: f"{x:,.1f}M"
         out.append(f"{name}: {span('params', m, 1e-6)} parameters ({span('active_params', m, 1e-6)} active), trained on "
