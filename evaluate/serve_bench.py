@@ -198,8 +198,9 @@ def measure(run_once, load: Load, label: str, closed_loop: bool, log=print, runs
             log(f"[serve]  {label}: failed requests: {serve_load.failure_reasons(run)}")
     # a closed loop (fixed concurrency) sends as fast as requests complete: arrivals say nothing there
     skip = ("arrival_rate", "keep_up", "saturated") if closed_loop else ()
+    # a metric every run has (runs rebuilt from the ledger lack those their first run had none of)
     median = {k: float(statistics.median([r[k] for r in runs])) for k in runs[0]
-              if runs[0][k] is not None and k not in skip}
+              if all(r.get(k) is not None for r in runs) and k not in skip}
     if not closed_loop:
         median["saturated"] = float(serve_load.saturated(median["keep_up"]))
     median["slo_met"] = float(all(median.get(f"{k}_p99", math.inf) <= b for k, b in load.slo.items()))
@@ -258,7 +259,13 @@ def bench_target(target, settings, load: Load, ledger_path: Path, port: int, for
             server = stack.enter_context(Server(target.path, flags, folder / "server.log", port, env, start_timeout, log))
             if settings.server_warmup:
                 warm_up(server)
+            record_kernel()  # now, not only at the end: a chain cut by its lease keeps what its ladder ran on
         return server
+
+    def record_kernel():
+        """The MoE kernel the server's engine chose, from its log (a kind of its own: perf keeps its)."""
+        lines = (folder / "server.log").read_text(errors="replace").splitlines()
+        ledger.write(key, "serve-engine", "kernel", kernels.metrics(lines), env_id=env_id, checkpoint=job.checkpoint)
 
     def send(srv, run_name, rate, concurrency, n):
         """One run of vLLM's client (its prompts and seed named by the run), saved as run_name.json."""
@@ -284,18 +291,28 @@ def bench_target(target, settings, load: Load, ledger_path: Path, port: int, for
 
     def cell(name, rate, concurrency, label, repeats=None):
         """One rate (or concurrency): measured and written in one transaction, or read back from the ledger.
-        repeats: run it until it has that many runs (the knee), its earlier runs of this call kept."""
-        if not repeats and not force and ledger.has(key, name, job.checkpoint):
-            rows = {r["metric"]: r["value"] for r in ledger.rows(cell=name, **key)}
-            log(f"[serve]  {label}: already measured")
-            return rows
-        srv = start()
+        repeats: run it until it has that many runs (the knee), counting its earlier runs of this call or, when
+        they can pool with new ones (serve_load.runs_from_rows), of the ledger."""
+        runs = measured.get(name, []) if repeats else []
+        if not runs and not force and ledger.has(key, name, job.checkpoint):
+            rows = ledger.rows(cell=name, **key)
+            runs = serve_load.runs_from_rows(rows, load.slo, load.prompts(rate, concurrency)) if repeats else None
+            if not runs:
+                log(f"[serve]  {label}: already measured" + (" (its runs cannot pool with new ones: recorded before "
+                                                             "keep-up, or under another SLO or load)" if repeats else ""))
+                return {r["metric"]: r["value"] for r in rows}
+            if len(runs) < repeats:
+                log(f"[serve]  {label}: {len(runs)} run(s) in the ledger, {repeats - len(runs)} more")
 
         def run_once(rep):
+            srv = start()
             return steady(lambda run_name: send(srv, run_name, rate, concurrency, load.prompts(rate, concurrency)),
                           f"{name}-{rep}", label, log)
+        before = len(runs)
         metrics, median, measured[name] = measure(run_once, load, label, closed_loop=rate is None, log=log,
-                                                  runs=measured.get(name, []) if repeats else [], repeats=repeats)
+                                                  runs=runs, repeats=repeats)
+        if len(measured[name]) == before:
+            return median
         spec = {"request_rate": rate, "max_concurrency": concurrency, "prompts": load.prompts(rate, concurrency),
                 "repeats": len(measured[name]), "input_len": load.input_len, "input_spread": load.input_spread,
                 "output_len": load.output_len, "dataset": "random tokens" if shape_only else "held-out corpus",
@@ -313,19 +330,16 @@ def bench_target(target, settings, load: Load, ledger_path: Path, port: int, for
                 points[rate] = (rate, bool(m.get("saturated")), bool(m.get("slo_met")))
                 if m.get("saturated"):
                     break  # beyond saturation only the queue grows
-            for rate in serve_load.knee(list(points.values())) if load.knee_repeats > 1 else []:
-                name = load.cell(rate=rate)
-                if name not in measured:  # its runs' metrics are not at hand to extend
-                    log(f"[serve]  rate {rate:g} req/s: read from the ledger, not repeated at the knee (--force "
-                        "re-measures the ladder)")
-                elif len(measured[name]) < load.knee_repeats:
-                    m = cell(name, rate, None, f"rate {rate:g} req/s (knee)", repeats=load.knee_repeats)
+            repeated = set()  # a knee's repeats can move the crossing a rung (Mixtral fp8, session 20): repeat it there too
+            while load.knee_repeats > 1 and (todo := set(serve_load.knee(list(points.values()))) - repeated):
+                for rate in sorted(todo):
+                    repeated.add(rate)
+                    m = cell(load.cell(rate=rate), rate, None, f"rate {rate:g} req/s (knee)", repeats=load.knee_repeats)
                     points[rate] = (rate, bool(m.get("saturated")), bool(m.get("slo_met")))
             for c in load.concurrency:
                 cell(load.cell(concurrency=c), None, c, f"concurrency {c}")
-        if server is not None:  # the kernel the server's engine chose, from its log (kind of its own: perf keeps its)
-            lines = (folder / "server.log").read_text(errors="replace").splitlines()
-            ledger.write(key, "serve-engine", "kernel", kernels.metrics(lines), env_id=env_id, checkpoint=job.checkpoint)
+        if server is not None:  # again at the end: the log may name more after the start (a default config's warning)
+            record_kernel()
     except ServerFailed as e:
         if reason := refusal(e):
             reason = f"unsupported on {device[0]}: {reason}"

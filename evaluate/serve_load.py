@@ -14,6 +14,7 @@ not compute is computed here from its per-request lists:
   through session 18 did: reports/h200/NOTES.md, "saturation read in tokens"). A run keeping up at under
   SUSTAINED is saturated.
 """
+import json
 import math
 from collections import Counter
 
@@ -205,6 +206,23 @@ def run_metrics(run: dict, slo: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def runs_from_rows(rows: list[dict], slo: dict[str, float], prompts: int) -> list[dict] | None:
+    """A rate's runs rebuilt from its ledger rows (each metric's `repeats`), with their per-run flags worked out
+    again, so that a later call can add runs to a knee it did not measure. None when the rows cannot pool with new
+    runs: recorded before keep-up was (no flag to judge saturation by), or under another SLO or prompt count."""
+    spec = next((json.loads(r["note"]) for r in rows if r["metric"] == "load" and r.get("note")), {})
+    per = {r["metric"]: json.loads(r["repeats"]) for r in rows if r.get("repeats")}
+    if "keep_up" not in per or spec.get("slo_s") != slo or spec.get("prompts") != prompts:
+        return None
+    runs = [{k: v[i] for k, v in per.items() if i < len(v)} for i in range(len(per["keep_up"]))]
+    for run in runs:
+        run["saturated"] = float(saturated(run["keep_up"]))
+        run["slo_met"] = float(all(run.get(f"{k}_p99", math.inf) <= bound for k, bound in slo.items()))
+        run["slo_at_bound"] = float(any(run.get(f"{k}_p99_low", math.inf) <= bound < run.get(f"{k}_p99_high", 0)
+                                        for k, bound in slo.items()))
+    return runs
+
+
 def auto_ladder(start: float, factor: float, steps: int) -> list[float]:
     """start, start x factor, ... : the rates tried in order until one saturates."""
     if not start > 0 or not factor > 1 or steps < 1:
@@ -227,8 +245,10 @@ def ladder_outcome(points: list[tuple[float, bool | None, bool]]) -> dict:
     saturated gives a lower bound only; the statement says so instead of inventing a maximum. Saturated None:
     not judged (runs recorded under the completion-span rule, through session 18): the text says so."""
     points = sorted(points, key=lambda p: p[0])
-    ok = [r for r, sat, met in points if met and not sat]
     first_sat = next((r for r, sat, _ in points if sat), None)
+    # a rate above the first saturated one is an earlier ladder's (re-measured with --force, stopping sooner)
+    points = [p for p in points if first_sat is None or p[0] <= first_sat]
+    ok = [r for r, sat, met in points if met and not sat]
     top = points[-1][0] if points else None
     best = max(ok) if ok else None
     judged = all(sat is not None for _, sat, _ in points)

@@ -423,3 +423,37 @@ def test_ledger_rows_without_keep_up_are_not_judged_for_saturation():
     assert pd.isna(table.loc[32, "saturated"]) and table.loc[64, "saturated"] == 1.0
     shown = serving.rows_display(serving.serve_table(results))["Saturated (keep-up)"].tolist()
     assert shown == ["not judged", "yes (0.40)"]
+
+
+def test_a_knee_measured_by_an_earlier_call_is_extended_from_the_ledger(tmp_path):
+    """A chain cut by its lease, or a knee that moved a rung after its repeats, resumes: the runs the ledger keeps
+    pool with new ones when they were recorded under the same SLO and load, with keep-up."""
+    from moeq.evaluate import serve_bench
+    from moeq.evaluate.ledger import Ledger
+
+    def run_once(rep):
+        return saved_run([0.1 * (rep + 1)] * 2, [[0.01] * 15] * 2, [0.0, 0.5], [0.3, 0.5])
+    load, quiet = Load(slo={"ttft": 2.0}), lambda *_: None
+    metrics, _, first = serve_bench.measure(run_once, load, "rate 4 req/s", closed_loop=False, log=quiet)
+    key = {"model": "tiny", "scheme": "fp8", "provenance": "real", "backend": "vllm-cpu", "device": "cpu", "settings": "s"}
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.write(key, "serve", "r4", metrics + [{"metric": "load", "value": None,
+                                                 "note": json.dumps({"prompts": load.prompts(4), "slo_s": load.slo})}])
+    rows = ledger.rows(cell="r4")
+    runs = serve_load.runs_from_rows(rows, load.slo, load.prompts(4))
+    assert len(runs) == 1 and runs[0] == pytest.approx({k: v for k, v in first[0].items() if k in runs[0]})
+    assert {"keep_up", "ttft_p99", "saturated", "slo_met", "slo_at_bound", "goodput"} <= set(runs[0])
+    metrics, median, runs = serve_bench.measure(run_once, load, "rate 4 req/s (knee)", closed_loop=False, log=quiet,
+                                                runs=runs, repeats=3)
+    ttft = next(m for m in metrics if m["metric"] == "ttft_p99")
+    assert ttft["repeats"] == pytest.approx([0.1, 0.2, 0.3]) and median["slo_met"] == 1.0
+    # another SLO or prompt count, or rows from before keep-up, do not pool
+    assert serve_load.runs_from_rows(rows, {"ttft": 1.0}, load.prompts(4)) is None
+    assert serve_load.runs_from_rows(rows, load.slo, load.prompts(8)) is None
+    assert serve_load.runs_from_rows([r for r in rows if r["metric"] != "keep_up"], load.slo, load.prompts(4)) is None
+
+
+def test_rates_above_the_first_saturated_one_are_an_earlier_ladders():
+    # Mixtral fp8, session 20: re-measured with --force, it saturated at 64; session 18's 128 (unjudged) stayed
+    out = serve_load.ladder_outcome([(4, False, True), (32, False, True), (64, True, False), (128, None, False)])
+    assert out["text"] == "saturated at 64 req/s; 32 req/s is the highest sustained under the SLO"
