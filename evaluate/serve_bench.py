@@ -293,7 +293,7 @@ def bench_target(target, settings, load: Load, ledger_path: Path, port: int, for
         """One rate (or concurrency): measured and written in one transaction, or read back from the ledger.
         repeats: run it until it has that many runs (the knee), counting its earlier runs of this call or, when
         they can pool with new ones (serve_load.runs_from_rows), of the ledger."""
-        runs = measured.get(name, []) if repeats else []
+        runs, earlier = measured.get(name, []) if repeats else [], 0
         if not runs and not force and ledger.has(key, name, job.checkpoint):
             rows = ledger.rows(cell=name, **key)
             runs = serve_load.runs_from_rows(rows, load.slo, load.prompts(rate, concurrency)) if repeats else None
@@ -301,6 +301,7 @@ def bench_target(target, settings, load: Load, ledger_path: Path, port: int, for
                 log(f"[serve]  {label}: already measured" + (" (its runs cannot pool with new ones: recorded before "
                                                              "keep-up, or under another SLO or load)" if repeats else ""))
                 return {r["metric"]: r["value"] for r in rows}
+            earlier = len(runs)
             if len(runs) < repeats:
                 log(f"[serve]  {label}: {len(runs)} run(s) in the ledger, {repeats - len(runs)} more")
 
@@ -316,7 +317,8 @@ def bench_target(target, settings, load: Load, ledger_path: Path, port: int, for
         spec = {"request_rate": rate, "max_concurrency": concurrency, "prompts": load.prompts(rate, concurrency),
                 "repeats": len(measured[name]), "input_len": load.input_len, "input_spread": load.input_spread,
                 "output_len": load.output_len, "dataset": "random tokens" if shape_only else "held-out corpus",
-                "slo_s": load.slo, "server_flags": flags, "tokenizer": tokenizer, "client": "vllm bench serve"}
+                "slo_s": load.slo, "server_flags": flags, "tokenizer": tokenizer, "client": "vllm bench serve",
+                **({"runs_from_earlier_calls": earlier} if earlier else {})}  # pooled runs may come from other hosts
         ledger.write(key, "serve", name, metrics + [{"metric": "load", "value": None, "note": json.dumps(spec)}],
                      env_id=env_id, recipe_sha=job.recipe_sha, checkpoint=job.checkpoint)
         return median

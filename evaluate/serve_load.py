@@ -195,15 +195,19 @@ def run_metrics(run: dict, slo: dict[str, float]) -> dict[str, float]:
             "pause_max": longest_pause(run),
             # serve_bench's counts (absent from a run it did not send): kernels the server compiled during the run
             "jit_compiles": float(len(run["jit_kernels"])) if "jit_kernels" in run else None,
-            "jit_reruns": float(run["jit_reruns"]) if "jit_reruns" in run else None,
-            "saturated": float(saturated(kept)),
-            "slo_met": float(all(out.get(f"{k}_p99", math.inf) <= bound for k, bound in slo.items()))}
-    intervals = p99_intervals(run, slo)
-    for key, (low, high) in intervals.items():
+            "jit_reruns": float(run["jit_reruns"]) if "jit_reruns" in run else None}
+    for key, (low, high) in p99_intervals(run, slo).items():
         out |= {f"{key}_p99_low": low, f"{key}_p99_high": high}
-    # at the bound: some SLO key's p99 interval holds its bound, so another run of this rate could flip "met"
-    out["slo_at_bound"] = float(any(low <= slo[k] < high for k, (low, high) in intervals.items()))
-    return out
+    return out | run_flags(out, slo)
+
+
+def run_flags(metrics: dict[str, float], slo: dict[str, float]) -> dict[str, float]:
+    """One run's judgements from its metrics: saturated (keep-up), SLO met (p99s), and at the SLO's bound (some
+    key's p99 interval holds its bound, so another run of this rate could flip "met")."""
+    return {"saturated": float(saturated(metrics["keep_up"])),
+            "slo_met": float(all(metrics.get(f"{k}_p99", math.inf) <= bound for k, bound in slo.items())),
+            "slo_at_bound": float(any(metrics.get(f"{k}_p99_low", math.inf) <= bound < metrics.get(f"{k}_p99_high", 0)
+                                      for k, bound in slo.items()))}
 
 
 def runs_from_rows(rows: list[dict], slo: dict[str, float], prompts: int) -> list[dict] | None:
@@ -215,12 +219,7 @@ def runs_from_rows(rows: list[dict], slo: dict[str, float], prompts: int) -> lis
     if "keep_up" not in per or spec.get("slo_s") != slo or spec.get("prompts") != prompts:
         return None
     runs = [{k: v[i] for k, v in per.items() if i < len(v)} for i in range(len(per["keep_up"]))]
-    for run in runs:
-        run["saturated"] = float(saturated(run["keep_up"]))
-        run["slo_met"] = float(all(run.get(f"{k}_p99", math.inf) <= bound for k, bound in slo.items()))
-        run["slo_at_bound"] = float(any(run.get(f"{k}_p99_low", math.inf) <= bound < run.get(f"{k}_p99_high", 0)
-                                        for k, bound in slo.items()))
-    return runs
+    return [run | run_flags(run, slo) for run in runs]
 
 
 def auto_ladder(start: float, factor: float, steps: int) -> list[float]:
