@@ -332,12 +332,11 @@ def bench_target(target, settings, load: Load, ledger_path: Path, port: int, for
                 points[rate] = (rate, bool(m.get("saturated")), bool(m.get("slo_met")))
                 if m.get("saturated"):
                     break  # beyond saturation only the queue grows
-            repeated = set()  # a knee's repeats can move the crossing a rung (Mixtral fp8, session 20): repeat it there too
-            while load.knee_repeats > 1 and (todo := set(serve_load.knee(list(points.values()))) - repeated):
-                for rate in sorted(todo):
-                    repeated.add(rate)
-                    m = cell(load.cell(rate=rate), rate, None, f"rate {rate:g} req/s (knee)", repeats=load.knee_repeats)
-                    points[rate] = (rate, bool(m.get("saturated")), bool(m.get("slo_met")))
+            def repeat(rate):
+                m = cell(load.cell(rate=rate), rate, None, f"rate {rate:g} req/s (knee)", repeats=load.knee_repeats)
+                return bool(m.get("saturated")), bool(m.get("slo_met"))
+            if load.knee_repeats > 1:
+                serve_load.repeat_knee(points, repeat)
             for c in load.concurrency:
                 cell(load.cell(concurrency=c), None, c, f"concurrency {c}")
         if server is not None:  # again at the end: the log may name more after the start (a default config's warning)

@@ -222,6 +222,20 @@ def runs_from_rows(rows: list[dict], slo: dict[str, float], prompts: int) -> lis
     return [run | run_flags(run, slo) for run in runs]
 
 
+def repeat_knee(points: dict[float, tuple[float, bool, bool]], repeat) -> list[float]:
+    """Repeats the two rates around the crossing (repeat(rate) -> (saturated, slo_met) of its runs' medians) until
+    the crossing stops moving, and returns the rates repeated in order. A repeat can move a median across the SLO
+    or into saturation (Mixtral fp8, session 20: 32 req/s back inside; CI on two cores: 64 req/s keeping up 1.08,
+    then 0.00), and the crossing's new neighbour needs its runs too. points: rate -> (rate, saturated, slo_met),
+    updated in place."""
+    repeated = []
+    while todo := sorted(set(knee(list(points.values()))) - set(repeated)):
+        for rate in todo:
+            repeated.append(rate)
+            points[rate] = (rate, *repeat(rate))
+    return repeated
+
+
 def auto_ladder(start: float, factor: float, steps: int) -> list[float]:
     """start, start x factor, ... : the rates tried in order until one saturates."""
     if not start > 0 or not factor > 1 or steps < 1:

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from conftest import ROOT, serve_moeq
+from moeq.evaluate import serve_load
 from moeq.evaluate.server import group_alive, port_free
 
 LOAD = ["--input-len", "128", "--output-len", "16", "--seconds", "2", "--min-prompts", "16", "--max-prompts", "400"]
@@ -104,11 +105,14 @@ def test_ladder_to_saturation_and_concurrency_sweep_into_the_ledger(served):
         assert 64 <= m["input_tokens"] / m["completed"] <= 192
     assert "saturated at" in log and "highest sustained under the SLO" in log
     # the two rates either side of the first step out of the SLO got a second run (--knee-repeats 2), the others
-    # one (the second run may move a median across the SLO, so the knee is read from the log, not the final rows)
+    # one. A second run may move a median across the SLO or into saturation (CI, two cores: 64 req/s kept up 1.08,
+    # then 0.00), moving the crossing a rung: the new neighbour is repeated too, until the final knee has both runs
     knee = [float(r) for r in re.findall(r"\[serve\]  rate ([0-9.]+) req/s \(knee\)", log)]
-    assert len(knee) == 2 and knee[1] == 2 * knee[0], log[-3000:]  # adjacent rates of the ladder
+    assert len(knee) >= 2 and knee[1] == 2 * knee[0] and len(set(knee)) == len(knee), log[-3000:]
     runs = {r: runs_of(ledger, f"serve-i128~50-o16-r{r:g}") for r in rates}
     assert runs == {r: 2 if r in knee else 1 for r in rates}, (runs, knee)
+    final = serve_load.knee([(r, bool(m["saturated"]), bool(m["slo_met"])) for r, m in zip(rates, ladder)])
+    assert len(final) == 2 and set(final) <= set(knee), (final, knee)
     # the server's MoE kernel, read from its own log, beside (not over) what moeq eval's engines record
     with sqlite3.connect(ledger) as db:
         kernel = dict(db.execute("SELECT metric, note FROM results WHERE kind = 'serve-engine' AND cell = 'kernel'"))

@@ -94,9 +94,10 @@ SHORT_NOTES = {NO_BASELINE: "no bf16 at these settings",
 def _runs(rows: pd.DataFrame, labels: dict) -> list[str]:
     """Consecutive rows with one verdict as one phrase: "holds at b16–b128 (+58 to +67%)". Cells the scheme
     was not timed at (a sweep extended for bf16 alone) are left to the verdict table, unless it has no other."""
-    timed = rows[rows.note.fillna("") != NOT_TIMED]
+    rows = rows.assign(note=rows.note.astype(object).fillna(""))  # a column of no notes is float NaN
+    timed = rows[rows.note != NOT_TIMED]
     out, rows = [], (timed if len(timed) else rows).reset_index(drop=True)
-    same = rows.verdict + rows.note.fillna("").map(short_flag) + rows.cell.map(lambda c: "off" * (c in labels and
+    same = rows.verdict + rows.note.map(short_flag) + rows.cell.map(lambda c: "off" * (c in labels and
                                                                                        " " in labels[c]))
     run_id = (same != same.shift()).cumsum()
     for _, run in rows.groupby(run_id, sort=False):

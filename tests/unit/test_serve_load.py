@@ -241,6 +241,24 @@ def test_repeats_at_the_knee_alone_give_an_interval():
     assert serve_load.knee([(1, False, True), (2, False, True)]) == [] == serve_load.knee([(1, False, False), (2, True, False)])
 
 
+def test_a_knee_that_moves_after_its_repeats_is_repeated_where_it_moved():
+    """CI on two cores: 64 req/s kept up in its first run and not in its second, so the crossing moved from 64-128
+    to 32-64 and 32 got its repeat too; a crossing that stays put is repeated once; none, nothing repeated."""
+    first = {r: (r, r >= 128, r <= 64) for r in (4, 8, 16, 32, 64, 128)}
+    after = {64: (True, True)}  # the medians once a rate has its repeats
+    points, asked = dict(first), []
+
+    def repeat(rate):
+        asked.append(rate)
+        return after.get(rate, first[rate][1:])
+    assert serve_load.repeat_knee(points, repeat) == [64, 128, 32] == asked
+    assert points[64] == (64, True, True) and serve_load.knee(list(points.values())) == [32, 64]
+    points, asked = dict(first), []
+    after = {}
+    assert serve_load.repeat_knee(points, repeat) == [64, 128] and points == first
+    assert serve_load.repeat_knee({1: (1, False, True), 2: (2, False, True)}, repeat) == []
+
+
 def test_a_knee_rate_keeps_its_first_run_and_adds_the_rest():
     from moeq.evaluate import serve_bench
     sent = []
