@@ -207,7 +207,7 @@ def sentence(r) -> str:
     """'fp8 serves +23.0% [+15.2, +31.0] requests per second vs bf16 at the same p99 latency (...)'."""
     if r.verdict == NOT_MEASURED and pd.isna(r.get("scheme")):
         return f"{r.claim}: not measured under load ({r.why})"
-    head = f"{r.claim}, under load on {r.model} ({r.device}): {r.scheme}"
+    head = f"{r.claim}, under load on {r.model} ({r.device}, settings {r.settings}): {r.scheme}"
     if pd.isna(r.change_pct):
         return f"{head}: {r.verdict} ({r.why})"
     interval = f" [{r.low:+.1f}, {r.high:+.1f}]" if pd.notna(r.low) else ""

@@ -186,6 +186,7 @@ def test_claims_restated_at_equal_slo():
     assert row.change_pct == pytest.approx(100 * ((4 + t) / (2 + t) - 1)) and row.change_pct == pytest.approx(93.8, abs=0.1)
     assert row.verdict == "inconclusive" and "no interval" in row.why
     assert "serves +93.8% requests per second vs bf16 at the same p99 latency" in serving.sentence(row)
+    assert f"settings {row.settings})" in serving.sentence(row)  # groups of one model differ by their settings
     cap = serving.capacity_table(serve).set_index("scheme")
     assert cap.loc["bf16", "max_rate_under_slo"] == 2 and cap.loc["bf16", "saturated_at"] == 8
     # a CPU row: numbers, no verdict; a scheme with no bf16 ladder: not measured; none at all: said so
