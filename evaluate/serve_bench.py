@@ -326,17 +326,12 @@ def bench_target(target, settings, load: Load, ledger_path: Path, port: int, for
     env_id = ledger.env_id(env_record(device[1]))
     try:
         with stack:
-            points = {}
-            for rate in load.ladder():
-                m = cell(load.cell(rate=rate), rate, None, f"rate {rate:g} req/s")
-                points[rate] = (rate, bool(m.get("saturated")), bool(m.get("slo_met")))
-                if m.get("saturated"):
-                    break  # beyond saturation only the queue grows
-            def repeat(rate):
-                m = cell(load.cell(rate=rate), rate, None, f"rate {rate:g} req/s (knee)", repeats=load.knee_repeats)
+            def judged(rate, repeats=None):  # beyond the first saturated rate only the queue grows: the walk stops
+                m = cell(load.cell(rate=rate), rate, None, f"rate {rate:g} req/s" + " (knee)" * bool(repeats),
+                         repeats=repeats)
                 return bool(m.get("saturated")), bool(m.get("slo_met"))
-            if load.knee_repeats > 1:
-                serve_load.repeat_knee(points, repeat)
+            knee = (lambda rate: judged(rate, load.knee_repeats)) if load.knee_repeats > 1 else None
+            points = serve_load.walk_ladder(load.ladder(), judged, knee)
             for c in load.concurrency:
                 cell(load.cell(concurrency=c), None, c, f"concurrency {c}")
         if server is not None:  # again at the end: the log may name more after the start (a default config's warning)

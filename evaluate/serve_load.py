@@ -222,18 +222,36 @@ def runs_from_rows(rows: list[dict], slo: dict[str, float], prompts: int) -> lis
     return [run | run_flags(run, slo) for run in runs]
 
 
-def repeat_knee(points: dict[float, tuple[float, bool, bool]], repeat) -> list[float]:
+def repeat_knee(points: dict[float, tuple[float, bool, bool]], repeat, repeated: list | None = None) -> list[float]:
     """Repeats the two rates around the crossing (repeat(rate) -> (saturated, slo_met) of its runs' medians) until
     the crossing stops moving, and returns the rates repeated in order. A repeat can move a median across the SLO
     or into saturation (Mixtral fp8, session 20: 32 req/s back inside; CI on two cores: 64 req/s keeping up 1.08,
     then 0.00), and the crossing's new neighbour needs its runs too. points: rate -> (rate, saturated, slo_met),
-    updated in place."""
-    repeated = []
+    updated in place; repeated: rates already repeated (skipped), extended in place."""
+    repeated = [] if repeated is None else repeated
     while todo := sorted(set(knee(list(points.values()))) - set(repeated)):
         for rate in todo:
             repeated.append(rate)
             points[rate] = (rate, *repeat(rate))
     return repeated
+
+
+def walk_ladder(ladder: list[float], first, repeat=None) -> dict[float, tuple[float, bool, bool]]:
+    """The rates measured, rate -> (rate, saturated, slo_met): the ladder climbed until a rate's first run
+    saturates (first(rate) -> (saturated, slo_met)), then, with repeat (a knee's runs, as repeat_knee), the knee
+    repeated; a repeat that brings the top rate back from saturated resumes the climb, since only that rate's
+    first run had stopped it (CI, two cores: 32 req/s saturated in its first run, kept up 0.91 over two)."""
+    points, i, repeated = {}, 0, []
+    while True:
+        while i < len(ladder):
+            rate, i = ladder[i], i + 1
+            points[rate] = (rate, *first(rate))
+            if points[rate][1]:
+                break
+        if repeat is not None:
+            repeat_knee(points, repeat, repeated)
+        if i == len(ladder) or points[ladder[i - 1]][1]:
+            return points
 
 
 def auto_ladder(start: float, factor: float, steps: int) -> list[float]:

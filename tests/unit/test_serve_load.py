@@ -260,6 +260,32 @@ def test_a_knee_that_moves_after_its_repeats_is_repeated_where_it_moved():
     assert serve_load.repeat_knee({1: (1, False, True), 2: (2, False, True)}, repeat) == []
 
 
+def test_a_repeat_that_brings_the_top_rate_back_resumes_the_climb():
+    """CI on two cores: 32 req/s saturated in its first run and kept up over two, so the ladder went on to 64
+    (saturated in both runs) and the knee became 32-64; without repeats the first saturated run ends the ladder."""
+    ladder = [4, 8, 16, 32, 64, 128, 256]
+    first_runs = {32: (True, True), 64: (True, False)}
+    medians = {32: (False, True), 64: (True, False)}
+    climbed, repeated = [], []
+
+    def first(rate):
+        climbed.append(rate)
+        return first_runs.get(rate, (False, True))
+
+    def repeat(rate):
+        repeated.append(rate)
+        return medians.get(rate, (False, True))
+    points = serve_load.walk_ladder(ladder, first, repeat)
+    assert climbed == [4, 8, 16, 32, 64] and repeated == [16, 32, 64]
+    assert serve_load.ladder_outcome(list(points.values()))["text"].startswith("saturated at 64 req/s; 32 req/s")
+    climbed[:], repeated[:] = [], []
+    points = serve_load.walk_ladder(ladder, first)
+    assert climbed == [4, 8, 16, 32] and repeated == [] and points[32] == (32, True, True)
+    # a ladder that never saturates is climbed to its top, once
+    climbed[:] = []
+    assert list(serve_load.walk_ladder([1, 2], first, repeat)) == [1, 2] and climbed == [1, 2]
+
+
 def test_a_knee_rate_keeps_its_first_run_and_adds_the_rest():
     from moeq.evaluate import serve_bench
     sent = []
