@@ -169,6 +169,24 @@ def capacity_ratio(base: pd.DataFrame, other: pd.DataFrame, slo: dict) -> tuple[
     return (point, *verdicts.interval(reps)) if len(reps) > 10 else (point, np.nan, np.nan)
 
 
+MULTIPLES = {"itl_p50": "ITL p50", "itl_p99": "ITL p99", "ttft_p99": "TTFT p99"}
+
+
+def where_it_differs(base: pd.DataFrame, other: pd.DataFrame, slo: dict) -> dict:
+    """At the lower of the two ladders' first rates outside the SLO (where the capacities part), the other
+    scheme's latencies as multiples of bf16's: a scheme can decode faster at the median and still leave a p99
+    SLO first, when its slowest steps are slower (Qwen3 fp8 on the H200, NOTES.md, session 21)."""
+    outs = [_first_out([_point(r, slo) for r in g.itertuples()]) for g in (base, other)]
+    if None in outs:
+        return {}
+    rate = min(g.level.iloc[i] for g, i in zip((base, other), outs))
+    b, o = (g[g.level == rate] for g in (base, other))
+    if b.empty or o.empty:
+        return {}
+    ratio = lambda m: (o[m].iloc[0] / b[m].iloc[0]) if m in b and m in o and b[m].iloc[0] > 0 else np.nan
+    return {"at_rate": rate, **{f"{m}_x": ratio(m) for m in MULTIPLES}}
+
+
 def claim_table(serve: pd.DataFrame, claims: list[dict], formats: dict) -> pd.DataFrame:
     """The throughput claims at equal SLO: per claim, group, shape and covered scheme, the change in
     requests/s sustained under the SLO against bf16's ladder of the same group and shape."""
@@ -196,7 +214,8 @@ def claim_table(serve: pd.DataFrame, claims: list[dict], formats: dict) -> pd.Da
                 verdict = verdicts.judge(pct, lo, hi, claim["bound"])
                 why = "" if pd.notna(lo) else "one run at a rate either side of a crossing: no interval"
             rows.append({"claim": claim["text"], **gkey, "slo": slo_text(slo) if slo else "", "change_pct": pct,
-                         "low": lo, "high": hi, "verdict": verdict, "why": why})
+                         "low": lo, "high": hi, "verdict": verdict, "why": why,
+                         **(where_it_differs(base, g, slo) if pd.notna(pct) else {})})
         if not found:
             rows.append({"claim": claim["text"], "verdict": NOT_MEASURED,
                          "why": "no serve rows of a scheme it covers (`make serve-bench`)"})
@@ -212,7 +231,20 @@ def sentence(r) -> str:
         return f"{head}: {r.verdict} ({r.why})"
     interval = f" [{r.low:+.1f}, {r.high:+.1f}]" if pd.notna(r.low) else ""
     return (f"{head} serves {r.change_pct:+.1f}%{interval} requests per second vs bf16 at the same p99 latency "
-            f"({r.slo}): {r.verdict}" + (f" ({r.why})" if r.why else ""))
+            f"({r.slo}): {r.verdict}" + (f" ({r.why})" if r.why else "") + _differs(r))
+
+
+def _differs(r) -> str:
+    """'; at 16 req/s ... its ITL p50 is ×0.77, ITL p99 ×1.06 and TTFT p99 ×1.29 bf16's (...)'."""
+    found = [(name, r.get(f"{m}_x")) for m, name in MULTIPLES.items()]
+    found = [(name, x) for name, x in found if pd.notna(x)]
+    if pd.isna(r.get("at_rate")) or not found:
+        return ""
+    text = ", ".join(f"{name} ×{x:.2f}" for name, x in found[:-1]) + (" and " if len(found) > 1 else "")
+    text += f"{found[-1][0]} ×{found[-1][1]:.2f}"
+    split = (pd.notna(r.get("itl_p50_x")) and pd.notna(r.get("itl_p99_x")) and r.itl_p50_x < 1 < r.itl_p99_x)
+    return (f"; at {r.at_rate:g} req/s, where the first of the two left the SLO, its {text} bf16's"
+            + (" (faster typical steps, slower slowest ones: a p99 bound is decided by the slowest)" if split else ""))
 
 
 def _ms(x) -> str:

@@ -197,6 +197,28 @@ def test_claims_restated_at_equal_slo():
     assert none.verdict.tolist() == ["not measured"] and "not measured under load" in serving.sentence(none.iloc[0])
 
 
+def test_a_claim_says_how_the_latencies_part_where_the_capacities_do():
+    """Qwen3 fp8 on the H200 (session 21): a faster median decode, slower slowest steps, and so a lower capacity
+    under a p99 bound; the sentence gives the multiples at the lower first rate outside the SLO."""
+    claims = [{"text": "FP8", "quantity": "throughput", "bound": {"min": 20},
+               "covers": {"weight_type": ["float"], "weight_bits": [8]}}]
+    formats = {"fp8": {"weight_type": "float", "weight_bits": 8}}
+    base = pd.DataFrame(ladder("bf16", [(1, 1, 0.5, False), (2, 2, 1.0, False), (4, 3.9, 1.5, False), (8, 7, 1.8, False)]))
+    fp8 = pd.DataFrame(ladder("fp8", [(1, 1, 0.5, False), (2, 2, 1.0, False), (4, 3.9, 1.5, False), (8, 7, 1.8, False)]))
+    base["itl_p50"], base["itl_p99"] = [0.010, 0.012, 0.014, 0.018], [0.05, 0.07, 0.09, 0.11]
+    fp8["itl_p50"], fp8["itl_p99"] = [0.008, 0.009, 0.011, 0.014], [0.06, 0.08, 0.105, 0.12]
+    row = serving.claim_table(pd.concat([base, fp8]), claims, formats).iloc[0]
+    assert row.change_pct < 0 and row.at_rate == 4  # fp8 left at 4 req/s, bf16 at 8
+    assert row.itl_p50_x == pytest.approx(0.011 / 0.014) and row.itl_p99_x == pytest.approx(0.105 / 0.09)
+    assert row.ttft_p99_x == pytest.approx(1.0)
+    text = serving.sentence(row)
+    assert "at 4 req/s, where the first of the two left the SLO, its ITL p50 ×0.79, ITL p99 ×1.17 and TTFT p99 ×1.00" in text
+    assert "faster typical steps, slower slowest ones" in text
+    # a ladder that never left the SLO: no crossing, no multiples
+    fp8["itl_p99"] = 0.05
+    assert "where the first" not in serving.sentence(serving.claim_table(pd.concat([base, fp8]), claims, formats).iloc[0])
+
+
 def test_repeats_give_an_interval():
     claims = [{"text": "FP8", "quantity": "throughput", "bound": {"min": 20},
                "covers": {"weight_type": ["float"], "weight_bits": [8]}}]
