@@ -196,7 +196,8 @@ def frontier(folder, stem, groups, perf):
 
 def serving(folder, stem, serve):
     """Latency against achieved request rate under Poisson load, one row of panels per model, settings group
-    and prompt shape (TTFT p99 left, ITL p99 right), one line per scheme, the SLO's bounds dashed."""
+    and prompt shape (TTFT p99 left, ITL p99 right with p50 dotted: a scheme can be faster at the median and
+    slower at the p99 its SLO reads), one line per scheme, the SLO's bounds dashed."""
     ladders = serve[serve["mode"] == "rate"].dropna(subset=["request_throughput"])
     keys = list(ladders.groupby(GROUP + ["input_len", "output_len"]).groups)
     if not keys:
@@ -211,6 +212,9 @@ def serving(folder, stem, serve):
                 sat = q[q.saturated == 1]
                 ax.scatter(sat.request_throughput, sat[metric] * 1e3, s=90, facecolors="none", edgecolors="red",
                            zorder=3, label="saturated" if len(sat) else None)
+            if q.itl_p50.notna().any():
+                right.plot(q.request_throughput, q.itl_p50 * 1e3, ls=":", lw=1, color=colour[s])
+        right.plot([], [], ls=":", lw=1, color="grey", label="ITL p50")
         slo = json.loads(rows.slo.iloc[0] or "null") or {}
         for ax, k, name in ((left, "ttft", "TTFT p99, ms"), (right, "itl", "ITL p99, ms")):
             if k in slo:
@@ -220,8 +224,8 @@ def serving(folder, stem, serve):
             ax.set(xlabel="achieved requests/s", ylabel=name)
             ax.set_title(f"{key[0]} · {key[1]} · settings {key[4]} · {key[5]:.0f} in / {key[6]:.0f} out", fontsize=8)
             _legend(ax)
-    caption = ("Serving under Poisson load: TTFT p99 and ITL p99 (ms, log) against the request rate the server "
-               "achieved (log), one line per scheme over the rate ladder; red rings mark saturated rates (output "
+    caption = ("Serving under Poisson load: TTFT p99 and ITL p99 (ms, log; ITL p50 dotted) against the request rate "
+               "the server achieved (log), one line per scheme over the rate ladder; red rings mark saturated rates (output "
                "tokens made under 90% as fast as arriving requests owed them; runs before keep-up was measured are "
                "not judged), the dashed line the SLO's bound")
     return _save(fig, folder, f"{stem}-serving.png", caption)

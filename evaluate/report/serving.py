@@ -247,6 +247,17 @@ def _differs(r) -> str:
             + (" (faster typical steps, slower slowest ones: a p99 bound is decided by the slowest)" if split else ""))
 
 
+def _ratios(claims: pd.DataFrame) -> str:
+    """' Requests per second at equal SLO against bf16: fp8 on mixtral (settings ...) +86.1% (inconclusive); ...'"""
+    rows = claims[claims.change_pct.notna()] if "change_pct" in claims else claims.iloc[:0]
+    if rows.empty:
+        return ""
+    ci = lambda r: f" [{r.low:+.1f}, {r.high:+.1f}]" if pd.notna(r.low) else ""
+    return (" Requests per second at equal SLO against bf16: " + "; ".join(
+        f"{r.scheme} on {r.model} (settings {r.settings}) {r.change_pct:+.1f}%{ci(r)} ({r.verdict})"
+        for r in rows.itertuples()) + ".")
+
+
 def _ms(x) -> str:
     return "—" if pd.isna(x) else f"{1e3 * x:,.1f}"
 
@@ -295,7 +306,7 @@ def section(tables_: dict, folder, stem: str) -> list[tuple]:
     out.append(("p", f"vLLM's OpenAI-compatible server under Poisson load (`moeq serve-bench`): {len(cap)} rate "
                      f"ladders and {int((serve['mode'] == 'concurrency').sum())} fixed-concurrency runs. The "
                      "throughput claims at equal SLO: " + (", ".join(f"{n} {v}" for v, n in counts.items()) or "none")
-                + "."))
+                + "." + _ratios(claims)))
     inner = [("p", __doc__.split("\n\n", 1)[1].replace("\n", " ").strip()),
              ("h3", "The throughput claims at equal SLO")]
     inner += [("p", sentence(r) + ".") for _, r in claims.iterrows()]

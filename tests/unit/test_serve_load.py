@@ -214,6 +214,9 @@ def test_a_claim_says_how_the_latencies_part_where_the_capacities_do():
     text = serving.sentence(row)
     assert "at 4 req/s, where the first of the two left the SLO, its ITL p50 ×0.79, ITL p99 ×1.17 and TTFT p99 ×1.00" in text
     assert "faster typical steps, slower slowest ones" in text
+    # the README's paragraph names each measured ratio with its group and verdict
+    assert serving._ratios(pd.DataFrame([row])) == (
+        f" Requests per second at equal SLO against bf16: fp8 on m (settings s) {row.change_pct:+.1f}% ({row.verdict}).")
     # a ladder that never left the SLO: no crossing, no multiples
     fp8["itl_p99"] = 0.05
     assert "where the first" not in serving.sentence(serving.claim_table(pd.concat([base, fp8]), claims, formats).iloc[0])
