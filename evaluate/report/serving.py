@@ -229,13 +229,16 @@ def sentence(r) -> str:
     head = f"{r.claim}, under load on {r.model} ({r.device}, settings {r.settings}): {r.scheme}"
     if pd.isna(r.change_pct):
         return f"{head}: {r.verdict} ({r.why})"
-    interval = f" [{r.low:+.1f}, {r.high:+.1f}]" if pd.notna(r.low) else ""
-    return (f"{head} serves {r.change_pct:+.1f}%{interval} requests per second vs bf16 at the same p99 latency "
+    return (f"{head} serves {r.change_pct:+.1f}%{_interval(r)} requests per second vs bf16 at the same p99 latency "
             f"({r.slo}): {r.verdict}" + (f" ({r.why})" if r.why else "") + _differs(r))
 
 
+def _interval(r) -> str:
+    return f" [{r.low:+.1f}, {r.high:+.1f}]" if pd.notna(r.low) else ""
+
+
 def _differs(r) -> str:
-    """'; at 16 req/s ... its ITL p50 is ×0.77, ITL p99 ×1.06 and TTFT p99 ×1.29 bf16's (...)'."""
+    """'; at 16 req/s, where ..., its ITL p50 ×0.77, ITL p99 ×1.06 and TTFT p99 ×1.29 bf16's (...)'."""
     found = [(name, r.get(f"{m}_x")) for m, name in MULTIPLES.items()]
     found = [(name, x) for name, x in found if pd.notna(x)]
     if pd.isna(r.get("at_rate")) or not found:
@@ -252,9 +255,8 @@ def _ratios(claims: pd.DataFrame) -> str:
     rows = claims[claims.change_pct.notna()] if "change_pct" in claims else claims.iloc[:0]
     if rows.empty:
         return ""
-    ci = lambda r: f" [{r.low:+.1f}, {r.high:+.1f}]" if pd.notna(r.low) else ""
     return (" Requests per second at equal SLO against bf16: " + "; ".join(
-        f"{r.scheme} on {r.model} (settings {r.settings}) {r.change_pct:+.1f}%{ci(r)} ({r.verdict})"
+        f"{r.scheme} on {r.model} (settings {r.settings}) {r.change_pct:+.1f}%{_interval(r)} ({r.verdict})"
         for r in rows.itertuples()) + ".")
 
 
