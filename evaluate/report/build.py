@@ -135,7 +135,7 @@ def kernel_table(results: pd.DataFrame, kind: str = "engine") -> pd.DataFrame:
             for r in logs.itertuples()]
     # what the experts compute with, read from vLLM's worker (rows since H200 session 6; older rows: NaN)
     quant = results[(results.kind == kind) & (results.metric == "moe_quant")].set_index(KEY).note.rename("moe_quant")
-    return pd.DataFrame(rows, columns=KEY + ["moe_kernel", "moe_config", "moe_dtype"]).join(quant, on=KEY)
+    return pd.DataFrame(rows, columns=KEY + ["moe_kernel", "moe_config", "moe_dtype", "cuda_graph_tokens"]).join(quant, on=KEY)
 
 
 def perf_table(results: pd.DataFrame, mem: pd.DataFrame, settings: dict,

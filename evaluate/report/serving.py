@@ -126,8 +126,9 @@ def runs_per_rate(g: pd.DataFrame) -> str:
 
 def capacity_table(serve: pd.DataFrame, kernels: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per ladder: the highest rate sustained under the SLO, saturation, the interpolated capacity, and the
-    MoE kernel the server's engine chose (kernels: per engine key, from the server log)."""
-    found = {tuple(r[:len(KEY)]): f"{r.moe_kernel} ({r.moe_config})" for r in
+    MoE kernel the server's engine chose and its largest CUDA graph (kernels: per engine key, from the server log)."""
+    graphs = lambda n: "" if pd.isna(n) else f"; CUDA graphs to {n:.0f} tokens"
+    found = {tuple(r[:len(KEY)]): f"{r.moe_kernel} ({r.moe_config}){graphs(getattr(r, 'cuda_graph_tokens', None))}" for r in
              (kernels if kernels is not None else pd.DataFrame(columns=KEY)).itertuples(index=False)}
     rows = []
     for key, g in ladder_rows(serve).items():

@@ -159,6 +159,17 @@ def test_kernel_log_summary():
     assert got["moe_kernel"] == "VLLM_CUTLASS" and got["moe_config"].startswith("default")
 
 
+def test_the_largest_cuda_graph_is_read_from_the_servers_log():
+    """A step of more tokens than the largest captured graph runs eagerly (Qwen3 fp8 under load, H200 session 21):
+    the kernel record keeps vLLM 0.26's own line, and the summary its largest size; no line, no size."""
+    line = ("INFO 12-01 15:32:42 [gpu_model_runner.py:6612] Profiling CUDA graph memory: PIECEWISE=51 (largest=512), "
+            "FULL=35 (largest=1024)")  # an H200 server's line (session 13), FULL's size raised to tell them apart
+    kept = {m["metric"]: m["note"] for m in kernels.metrics(["Using TRITON Fp8 MoE backend", line, "other"])}
+    assert kept["vllm_log"].splitlines() == ["Using TRITON Fp8 MoE backend", line]
+    assert kernels.summary(kept["vllm_log"].splitlines())["cuda_graph_tokens"] == 1024
+    assert kernels.summary(["Using TRITON Fp8 MoE backend"])["cuda_graph_tokens"] is None
+
+
 def test_the_kernel_variant_vllm_ran_is_read_from_its_config_lookup():
     """H200 session 6: vLLM 0.26 looked up an int8_w8a16 config for W8A8-INT8 checkpoints (experts on
     16-bit activations); the report must say so for a scheme that asks for 8-bit activations, and only then."""
