@@ -8,6 +8,7 @@ server gets SIGTERM from the kernel (parent-death signal) and shuts its children
 """
 import contextlib
 import ctypes
+import http.client
 import json
 import os
 import re
@@ -134,7 +135,9 @@ class Server:
             if self.proc.poll() is not None:
                 raise ServerFailed(f"vllm serve exited {self.proc.returncode} before it was ready; the last lines "
                                    f"of its log ({self.log_file}):\n{self.tail()}", self.tail(400))
-            with contextlib.suppress(OSError):
+            # HTTPException: a probe of a port in the ephemeral range that nothing listens on yet can connect to
+            # itself (TCP simultaneous open) and read its own request back as the reply (CI, 2026-12-03)
+            with contextlib.suppress(OSError, http.client.HTTPException):
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
                     if r.status == 200:
                         self.log(f"[serve] server ready on port {self.port} after {time.monotonic() - t0:.0f}s")

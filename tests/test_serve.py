@@ -55,10 +55,10 @@ def served(tiny_model, tmp_path_factory):
     torch linear") tiny's ITL p99 was 179 ms at 4 req/s and 81 ms with one request in flight, so no rate met 100 ms
     and the ladder had no crossing to repeat; the README's earlier machine kept it to 128 req/s."""
     tmp = tmp_path_factory.mktemp("serve")
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
+    with socket.socket() as busy:  # below the ephemeral range: a probe there cannot connect to itself
+        port = next(p for p in range(23000, 24000) if port_free(p) and port_free(p + 1))
+        busy.bind(("127.0.0.1", port))
         busy.listen()
-        port = busy.getsockname()[1]
         proc = serve_moeq(*bench_args(tmp / "ledger.sqlite", tmp / "checkpoints", "--rate-start", "4", "--max-rates",
                                       "8", "--knee-repeats", "2", "--slo", "ttft:2000,itl:1000", "--concurrency", "1,8",
                                       "--port", port),

@@ -1,5 +1,6 @@
 """Fast tier for serve-bench (issue 17): the SLO, per-request goodput, saturation, the rate ladder's outcome,
 the capacity under the SLO and the claims restated at equal SLO, on runs shaped like vLLM's saved JSON."""
+import contextlib
 import json
 import math
 
@@ -527,3 +528,29 @@ def test_rates_above_the_first_saturated_one_are_an_earlier_ladders():
     # Mixtral fp8, session 20: re-measured with --force, it saturated at 64; session 18's 128 (unjudged) stayed
     out = serve_load.ladder_outcome([(4, False, True), (32, False, True), (64, True, False), (128, None, False)])
     assert out["text"] == "saturated at 64 req/s; 32 req/s is the highest sustained under the SLO"
+
+
+def test_a_health_probe_that_reads_its_own_request_back_is_not_ready(tmp_path):
+    """CI (2026-12-03): a /health probe of a port in the ephemeral range, before vLLM listened there, connected to
+    itself and read "GET /health HTTP/1.1" back as the status line; moeq crashed with BadStatusLine instead of
+    waiting. A listener that echoes each request stands in for that socket: the wait goes on to its timeout."""
+    import socket
+    import threading
+    from types import SimpleNamespace
+    from moeq.evaluate.server import Server, ServerFailed
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    def echo():
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                with conn:
+                    conn.sendall(conn.recv(4096))
+    threading.Thread(target=echo, daemon=True).start()
+    server = Server("m", [], tmp_path / "server.log", start_timeout=1.5, log=lambda _: None)
+    server.port, server.proc = listener.getsockname()[1], SimpleNamespace(poll=lambda: None)
+    try:
+        with pytest.raises(ServerFailed, match="did not answer"):
+            server.wait_healthy()
+    finally:
+        listener.close()
