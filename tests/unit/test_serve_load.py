@@ -3,6 +3,9 @@ the capacity under the SLO and the claims restated at equal SLO, on runs shaped 
 import contextlib
 import json
 import math
+import socket
+import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -12,7 +15,7 @@ from moeq.errors import UserError
 from moeq.evaluate import serve_load
 from moeq.evaluate.report import serving
 from moeq.evaluate.serve_bench import Load
-from moeq.evaluate.server import root_error
+from moeq.evaluate.server import Server, ServerFailed, root_error
 from moeq.evaluate.verbs import serve_bench as verb
 
 
@@ -534,11 +537,6 @@ def test_a_health_probe_that_reads_its_own_request_back_is_not_ready(tmp_path):
     """CI (2026-12-03): a /health probe of a port in the ephemeral range, before vLLM listened there, connected to
     itself and read "GET /health HTTP/1.1" back as the status line; moeq crashed with BadStatusLine instead of
     waiting. A listener that echoes each request stands in for that socket: the wait goes on to its timeout."""
-    import socket
-    import threading
-    from types import SimpleNamespace
-    from moeq.evaluate.server import Server, ServerFailed
-
     listener = socket.create_server(("127.0.0.1", 0))
     def echo():
         with contextlib.suppress(OSError):
