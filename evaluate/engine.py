@@ -148,13 +148,16 @@ class KernelLog(logging.Handler):
     def __init__(self):
         import vllm  # noqa: F401  vLLM configures its logger on import, replacing handlers added before
         super().__init__(logging.INFO)
-        self.lines = []
+        self.lines, self.broken = [], []
         logging.getLogger("vllm").addHandler(self)
 
     def emit(self, record):
         msg = record.getMessage()
         if kernels.LOG_LINES.search(msg) and msg not in self.lines:
             self.lines.append(msg)
+        kernels.note_broken(self.broken, msg)
+        if record.exc_info and record.exc_info[0]:
+            kernels.note_broken(self.broken, f"{record.exc_info[0].__name__}: {record.exc_info[1]}")
 
 
 class EngineProcessLog:
@@ -163,7 +166,7 @@ class EngineProcessLog:
     kernel or a refusal are kept (what KernelLog catches in-process)."""
 
     def __init__(self):
-        self.lines = []
+        self.lines, self.broken = [], []
         sys.stdout.flush()
         sys.stderr.flush()
         for fd in (1, 2):
@@ -180,6 +183,7 @@ class EngineProcessLog:
                 line = raw.decode(errors="replace").rstrip()
                 if kernels.LOG_LINES.search(line) or kernels.REFUSALS.search(line):
                     self.lines.append(line)
+                kernels.note_broken(self.broken, line)
 
     def refusal(self) -> str | None:
         return next((line for line in reversed(self.lines) if kernels.REFUSALS.search(line)), None)
@@ -278,6 +282,8 @@ def run(job: Job, log=print) -> str | None:
         # torch.compile's own refusals (Dynamo "Unsupported") are about tracing, not the scheme's kernel
         if not kernels.REFUSALS.search(text) or type(e).__module__.startswith("torch._dynamo"):
             raise  # a bad flag, a bad checkpoint, out of memory: an error, never a verdict
+        if broken := kernel_log.broken + (core_log.broken if core_log else []):
+            raise kernels.broken_environment(f"{job.model} / {job.scheme}", cause, broken) from e
         reason = f"unsupported on {backend}: {type(e).__name__}: {cause[:500]}"
         log(f"[eval] {reason}")
         write("status", "status", [{"metric": "supported", "value": 0, "status": "unsupported", "note": reason}])

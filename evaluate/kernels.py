@@ -7,6 +7,8 @@ so a summary can be recomputed from the ledger's raw lines whenever its wording 
 import re
 from pathlib import Path
 
+from moeq.errors import UserError
+
 # vLLM's own words when a backend has no kernel for a quantization scheme: only these make a scheme
 # "unsupported"; any other failure to start is an error (exit 1) and writes no verdict.
 REFUSALS = re.compile(
@@ -24,6 +26,11 @@ LOG_LINES = re.compile(rf"MoE backend|MoE config|for MoE layer|Simulating MoE ro
 BACKEND = re.compile(r"Using '?(\S+?)'? (?:\S+ )?MoE backend")
 # the Triton config file vLLM looks up is named after the kernel variant it runs: dtype=fp8_w8a8, int8_w8a16, ...
 KERNEL_DTYPE = re.compile(r"dtype=([a-z0-9]+_w\d+a\d+)")
+# vLLM's probe of an optional package that is installed but fails to import, and the error it logs with it:
+# vLLM then calls the kernel unsupported on the device (humming without pyelftools, H200 session 23), a refusal
+# the environment caused, which must not become the scheme's verdict
+BROKEN_IMPORT = re.compile(r"Module (\S+) was found but failed to import")
+IMPORT_ERROR = re.compile(r"(?:ModuleNotFoundError|ImportError): .+")
 SUPPLIED = "supplied (VLLM_TUNED_CONFIG_FOLDER)"  # a config file vLLM did not ship: tuned elsewhere, or lent
 
 
@@ -48,6 +55,21 @@ def summary(lines: list[str]) -> dict:
     graphs = [int(n) for line in lines if GRAPHS in line for n in LARGEST.findall(line)]
     return {"moe_kernel": kernel, "moe_config": config, "moe_dtype": dtype,
             "cuda_graph_tokens": max(graphs) if graphs else None}
+
+
+def note_broken(broken: list[str], line: str):
+    """Adds the package a log line says vLLM found but could not import to `broken`, and the import error of
+    the traceback that follows to the last package named."""
+    if m := BROKEN_IMPORT.search(line):
+        broken.append(m[1])
+    elif broken and "(" not in broken[-1] and (m := IMPORT_ERROR.search(line)):
+        broken[-1] += f" ({m[0].strip()})"
+
+
+def broken_environment(subject: str, cause: str, broken: list[str]) -> UserError:
+    return UserError(f"{subject}: vLLM refused to start ({cause[:200]}) after failing to import {'; '.join(broken)}: "
+                     "a broken environment, not the scheme's verdict; nothing recorded (install what is missing and "
+                     "run again)")
 
 
 def config_kind(config) -> str | None:

@@ -224,9 +224,17 @@ def target_key(target, settings, device_backend) -> dict:
             "device": device, "settings": settings.profile}
 
 
-def refusal(failed: ServerFailed) -> str | None:
-    """The backend's refusal of the scheme's kernel, in vLLM's own words (the root error in its log)."""
-    return failed.cause if failed.cause and kernels.REFUSALS.search(failed.cause) else None
+def refusal(failed: ServerFailed, subject: str) -> str | None:
+    """The backend's refusal of the scheme's kernel, in vLLM's own words (the root error in its log); one that
+    follows a package vLLM has but cannot import is the environment's, an error."""
+    if not (failed.cause and kernels.REFUSALS.search(failed.cause)):
+        return None
+    broken = []
+    for line in failed.log_tail.splitlines():
+        kernels.note_broken(broken, line)
+    if broken:
+        raise kernels.broken_environment(subject, failed.cause, broken) from failed
+    return failed.cause
 
 
 def bench_target(target, settings, load: Load, ledger_path: Path, port: int, force: bool, start_timeout: float,
@@ -337,7 +345,7 @@ def bench_target(target, settings, load: Load, ledger_path: Path, port: int, for
         if server is not None:  # again at the end: the log may name more after the start (a default config's warning)
             record_kernel()
     except ServerFailed as e:
-        if reason := refusal(e):
+        if reason := refusal(e, f"{target.model} / {target.scheme}"):
             reason = f"unsupported on {device[0]}: {reason}"
             log(f"[serve] {target.model} / {target.scheme}: {reason}")
             ledger.write(key, "status", "serve-status", [{"metric": "supported", "value": 0, "status": "unsupported",

@@ -34,7 +34,9 @@ fi
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
   -d .device/serve uvicorn==0.54.0 python-multipart==0.0.34 watchfiles==1.3.0 httptools==0.9.0 websockets==17.4 \
   model-hosting-container-standards==0.1.16 jmespath==1.1.0 supervisor==4.3.0
-[ -d .device/humming ] || python3 -m pip download -q --no-deps humming-kernels==0.1.10 -d .device/humming
+# humming imports elftools at start (session 23: without pyelftools vLLM called the kernel unsupported on the H200)
+ls .device/humming/pyelftools-* >/dev/null 2>&1 ||
+  python3 -m pip download -q --no-deps humming-kernels==0.1.10 pyelftools==0.33 -d .device/humming
 # tiny for the build's bits-per-byte comparison, the word tokenizer vLLM's random dataset needs, shape-only folders
 mkdir -p .h200
 [ -d .h200/tiny ] || cp -r "$(.venv/quant/bin/moeq build tiny | tail -n 1)" .h200/tiny

@@ -1,6 +1,7 @@
 """Fast tier: pure functions, no engine, no trained model (seconds). `make test` runs these first."""
 import contextlib
 import json
+import logging
 import sqlite3
 
 import numpy as np
@@ -154,9 +155,38 @@ def test_kernel_log_summary():
     log = engine.KernelLog()
     for line in ("Using VLLM_CUTLASS Fp8 MoE backend out of potential backends: ['VLLM_CUTLASS', 'TRITON'].",
                  "Using default MoE config. Performance might be sub-optimal! Config file not found at x.json"):
-        log.emit(type("R", (), {"getMessage": lambda self, m=line: m})())
+        log.emit(logging.LogRecord("vllm", logging.INFO, __file__, 0, line, None, None))
     got = {m["metric"]: m["note"] for m in kernels.metrics(log.lines)}
     assert got["moe_kernel"] == "VLLM_CUTLASS" and got["moe_config"].startswith("default")
+
+
+# vLLM 0.26 on the H200 (session 23), moe_backend=humming with humming-kernels installed but pyelftools not
+HUMMING_BROKEN = ("WARNING 12-03 11:23:50 [import_utils.py:408] Module humming was found but failed to import",
+                  "WARNING 12-03 11:23:50 [import_utils.py:408]     from elftools.elf.elffile import ELFFile",
+                  "WARNING 12-03 11:23:50 [import_utils.py:408] ModuleNotFoundError: No module named 'elftools'",
+                  "INFO 12-03 11:23:51 [scheduler.py:252] Chunked prefill is enabled with max_num_batched_tokens=16384.")
+HUMMING_REFUSAL = ("ValueError: Int8 MoE backend HUMMING does not support the deployment configuration since kernel "
+                   "does not support current device cuda.")
+
+
+def test_a_package_vllm_has_but_cannot_import_is_named_with_its_error():
+    broken = []
+    for line in HUMMING_BROKEN:
+        kernels.note_broken(broken, line)
+    assert broken == ["humming (ModuleNotFoundError: No module named 'elftools')"]
+    assert kernels.REFUSALS.search(HUMMING_REFUSAL)  # what vLLM says next: a refusal, in the environment's cause
+    log = engine.KernelLog()  # in-process: vLLM's logger record carries the exception itself
+    try:
+        import elftools_that_is_not_installed  # noqa: F401
+    except ModuleNotFoundError:
+        logging.getLogger("vllm.utils.import_utils").warning("Module %s was found but failed to import", "humming",
+                                                             exc_info=True)
+    finally:
+        logging.getLogger("vllm").removeHandler(log)
+    assert log.broken == ["humming (ModuleNotFoundError: No module named 'elftools_that_is_not_installed')"]
+    assert not log.lines
+    error = kernels.broken_environment("mixtral / w8a8-int8", HUMMING_REFUSAL, broken)
+    assert isinstance(error, UserError) and "failing to import humming (ModuleNotFoundError" in str(error)
 
 
 def test_the_largest_cuda_graph_is_read_from_the_servers_log():

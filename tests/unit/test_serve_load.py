@@ -354,6 +354,20 @@ def test_a_failed_servers_root_error_is_vllms_own():
     assert root_error("torch._dynamo.exc.Unsupported: warning_once") == "torch._dynamo.exc.Unsupported: warning_once"
 
 
+def test_a_refusal_after_a_broken_import_is_an_error_not_a_verdict():
+    """humming installed without pyelftools (H200, session 23): vLLM calls the kernel unsupported on the device;
+    moeq names the broken package and records nothing. The same refusal alone is the scheme's verdict."""
+    from moeq.evaluate.serve_bench import refusal
+    refused = "(EngineCore pid=7) ERROR 12-03 11:23:53 [core.py:1510] ValueError: Int8 MoE backend HUMMING does not support"
+    broken = ("(EngineCore pid=7) WARNING 12-03 11:23:50 [import_utils.py:408] Module humming was found but failed to "
+              "import\n(EngineCore pid=7) WARNING 12-03 11:23:50 [import_utils.py:408] ModuleNotFoundError: No module "
+              "named 'elftools'\n")
+    assert refusal(ServerFailed("exited 1", refused), "mixtral / w8a8-int8").startswith("ValueError: Int8 MoE")
+    with pytest.raises(UserError, match=r"mixtral / w8a8-int8: .* humming \(ModuleNotFoundError: No module named 'elftools'\)"):
+        refusal(ServerFailed("exited 1", broken + refused), "mixtral / w8a8-int8")
+    assert refusal(ServerFailed("exited 1", broken + "ValueError: No available memory"), "m / s") is None  # an error anyway
+
+
 def test_a_shape_only_server_takes_the_tokenizer_given_and_says_where_it_looked(tmp_path):
     from moeq.evaluate.run import Target
     from moeq.evaluate.serve_bench import tokenizer_for
