@@ -187,8 +187,9 @@ def measure(run_once, load: Load, label: str, closed_loop: bool, log=print, runs
         runs.append(serve_load.run_metrics(run, load.slo))
         m = runs[-1]
         log(f"[serve]  {label}: {m['request_throughput']:.3g} req/s done, TTFT p99 {1e3 * m['ttft_p99']:.0f} ms, "
-            f"ITL p99 {1e3 * m['itl_p99']:.1f} ms, longest pause {1e3 * m['pause_max']:.0f} ms, "
-            f"goodput {m['goodput']:.3g} req/s"
+            f"ITL p99 {1e3 * m['itl_p99']:.1f} ms"
+            + (f" ({100 * m['itl_over_slo']:.2f}% of gaps over its bound)" if m.get("itl_over_slo") is not None else "")
+            + f", longest pause {1e3 * m['pause_max']:.0f} ms, goodput {m['goodput']:.3g} req/s"
             + ("" if closed_loop else f", arrivals {m['arrival_rate']:.3g}/s, keeping up {m['keep_up']:.2f}")
             + (", at the SLO's bound (a p99's 95% interval holds it)" if m.get("slo_at_bound") else "")
             + (f", {m['failed']:.0f} failed" if m["failed"] else "")
@@ -206,7 +207,7 @@ def measure(run_once, load: Load, label: str, closed_loop: bool, log=print, runs
     median["slo_met"] = float(all(median.get(f"{k}_p99", math.inf) <= b for k, b in load.slo.items()))
     units = {"request_throughput": "req/s", "goodput": "req/s", "arrival_rate": "req/s", "keep_up": "ratio",
              "output_throughput": "tok/s", "throughput": "tok/s", "input_tokens": "tokens", "jit_compiles": "kernels",
-             "jit_reruns": "runs"}
+             "jit_reruns": "runs", "itl_over_slo": "share"}
     metrics = []
     for name, value in median.items():
         if name in ("saturated", "slo_met", "slo_at_bound"):

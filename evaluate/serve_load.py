@@ -159,6 +159,14 @@ def longest_pause(run: dict) -> float:
     return float(gaps[waiting].max()) if waiting.any() else 0.0
 
 
+def itl_over(run: dict, bound: float) -> float | None:
+    """The share of a run's inter-token gaps longer than `bound`: a p99 bound holds while it stays at most 1%, and
+    it says how many of the slowest steps lie past the bound (Qwen3's capacities turned on them, NOTES.md,
+    sessions 21-23). None for a run without gaps."""
+    gaps = [g for r in _requests(run) for g in r["itl"]]
+    return float(np.mean(np.asarray(gaps) > bound)) if gaps else None
+
+
 def p99_intervals(run: dict, keys, resamples: int = 200, seed: int = 0) -> dict[str, tuple[float, float]]:
     """95% intervals of each key's p99 over a run's requests (a bootstrap that resamples whole requests, so one
     request's gaps stay together): a run's p99 is one draw, and a capacity read from one run per rate moved by a
@@ -192,7 +200,7 @@ def run_metrics(run: dict, slo: dict[str, float]) -> dict[str, float]:
     good, per_s = goodput(run, slo)
     kept = keep_up(run)
     out |= {"goodput": per_s, "good_requests": good, "arrival_rate": arrival_rate(run), "keep_up": kept,
-            "pause_max": longest_pause(run),
+            "pause_max": longest_pause(run), "itl_over_slo": itl_over(run, slo["itl"]) if "itl" in slo else None,
             # serve_bench's counts (absent from a run it did not send): kernels the server compiled during the run
             "jit_compiles": float(len(run["jit_kernels"])) if "jit_kernels" in run else None,
             "jit_reruns": float(run["jit_reruns"]) if "jit_reruns" in run else None}

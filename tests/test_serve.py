@@ -101,6 +101,8 @@ def test_ladder_to_saturation_and_concurrency_sweep_into_the_ledger(served):
         assert m["good_requests"] <= m["completed"]
         assert m["goodput"] > 0 or not m["slo_met"], (name, m)
         assert 0 < m["pause_max"] < m["duration"]  # the longest time a waiting request got no token
+        # the share of gaps over the 1 s ITL bound: none over it, and the p99 cannot pass it either
+        assert 0 <= m["itl_over_slo"] <= 1 and (m["itl_over_slo"] > 0 or m["itl_p99"] <= 1.0), (name, m)
         # fixed output length, mixed input lengths around 128 tokens of held-out text
         assert m["output_throughput"] == pytest.approx(16 * m["request_throughput"], rel=0.01)
         assert 64 <= m["input_tokens"] / m["completed"] <= 192
