@@ -16,7 +16,9 @@ not judged either: it was recorded under the completion-span rule, which read a 
 request and slows down as keeping up (Mixtral bf16 at 32 req/s: 21.5 req/s done, "no"); their capacity
 rests on the SLO's keys alone. The kernel column also names the largest step the server captured in a CUDA graph,
 from its log (servers since H200 session 22; earlier rows did not keep that line; vLLM 0.26's default is 512 tokens):
-a step of more tokens runs outside the graphs.
+a step of more tokens runs outside the graphs. "Gaps over the ITL bound" is the share of a run's inter-token gaps
+longer than the SLO's ITL bound (the p99 bound holds while at most 1% pass it); runs before H200 session 24 did not
+keep it and read "—".
 """
 import json
 import re
@@ -289,7 +291,6 @@ def rows_display(serve: pd.DataFrame) -> pd.DataFrame:
         "Goodput, req/s": s.goodput.map(lambda x: f"{x:.3g}"), "TTFT p50 / p99, ms": [f"{_ms(a)} / {_ms(b)}" for a, b in zip(s.ttft_p50, s.ttft_p99)],
         "ITL p50 / p99, ms": [f"{_ms(a)} / {_ms(b)}" for a, b in zip(s.itl_p50, s.itl_p99)],
         "E2E p99, ms": s.e2el_p99.map(_ms), "Longest pause, ms": s.pause_max.map(_ms),
-        # the p99 bound holds while at most 1% of the gaps pass it (runs recorded before session 24: not kept)
         "Gaps over the ITL bound": s.itl_over_slo.map(lambda x: f"{100 * x:.2f}%" if pd.notna(x) else "—"),
         # kernels the server compiled during the kept run, and runs redone because one compiled (serve_bench)
         "Kernels compiled (runs redone)": [f"{c:.0f} ({r:.0f})" if pd.notna(c) else "—"
