@@ -26,6 +26,12 @@ ROUTING_ENV = "VLLM_MOE_ROUTING_SIMULATION_STRATEGY"
 # vLLM looks here first for its fused-MoE Triton configs (tile sizes per token count): files placed there change
 # the kernels' timing, so what they hold is part of the settings
 TUNED_CONFIGS_ENV = "VLLM_TUNED_CONFIG_FOLDER"
+# vLLM environment variables that pick or shape the experts' kernel where no engine argument does (vLLM 0.26's
+# envs.py): humming takes its activation dtype from VLLM_HUMMING_INPUT_QUANT_CONFIG, not from the checkpoint (H200
+# session 24), so a row made with one set is another engine; each one set is part of the settings
+KERNEL_ENV = ("VLLM_HUMMING_INPUT_QUANT_CONFIG", "VLLM_HUMMING_ONLINE_QUANT_CONFIG", "VLLM_HUMMING_USE_F16_ACCUM",
+              "VLLM_HUMMING_MOE_GEMM_TYPE", "VLLM_MARLIN_INPUT_DTYPE", "VLLM_MARLIN_USE_ATOMIC_ADD",
+              "VLLM_USE_DEEP_GEMM", "VLLM_MOE_USE_DEEP_GEMM", "VLLM_USE_FLASHINFER_MOE_INT4", "VLLM_MOE_SKIP_PADDING")
 MODEL_ROUTING = "model"  # the checkpoint's own routers (real weights)
 SHAPE_ONLY_ROUTING = "uniform_random"  # vLLM's balanced simulation: every scheme of a shape routes alike
 # Where vLLM's engine core runs: in moeq's engine process (its default: vLLM's own log lines and a failed
@@ -48,6 +54,7 @@ class EngineSettings:
     # requests in flight in a served engine's unrecorded warm-up run (0: none): fresh servers' first rates stalled for
     # seconds (session 17), likely on Triton compiling a fused-MoE kernel the first time a token count needed it
     server_warmup: int = 0
+    kernel_env: dict = field(default_factory=dict)  # KERNEL_ENV variables set -> value (a file named: its digest too)
 
     def record(self) -> dict:
         rec = {"llm": self.llm, "routing": self.routing, "warmup_tokens": self.warmup_tokens}
@@ -59,6 +66,8 @@ class EngineSettings:
             rec["engine_process"] = self.engine_process
         if self.server_warmup:  # likewise
             rec["server_warmup"] = self.server_warmup
+        if self.kernel_env:  # likewise
+            rec["kernel_env"] = self.kernel_env
         return rec
 
     def _identity(self) -> dict:
@@ -100,6 +109,7 @@ class EngineSettings:
             out["moe_configs"] = self.moe_configs
         if self.server_warmup:
             out["server_warmup"] = self.server_warmup
+        out.update(self.kernel_env)
         return out
 
     def environment(self) -> dict:
@@ -124,6 +134,19 @@ def supplied_moe_configs() -> dict:
         raise UserError(f"{TUNED_CONFIGS_ENV}={folder!r} holds no fused-MoE config files (E=...,N=...,device_name="
                         "....json, as vLLM's benchmark_moe.py --tune writes them): set it to such a folder or unset it")
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest()[:12] for f in files}
+
+
+def kernel_environment() -> dict:
+    """The KERNEL_ENV variables this process hands vLLM. vLLM reads a JSON one as text or as a file's name: a file's
+    content digest is recorded beside its name, so other contents are other settings."""
+    out = {}
+    for name in KERNEL_ENV:
+        if not (value := os.environ.get(name)):  # empty is unset (device.sh's set=NAME= clears one)
+            continue
+        if (path := Path(value)).is_file():
+            value = f"{value} (sha256 {hashlib.sha256(path.read_bytes()).hexdigest()[:12]})"
+        out[name] = value
+    return out
 
 
 def parse_zipf(spec: str) -> float:
@@ -217,10 +240,12 @@ def build(*, gpu: bool, cells: list[tuple], shape_only: bool, quantization: str 
     if server_warmup and not server:
         raise UserError("a warm-up burst is for served engines (serve-bench); offline cells warm up with warmup_tokens")
     return EngineSettings(llm=llm, routing=routing, warmup_tokens=warmup_tokens, prompts=prompts,
-                          engine_process=engine_process, moe_configs=supplied_moe_configs(), server_warmup=server_warmup)
+                          engine_process=engine_process, moe_configs=supplied_moe_configs(), server_warmup=server_warmup,
+                          kernel_env=kernel_environment())
 
 
 def from_record(rec: dict) -> EngineSettings:
     return EngineSettings(llm=rec["llm"], routing=rec["routing"], warmup_tokens=rec.get("warmup_tokens"),
                           prompts=rec.get("prompts", perf.RANDOM), engine_process=rec.get("engine_process", INPROCESS),
-                          moe_configs=rec.get("moe_configs", {}), server_warmup=rec.get("server_warmup", 0))
+                          moe_configs=rec.get("moe_configs", {}), server_warmup=rec.get("server_warmup", 0),
+                          kernel_env=rec.get("kernel_env", {}))

@@ -59,6 +59,27 @@ def test_moe_configs_supplied_beside_vllms_are_settings(tmp_path, monkeypatch):
         ["supplied", "tuned", None]
 
 
+def test_kernel_environment_is_settings(tmp_path, monkeypatch):
+    """vLLM 0.26's humming kernel takes its activation dtype from VLLM_HUMMING_INPUT_QUANT_CONFIG: rows made with
+    it set are another engine, shown beside the numbers; a config file is named by its contents too."""
+    for name in settings.KERNEL_ENV:
+        monkeypatch.delenv(name, raising=False)
+    plain = settings.build(gpu=True, cells=CELLS, shape_only=True, warmup_tokens=16)
+    assert "kernel_env" not in plain.record()  # ids of rows made before it was recorded hold
+    monkeypatch.setenv("VLLM_HUMMING_INPUT_QUANT_CONFIG", "")  # set to nothing: unset
+    assert settings.build(gpu=True, cells=CELLS, shape_only=True, warmup_tokens=16).profile == plain.profile
+    monkeypatch.setenv("VLLM_HUMMING_INPUT_QUANT_CONFIG", '{"dtype": "int8"}')
+    int8 = settings.build(gpu=True, cells=CELLS, shape_only=True, warmup_tokens=16)
+    assert int8.non_default()["VLLM_HUMMING_INPUT_QUANT_CONFIG"] == '{"dtype": "int8"}'
+    assert int8.profile != plain.profile and settings.from_record(int8.record()) == int8
+    config = tmp_path / "input.json"
+    monkeypatch.setenv("VLLM_HUMMING_INPUT_QUANT_CONFIG", str(config))
+    config.write_text('{"dtype": "int8"}')
+    first = settings.build(gpu=True, cells=CELLS, shape_only=True, warmup_tokens=16)
+    config.write_text('{"dtype": "float8e4m3"}')
+    assert settings.build(gpu=True, cells=CELLS, shape_only=True, warmup_tokens=16).profile != first.profile
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"user_args": {"enforce_eagr": True}}, "unknown engine argument 'enforce_eagr'"),
     ({"user_args": {"moe_backend": "fastest"}}, "unknown moe_backend 'fastest'; valid: auto, triton"),
