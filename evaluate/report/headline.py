@@ -32,19 +32,24 @@ def group_key(row) -> tuple:
 # Engine arguments that make a group a variant of issue 12's rather than a deployment: top-k or expert count
 # (hf_overrides), speculation; and a fit claim's arguments (claims.yaml `fit:`, a KV cache sized by hand).
 VARIANT_ARGS = ("hf_overrides", "speculative_config")
+# Engine settings that make a group an experiment on the engine (another MoE kernel, its environment, a CUDA-graph
+# size) rather than the deployment at vLLM's defaults: the tables, findings and serving pages show it, not the answer
+EXPERIMENT_ARGS = ("moe_backend", "compilation_config")
 
 
 def headline_groups(keys: pd.DataFrame, settings: dict | None = None, fits: list[dict] = ()) -> list[tuple]:
     """The groups the first screen speaks of: those measured at recorded settings, not as a variant
-    (VARIANT_ARGS, `fits`: those are in "The guide's other claims") and holding a scheme besides bf16, else
+    (VARIANT_ARGS, `fits`: those are in "The guide's other claims") nor as an engine experiment (EXPERIMENT_ARGS,
+    a kernel environment variable) and holding a scheme besides bf16, else
     those not measured as a variant, else every group at recorded settings; a ledger holding only legacy
     rows (settings never recorded) speaks of those."""
     groups = [tuple(g) for g in keys[GROUP].drop_duplicates().itertuples(index=False)]
     sid = GROUP.index("settings")
     current = [g for g in groups if g[sid] != LEGACY]
-    llm = lambda g: ((settings or {}).get(g[sid]) or {}).get("llm") or {}
-    variant = lambda a: bool(set(a) & set(VARIANT_ARGS)) or any(all(a.get(k) == v for k, v in f.items()) for f in fits)
-    plain = [g for g in current if not variant(llm(g))]
+    record = lambda g: (settings or {}).get(g[sid]) or {}
+    variant = lambda a: bool(set(a) & set(VARIANT_ARGS + EXPERIMENT_ARGS)) or any(all(a.get(k) == v for k, v in f.items())
+                                                                               for f in fits)
+    plain = [g for g in current if not variant(record(g).get("llm") or {}) and not record(g).get("kernel_env")]
     return sorted(with_schemes(keys, plain) or plain or current or groups)
 
 

@@ -164,7 +164,8 @@ def blocks(name, ledger_path, tables_, unsupported, env, settings, claims, forma
     others = [group_details(g, tables_, unsupported, settings) for g in every if g not in headline_groups]
     if others:  # one link, however many variants issue 12's plans add
         out.append(("details", f"The {len(others)} other groups: variants (top-k, expert count, speculation, a "
-                               "fit claim's KV cache) and earlier settings", "other-groups", others))
+                               "fit claim's KV cache), engine experiments (another MoE kernel, a CUDA-graph size) "
+                               "and earlier settings", "other-groups", others))
     out += [("h2", "Every verdict"),
             ("details", "One row per claim × scheme × group × cell or task", "verdicts",
              [("table", tables.verdict_display(tables_["verdicts"]), "verdicts")])]

@@ -303,6 +303,15 @@ def test_the_first_screen_leaves_variants_to_the_other_claims():
     # a ledger of variants alone (the CPU's issue-12 rows, bf16 only) still has a first screen: its plain groups
     only_bf16 = keys[keys.scheme == "bf16"]
     assert [x[-1] for x in headline.headline_groups(only_bf16, settings, fits)] == ["default"]
+    # engine experiments (another MoE kernel, its environment, a CUDA-graph size) are not the deployment the answer
+    # speaks of: H200 sessions 23-24 put humming's kernel and graphs to 1,024 tokens beside vLLM's defaults
+    experiments = {"humming": {"llm": {"moe_backend": "humming"}},
+                   "graphs": {"llm": {"compilation_config": {"max_cudagraph_capture_size": 1024}}},
+                   "int8-acts": {"llm": {"moe_backend": "humming"},
+                                 "kernel_env": {"VLLM_HUMMING_INPUT_QUANT_CONFIG": '{"dtype": "int8"}'}},
+                   "deep-gemm-off": {"llm": {}, "kernel_env": {"VLLM_USE_DEEP_GEMM": "0"}}}
+    more = pd.concat([keys, pd.DataFrame([g("mixtral", sid, s) for sid in experiments for s in ("bf16", "fp8")])])
+    assert [x[-1] for x in headline.headline_groups(more, {**settings, **experiments}, fits)] == ["default"]
 
 
 def test_a_variant_pair_says_what_the_roofline_allows():
