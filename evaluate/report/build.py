@@ -323,12 +323,15 @@ def anchors_table(path: Path = ANCHORS_FILE) -> tuple[pd.DataFrame, pd.DataFrame
 
 
 SAME_PRECISION_GAP = 10  # percent: two schemes of one precision further apart than this need a cause
+FINDING_COLUMNS = GROUP + ["cell", "scheme_a", "scheme_b", "throughput_a", "throughput_b", "ratio", "kernel_a",
+                           "kernel_b", "variants", "kind"]
 
 
 def precision_findings(perf: pd.DataFrame, formats: dict, settings: dict) -> pd.DataFrame:
     """Cells where two schemes of the same precision (weight and activation type and bits) differ by more
     than SAME_PRECISION_GAP, each beside the kernels vLLM chose and any measured kernel variant (the
-    same model, device and cell with other settings that differ only in moe_backend)."""
+    same model, device and cell with other settings that differ only in moe_backend); then the cells where a
+    scheme forced onto another kernel differs from vLLM's choice by as much (kernel_variants)."""
     p = perf.dropna(subset=["throughput"])
     precision = lambda s: json.dumps(formats.get(s), sort_keys=True) if formats.get(s) else None
     rows = []
@@ -350,8 +353,32 @@ def precision_findings(perf: pd.DataFrame, formats: dict, settings: dict) -> pd.
                 rows.append({**gkey, "scheme_a": a, "scheme_b": b, "throughput_a": by.throughput[a],
                              "throughput_b": by.throughput[b], "ratio": ratio,
                              "kernel_a": _kernel(by, a), "kernel_b": _kernel(by, b),
-                             "variants": "; ".join(v for v in found if v)})
-    return pd.DataFrame(rows)
+                             "variants": "; ".join(v for v in found if v), "kind": "two schemes"})
+    return pd.DataFrame(rows + kernel_variants(p, settings), columns=FINDING_COLUMNS)
+
+
+def kernel_variants(p: pd.DataFrame, settings: dict) -> list[dict]:
+    """One scheme, one cell, two kernels: a row measured with a moe_backend against vLLM's own choice for the
+    same scheme, cell and otherwise equal settings, where they differ by more than SAME_PRECISION_GAP. Rows of
+    two runs (other env records: another call or session) are said to be so: not timed side by side."""
+    backend = lambda sid: settings.get(sid, {}).get("non_default", {}).get("moe_backend")
+    rows = []
+    for v in p[p.settings.map(backend).notna()].itertuples():
+        base = p[(p.model == v.model) & (p.device == v.device) & (p.provenance == v.provenance) & (p.cell == v.cell)
+                 & (p.scheme == v.scheme) & p.settings.map(backend).isna()]
+        for b in base.itertuples():
+            ratio = v.throughput / b.throughput
+            if _without_backend(settings, b.settings) != _without_backend(settings, v.settings) \
+                    or abs(100 * (ratio - 1)) <= SAME_PRECISION_GAP:
+                continue
+            env = getattr(v, "env_id", np.nan), getattr(b, "env_id", np.nan)
+            apart = "" if pd.notna(env[0]) and env[0] == env[1] else ": timed apart (another env record), not side by side"
+            rows.append({"model": b.model, "provenance": b.provenance, "backend": b.backend, "device": b.device,
+                         "settings": b.settings, "cell": b.cell, "scheme_a": f"{v.scheme} (moe_backend={backend(v.settings)})",
+                         "scheme_b": b.scheme, "throughput_a": v.throughput, "throughput_b": b.throughput, "ratio": ratio,
+                         "kernel_a": f"{v.moe_kernel} ({v.moe_config})", "kernel_b": f"{b.moe_kernel} ({b.moe_config})",
+                         "variants": f"settings {v.settings}{apart}", "kind": "kernel variant"})
+    return rows
 
 
 def _kernel(by: pd.DataFrame, scheme: str) -> str:

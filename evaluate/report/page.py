@@ -124,7 +124,8 @@ def blocks(name, ledger_path, tables_, unsupported, env, settings, claims, forma
                 ("p", "Cells where two schemes of the same precision (weight and activation type and bits) differ "
                       "in throughput by more than 10%, with the MoE kernel vLLM chose for each and whether its Triton "
                       "config was tuned for the device; `variants` are the same cells measured with another "
-                      "`moe_backend`, which separates the kernel from the format."),
+                      "`moe_backend`, which separates the kernel from the format; a row whose A is a scheme with a "
+                      "`moe_backend` is that scheme forced onto another kernel against vLLM's own choice."),
                 ("p", findings_summary(found)),
                 ("details", "Every such cell, with both kernels and any kernel variant", "findings",
                  [("table", tables.findings_display(found), "findings")])]
@@ -294,13 +295,19 @@ def routing_section(probes: pd.DataFrame, perf: pd.DataFrame, keys: pd.DataFrame
 
 def findings_summary(found: pd.DataFrame) -> str:
     """How many cells, and the ones whose cause a kernel variant measured, in one paragraph."""
+    own = found.kind.eq("kernel variant")
+    forced = found[own]
+    found = found[~own]
     measured = found[found.variants != ""]
     lines = [f"{r.model} {r.cell} ({r.settings}): {r.scheme_a} {r.throughput_a:,.0f} vs {r.scheme_b} "
              f"{r.throughput_b:,.0f} tok/s; {r.variants}" for r in measured.drop_duplicates(["model", "cell", "variants"])
              .itertuples()]
     return (f"{len(found)} cells in {found.groupby(['model', 'settings']).ngroups} groups. "
             + ("Measured with a kernel variant: " + " · ".join(lines) + "." if lines
-               else "No kernel variant measured yet: each cell names the kernels only."))
+               else "No kernel variant measured yet: each cell names the kernels only.")
+            + (f" A scheme forced onto another kernel (`moe_backend`) against vLLM's choice: {len(forced)} cells, "
+               f"{forced.ratio.min():.2f}-{forced.ratio.max():.2f}× ({', '.join(sorted(forced.scheme_a.unique()))})."
+               if len(forced) else ""))
 
 
 METHODS_MD = (

@@ -73,10 +73,20 @@ def test_a_kernel_variant_attaches_only_to_rows_of_its_own_settings():
                          row("fp8", "triton", 1300.0, "TRITON")])
     settings = {"defaults": {"non_default": {"routing": "uniform_random"}}, "old": {"non_default": {"mode": 0}},
                 "triton": {"non_default": {"routing": "uniform_random", "moe_backend": "triton"}}}
-    f = precision_findings(perf, {"fp8": fp8, "fp8-block": fp8}, settings).set_index("settings")
+    found = precision_findings(perf, {"fp8": fp8, "fp8-block": fp8}, settings)
+    forced = found.kind.eq("kernel variant")
+    f = found[~forced].set_index("settings")
     assert f.variants["defaults"] == "fp8 with moe_backend=triton: 1,300 tok/s (TRITON, tuned)"
     assert f.variants["old"] == ""  # the variant ran at other settings than these rows
     assert f.kernel_a["old"].startswith("not recorded") and f.kernel_a["defaults"] == "VLLM_CUTLASS (tuned)"
+    # the scheme against itself on vLLM's kernel: a finding of its own, against its own settings' row only
+    (k,) = found[forced].itertuples()
+    assert (k.settings, k.scheme_a, k.scheme_b, k.kernel_a) == ("defaults", "fp8 (moe_backend=triton)", "fp8", "TRITON (tuned)")
+    assert k.ratio == pytest.approx(1300 / 900) and k.variants.endswith("not side by side")  # no env record: apart
+    perf["env_id"] = 7  # one run timed both
+    assert precision_findings(perf, {"fp8": fp8, "fp8-block": fp8}, settings).variants.iloc[-1] == "settings triton"
+    perf.loc[4, "throughput"] = 950.0  # within SAME_PRECISION_GAP of vLLM's choice: nothing to explain
+    assert not precision_findings(perf, {"fp8": fp8}, settings).kind.eq("kernel variant").any()
 
 
 def test_mean_recovery_averages_tasks_and_resamples_each_tasks_items():
