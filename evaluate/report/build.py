@@ -361,11 +361,11 @@ def kernel_variants(p: pd.DataFrame, settings: dict) -> list[dict]:
     """One scheme, one cell, two kernels: a row measured with a moe_backend against vLLM's own choice for the
     same scheme, cell and otherwise equal settings, where they differ by more than SAME_PRECISION_GAP. Rows of
     two runs (other env records: another call or session) are said to be so: not timed side by side."""
-    backend = lambda sid: settings.get(sid, {}).get("non_default", {}).get("moe_backend")
+    backend = p.settings.map(lambda sid: settings.get(sid, {}).get("non_default", {}).get("moe_backend"))
     rows = []
-    for v in p[p.settings.map(backend).notna()].itertuples():
+    for v in p[backend.notna()].itertuples():
         base = p[(p.model == v.model) & (p.device == v.device) & (p.provenance == v.provenance) & (p.cell == v.cell)
-                 & (p.scheme == v.scheme) & p.settings.map(backend).isna()]
+                 & (p.scheme == v.scheme) & backend.isna()]
         for b in base.itertuples():
             ratio = v.throughput / b.throughput
             if _without_backend(settings, b.settings) != _without_backend(settings, v.settings) \
@@ -374,7 +374,7 @@ def kernel_variants(p: pd.DataFrame, settings: dict) -> list[dict]:
             env = getattr(v, "env_id", np.nan), getattr(b, "env_id", np.nan)
             apart = "" if pd.notna(env[0]) and env[0] == env[1] else ": timed apart (another env record), not side by side"
             rows.append({"model": b.model, "provenance": b.provenance, "backend": b.backend, "device": b.device,
-                         "settings": b.settings, "cell": b.cell, "scheme_a": f"{v.scheme} (moe_backend={backend(v.settings)})",
+                         "settings": b.settings, "cell": b.cell, "scheme_a": f"{v.scheme} (moe_backend={backend[v.Index]})",
                          "scheme_b": b.scheme, "throughput_a": v.throughput, "throughput_b": b.throughput, "ratio": ratio,
                          "kernel_a": f"{v.moe_kernel} ({v.moe_config})", "kernel_b": f"{b.moe_kernel} ({b.moe_config})",
                          "variants": f"settings {v.settings}{apart}", "kind": "kernel variant"})
