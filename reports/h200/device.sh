@@ -299,7 +299,9 @@ step_borrow() {  # borrow=E=128,N=768:64,32: vLLM's tuned fused-MoE config of on
   for e in ${to//,/ }; do cp "$src" "$dir/E=${e},${from#*,},device_name=$dev.json"; done
   export VLLM_TUNED_CONFIG_FOLDER=$dir; ls $dir
 }
-step_set() { export "$1"; }  # set=MOEQ_BATCH=none: an environment variable for the steps after it
+# set=MOEQ_BATCH=none: an environment variable for the steps after it; set=NAME= unsets NAME (vLLM reads an empty
+# value as a value: session 25's set=VLLM_HUMMING_INPUT_QUANT_CONFIG= failed three engines on json.loads(""))
+step_set() { if [ -z "${1#*=}" ]; then unset "${1%%=*}"; else export "$1"; fi; }
 
 args=("$@")
 for i in "${!args[@]}"; do

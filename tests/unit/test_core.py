@@ -66,8 +66,10 @@ def test_kernel_environment_is_settings(tmp_path, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     plain = settings.build(gpu=True, cells=CELLS, shape_only=True, warmup_tokens=16)
     assert "kernel_env" not in plain.record()  # ids of rows made before it was recorded hold
-    monkeypatch.setenv("VLLM_HUMMING_INPUT_QUANT_CONFIG", "")  # set to nothing: unset
-    assert settings.build(gpu=True, cells=CELLS, shape_only=True, warmup_tokens=16).profile == plain.profile
+    # set to nothing is not unset to vLLM (session 25: json.loads("") after the model loaded): refused up front
+    monkeypatch.setenv("VLLM_HUMMING_INPUT_QUANT_CONFIG", "")
+    with pytest.raises(UserError, match="VLLM_HUMMING_INPUT_QUANT_CONFIG is set but empty.*unset VLLM_HUMMING"):
+        settings.build(gpu=True, cells=CELLS, shape_only=True, warmup_tokens=16)
     monkeypatch.setenv("VLLM_HUMMING_INPUT_QUANT_CONFIG", '{"dtype": "int8"}')
     int8 = settings.build(gpu=True, cells=CELLS, shape_only=True, warmup_tokens=16)
     assert int8.non_default()["VLLM_HUMMING_INPUT_QUANT_CONFIG"] == '{"dtype": "int8"}'

@@ -117,6 +117,21 @@ def test_score_passes_one_engine_argument(tmp_path):
     assert "ARGS: -m moeq.cli eval" in log.read_text() and "--engine-arg" not in log.read_text()
 
 
+def test_set_with_no_value_unsets_the_variable(tmp_path):
+    """vLLM reads an empty VLLM_HUMMING_INPUT_QUANT_CONFIG as JSON text and fails (session 25's chain lost three
+    engines to set=NAME=): set=NAME= takes the variable away for the steps after it."""
+    (tmp_path / "repo").mkdir()
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "python3").write_text('#!/bin/sh\necho "HUMMING: ${VLLM_HUMMING_INPUT_QUANT_CONFIG-unset}"\n')
+    (bin_ / "python3").chmod(0o755)
+    path, log = f"{bin_}:{os.environ['PATH']}", tmp_path / "io/device.log"
+    device(tmp_path, 'set=VLLM_HUMMING_INPUT_QUANT_CONFIG={"dtype":"int8"}', "score=m/w8a8-int8/none",
+           "set=VLLM_HUMMING_INPUT_QUANT_CONFIG=", "score=m/w8a8-int8/none", PATH=path)
+    assert [x for x in log.read_text().splitlines() if x.startswith("HUMMING:")] == \
+        ['HUMMING: {"dtype":"int8"}', "HUMMING: unset"]
+
+
 def test_merge_back_unpacks_bundles_and_merges_their_ledgers(tmp_path):
     from moeq.evaluate.ledger import Ledger
     key = dict(model="m", scheme="bf16", provenance="real", backend="b", device="d", settings="s")
