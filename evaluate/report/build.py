@@ -16,6 +16,7 @@ from moeq.evaluate import kernels
 from moeq.evaluate.report import compare, gpus, headline, render, routing_load, serving, slower, verdicts
 from moeq.evaluate.ledger import KEY as LEDGER_KEY, LEGACY, LEGACY_RECORD, build_of
 from moeq.evaluate.report.verdicts import BASELINE, GROUP
+from moeq.evaluate.settings import KERNEL_ENV
 from moeq.atomic import staged_dir
 from moeq.errors import UserError
 
@@ -156,6 +157,8 @@ def perf_table(results: pd.DataFrame, mem: pd.DataFrame, settings: dict,
     df = pd.concat([df, pd.DataFrame(roof, index=df.index, columns=ROOF_COLS)], axis=1)
     df["gpus"] = [gpus_of(settings, tuple(getattr(r, k) for k in KEY)) for r in df.itertuples()]
     df["throughput_per_gpu"] = df.throughput / df.gpus  # so an engine on 2 GPUs compares fairly with one on 1
+    kv_tokens = mem.set_index(KEY).kv_cache_tokens.to_dict()
+    df["kv_sequences"] = [kv_sequences(r, kv_tokens.get(tuple(getattr(r, k) for k in KEY))) for r in df.itertuples()]
     df = with_experts_a16(df, results)
     df = with_baseline(df, ["cell"], ["throughput_ceiling"])
     probes = pd.DataFrame(columns=routing_load.COLUMNS) if probes is None else probes
@@ -168,6 +171,16 @@ def perf_table(results: pd.DataFrame, mem: pd.DataFrame, settings: dict,
     df["flag"] = [f if isinstance(f, str) or r.scheme == BASELINE or key not in base.index else f"baseline: {base[key]}"
                   for f, r, key in zip(df.flag, df.itertuples(), map(tuple, df[GROUP + ["cell"]].to_numpy()))]
     return df
+
+
+def kv_sequences(r, kv_cache_tokens) -> float:
+    """The sequences of the cell's length the engine's KV cache held at once, where fewer than its batch
+    (else NaN): vLLM then runs the batch in waves, so the cell times a queue, not B sequences decoding
+    together (Qwen3-235B-A22B w4a16-gptq on one H200: 42,320 tokens, 66 of b128's 640-token sequences)."""
+    if pd.isna(kv_cache_tokens) or pd.isna(r.batch):
+        return np.nan
+    held = int(kv_cache_tokens // (r.input_len + r.output_len))
+    return held if held < r.batch else np.nan
 
 
 def unquantized_experts(fmt: dict | None, kernel_dtype, quant_note=None) -> bool:
@@ -358,12 +371,13 @@ def precision_findings(perf: pd.DataFrame, formats: dict, settings: dict) -> pd.
 
 
 def kernel_variants(p: pd.DataFrame, settings: dict) -> list[dict]:
-    """One scheme, one cell, two kernels: a row measured with a moe_backend against vLLM's own choice for the
-    same scheme, cell and otherwise equal settings, where they differ by more than SAME_PRECISION_GAP. Rows of
-    two runs (other env records: another call or session) are said to be so: not timed side by side."""
-    backend = p.settings.map(lambda sid: settings.get(sid, {}).get("non_default", {}).get("moe_backend"))
+    """One scheme, one cell, two kernels: a row measured with a moe_backend or a kernel variable (KERNEL_ENV:
+    humming's activation type) against vLLM's own choice for the same scheme, cell and otherwise equal settings,
+    where they differ by more than SAME_PRECISION_GAP. Rows of two runs (other env records: another call or
+    session) are said to be so: not timed side by side."""
+    backend = p.settings.map(lambda sid: _kernel_choice(settings, sid))
     rows = []
-    for v in p[backend.notna()].itertuples():
+    for v, choice in zip(p[backend.notna()].itertuples(), backend.dropna()):
         base = p[(p.model == v.model) & (p.device == v.device) & (p.provenance == v.provenance) & (p.cell == v.cell)
                  & (p.scheme == v.scheme) & backend.isna()]
         for b in base.itertuples():
@@ -374,7 +388,7 @@ def kernel_variants(p: pd.DataFrame, settings: dict) -> list[dict]:
             env = getattr(v, "env_id", np.nan), getattr(b, "env_id", np.nan)
             apart = "" if pd.notna(env[0]) and env[0] == env[1] else ": timed apart (another env record), not side by side"
             rows.append({"model": b.model, "provenance": b.provenance, "backend": b.backend, "device": b.device,
-                         "settings": b.settings, "cell": b.cell, "scheme_a": f"{v.scheme} (moe_backend={backend[v.Index]})",
+                         "settings": b.settings, "cell": b.cell, "scheme_a": f"{v.scheme} ({choice})",
                          "scheme_b": b.scheme, "throughput_a": v.throughput, "throughput_b": b.throughput, "ratio": ratio,
                          "kernel_a": f"{v.moe_kernel} ({v.moe_config})", "kernel_b": f"{b.moe_kernel} ({b.moe_config})",
                          "variants": f"settings {v.settings}{apart}", "kind": "kernel variant"})
@@ -386,15 +400,24 @@ def _kernel(by: pd.DataFrame, scheme: str) -> str:
     return f"{kernel} ({by.moe_config.get(scheme)})" if isinstance(kernel, str) else "not recorded (rows before kernels were)"
 
 
+KERNEL_CHOICE = ("moe_backend", *KERNEL_ENV)  # what picks or shapes the experts' kernel, not the engine around it
+
+
+def _kernel_choice(settings: dict, sid: str) -> str | None:
+    """`moe_backend=humming, VLLM_HUMMING_INPUT_QUANT_CONFIG={...}`: the kernel a row was forced onto, if any."""
+    chosen = settings.get(sid, {}).get("non_default", {})
+    return ", ".join(f"{k}={chosen[k]}" for k in KERNEL_CHOICE if k in chosen) or None
+
+
 def _without_backend(settings: dict, sid: str) -> dict | None:
-    """A row's non-default engine settings but moe_backend: a kernel variant differs from its row only there."""
+    """A row's non-default engine settings but its kernel choice: a kernel variant differs from its row only there."""
     record = settings.get(sid)
-    return None if record is None else {k: v for k, v in record.get("non_default", {}).items() if k != "moe_backend"}
+    return None if record is None else {k: v for k, v in record.get("non_default", {}).items() if k not in KERNEL_CHOICE}
 
 
 def _variant(v, settings: dict) -> str | None:
-    backend = settings.get(v.settings, {}).get("non_default", {}).get("moe_backend")
-    return backend and f"{v.scheme} with moe_backend={backend}: {v.throughput:,.0f} tok/s ({v.moe_kernel}, {v.moe_config})"
+    choice = _kernel_choice(settings, v.settings)
+    return choice and f"{v.scheme} with {choice}: {v.throughput:,.0f} tok/s ({v.moe_kernel}, {v.moe_config})"
 
 
 def host_labels(env: pd.DataFrame) -> pd.DataFrame:

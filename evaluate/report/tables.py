@@ -163,7 +163,9 @@ def perf_display(perf: pd.DataFrame) -> pd.DataFrame:
         "% of ceiling (balanced)": [fmt(a, ".1f", suffix="%") + (f" ({b:.1f}%)" if pd.notna(b) and b != a else "")
                                     for a, b in zip(p.pct_of_ceiling, p.pct_of_balanced)],
         "ITL / floor": p.itl_x_floor.map(lambda x: fmt(x, ",.1f", suffix="×")),
-        "Decode bound": p.decode_bound.fillna(MISSING), "Flag": p.flag.fillna("")}).pipe(as_baseline)
+        "Decode bound": [(b if isinstance(b, str) else MISSING) + (f"; KV cache holds {k:.0f} of {n:.0f} at once"
+                                                                   if pd.notna(k) else "")
+                         for b, k, n in zip(p.decode_bound, p.get("kv_sequences", pd.Series(np.nan, index=p.index)), p.batch)], "Flag": p.flag.fillna("")}).pipe(as_baseline)
 
 
 def accuracy_display(acc: pd.DataFrame) -> pd.DataFrame:

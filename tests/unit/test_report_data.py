@@ -85,6 +85,12 @@ def test_a_kernel_variant_attaches_only_to_rows_of_its_own_settings():
     assert k.ratio == pytest.approx(1300 / 900) and k.variants.endswith("not side by side")  # no env record: apart
     perf["env_id"] = 7  # one run timed both
     assert precision_findings(perf, {"fp8": fp8, "fp8-block": fp8}, settings).variants.iloc[-1] == "settings triton"
+    # a kernel variable is a kernel choice too (session 25: humming with INT8 activations, set by environment)
+    int8 = {"routing": "uniform_random", "moe_backend": "humming", "VLLM_HUMMING_INPUT_QUANT_CONFIG": '{"dtype":"int8"}'}
+    with_env = pd.concat([perf, pd.DataFrame([row("fp8", "humming-int8", 1800.0, "HUMMING") | {"env_id": 7}])])
+    found = precision_findings(with_env, {"fp8": fp8}, settings | {"humming-int8": {"non_default": int8}})
+    assert ("fp8 (moe_backend=humming, VLLM_HUMMING_INPUT_QUANT_CONFIG={\"dtype\":\"int8\"})", 2.0) in \
+        set(zip(found.scheme_a, found.ratio))
     perf.loc[4, "throughput"] = 950.0  # within SAME_PRECISION_GAP of vLLM's choice: nothing to explain
     assert not precision_findings(perf, {"fp8": fp8}, settings).kind.eq("kernel variant").any()
 
@@ -226,3 +232,24 @@ def test_a_scheme_slower_than_bf16_is_placed_in_the_phase_that_took_the_time():
     assert text == ("Of 2 cells more than 10% under bf16, 1 in decode (batch 1-1: TTFT p99 ×1.00-1.00, ITL p50 ×1.25-1.25; "
                     "w8a16), 1 in prefill (batch 512-512: TTFT p99 ×1.94-1.94, ITL p50 ×1.35-1.35; w8a16).")
     assert slower.summary(slower.table(perf[perf.scheme != "w8a16"])).startswith("No cell")
+
+
+def test_a_batch_the_kv_cache_cannot_hold_at_once_says_how_many_it_held():
+    """Session 25: Qwen3-235B-A22B w4a16-gptq on one H200 had 42,320 tokens of KV, so b128 of 640-token
+    sequences ran in waves (TTFT p99 16 s, below b64's throughput): the table says so beside the bound."""
+    from moeq.evaluate.report.build import kv_sequences
+    from moeq.evaluate.report.tables import perf_display
+    row = lambda b: SimpleNamespace(batch=float(b), input_len=512.0, output_len=128.0)
+    assert kv_sequences(row(128), 42_320) == 66
+    assert np.isnan(kv_sequences(row(64), 42_320)) and np.isnan(kv_sequences(row(128), np.nan))
+    perf = pd.DataFrame({"scheme": ["w4a16-gptq"] * 2, "cell": ["b64-i512-o128", "b128-i512-o128"],
+                         "batch": [64.0, 128.0], "decode_bound": ["memory"] * 2, "kv_sequences": [np.nan, 66.0]})
+    for col in ("n", "engine_starts", "throughput", "spread", "delta_pct", "delta_lo", "delta_hi", "gpus",
+                "throughput_per_gpu", "ttft_p50", "ttft_p99", "itl_p50", "itl_p99", "itl_mean", "itl_request_p99",
+                "moe_kernel", "moe_dtype", "moe_config", "moe_quant", "throughput_ceiling", "roofline",
+                "pct_of_ceiling", "pct_of_balanced", "itl_x_floor"):
+        perf[col] = np.nan
+    perf["flag"] = pd.Series([None] * 2, dtype=object)
+    shown = perf_display(perf).set_index("Cell")["Decode bound"]
+    assert shown["b64-i512-o128"] == "memory"
+    assert shown["b128-i512-o128"] == "memory; KV cache holds 66 of 128 at once"
