@@ -76,7 +76,10 @@ def estimate(plan: dict) -> str:
     ref = reference(est.get("reference", {}).get("ledger"), est.get("reference", {}).get("settings"))
     proxy = est.get("efficiency_from", {})
     starts = {int(k): v for k, v in (est.get("engine_start_s") or {}).items()}
-    mem = est.get("gpu_memory_gib", 139) * GIB * est.get("gpu_memory_utilization", 0.9)
+    # per GPU, for weights and KV: vLLM's share of the memory (0.92, vLLM 0.26's default) less what it keeps for
+    # activations and CUDA graphs (reserved_gib: 6.9 GiB for Qwen3-235B-A22B w4a16-gptq on one H200, session 25)
+    util, reserved = est.get("gpu_memory_utilization", 0.92), est.get("reserved_gib", 0)
+    mem = (est.get("gpu_memory_gib", 139) * util - reserved) * GIB
     cells = [tuple(c) for c in plan["cells"]]
     repeats, warm = plan.get("repeats", 3), plan.get("warmup_tokens")
     limit = est.get("call_limit_s", 560)
@@ -90,8 +93,8 @@ def estimate(plan: dict) -> str:
              "**Planned, not measured.**", ""]
     fs = {m: facts(m) for m in plan["models"]}
     lines += ["## Weights and where they fit", "",
-              f"GPU memory for weights and KV: {est.get('gpu_memory_utilization', 0.9)} x "
-              f"{est.get('gpu_memory_gib', 139)} GiB per GPU (vLLM's gpu_memory_utilization).", "",
+              f"GPU memory for weights and KV: {util} x {est.get('gpu_memory_gib', 139)} GiB per GPU (vLLM's "
+              f"gpu_memory_utilization) less {reserved} GiB vLLM keeps for activations and CUDA graphs.", "",
               "| model | scheme | weights GiB | per GPU at 1 / 2 / 4 / 8 GPUs (GiB) | fewest GPUs | KV GiB left there |",
               "| --- | --- | ---: | --- | ---: | ---: |"]
     fewest = {}
@@ -147,16 +150,16 @@ def estimate(plan: dict) -> str:
                 except UserError as e:
                     refused.append(f"- `{name}` {m} / {s}: {e}")
                     continue
-                measured = [ref.get((m, s, cell_name(*c)), {}).get("latency") for c in cells]
-                if lay["gpus"] == 1 and profile == est.get("reference", {}).get("settings") and all(measured):
-                    lines.append(f"| {name} | {m} | {s} | 1 | 0 | 0 | in the reference ledger | |")
-                    continue
                 kv_left = mem * lay["gpus"] - weight_bytes(f, s)
                 for b, i, o in cells:
                     if b * (i + o) * f["kv_bytes_per_token"] > kv_left:
                         kv_bound.append(f"- `{name}` {m} / {s} at b{b} ({i} in, {o} out): {b * (i + o):,} tokens of "
                                         f"KV, about {max(kv_left, 0) / f['kv_bytes_per_token']:,.0f} fit; vLLM queues "
                                         "the rest, so the cell times a KV-bound engine")
+                measured = [ref.get((m, s, cell_name(*c)), {}).get("latency") for c in cells]
+                if lay["gpus"] == 1 and profile == est.get("reference", {}).get("settings") and all(measured):
+                    lines.append(f"| {name} | {m} | {s} | 1 | 0 | 0 | in the reference ledger | |")
+                    continue
                 cell_s, sources = 0.0, set()
                 for (b, i, o), lat in zip(cells, measured):
                     if lat is None:

@@ -297,8 +297,10 @@ def test_gpus_needed_pairs_a_scheme_on_fewer_gpus_with_bf16_on_more():
 
 
 def test_a_dry_plan_names_the_cells_whose_kv_does_not_fit():
-    """Qwen3-235B-A22B in w4a16-gptq on one H200 leaves ~10 GiB for KV (188 KiB a token): batch 128 x 640
-    tokens does not fit at once, the other cells and fp8 on two GPUs do."""
+    """Qwen3-235B-A22B in w4a16-gptq on one H200 leaves 7.6 GiB for KV (188 KiB a token): batch 128 x 640
+    tokens does not fit at once, the other cells and fp8 on two GPUs do. The estimate's 42,295 tokens is what
+    the engine had in session 25 (42,320), once vLLM's reserve beside weights and KV (reserved_gib) is counted;
+    a row already in the reference ledger still names its cells that do not fit."""
     from pathlib import Path
     import yaml
     from moeq.evaluate.estimate import estimate
@@ -307,6 +309,6 @@ def test_a_dry_plan_names_the_cells_whose_kv_does_not_fit():
     bound = md.split("## Cells whose KV does not fit at once")[1].split("## ")[0]
     assert [line.split(":")[0] for line in bound.strip().splitlines()] == [
         "- `1gpu` qwen3-235b-a22b / w4a16-gptq at b128 (512 in, 128 out)"]
-    assert "81,920 tokens of KV, about 58,090 fit" in bound
+    assert "81,920 tokens of KV, about 42,295 fit" in bound
     committed = (root / "reports/h200x2/PLAN-qwen3-235b.md").read_text()  # its timings follow the ledger; this does not
     assert committed.split("## Cells whose KV does not fit at once")[1].split("## ")[0].strip() == bound.strip()
