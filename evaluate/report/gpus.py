@@ -61,6 +61,18 @@ def table(perf: pd.DataFrame, mem: pd.DataFrame, settings: dict) -> pd.DataFrame
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+def unpaired(perf: pd.DataFrame) -> list[str]:
+    """Models measured in quantized schemes only, on a device and provenance where no bf16 of theirs ran (issue
+    14: Qwen3-235B-A22B w4a16-gptq on one H200 while bf16 needs four): what waits for a pair, said, not dropped."""
+    out = []
+    for (model, prov, device), g in perf.dropna(subset=["throughput"]).groupby(["model", "provenance", "device"]):
+        if (g.scheme == BASELINE).any():
+            continue
+        runs = sorted({f"{r.scheme} on {r.gpus:.0f} GPU{'s' if r.gpus > 1 else ''}" for r in g.itertuples()})
+        out.append(f"{model} ({prov}, {device}): {', '.join(runs)} measured; no bf16 of this model yet, so no pair")
+    return out
+
+
 def sentences(t: pd.DataFrame) -> list[str]:
     """Per model and scheme: "fp8 on 1 GPU saves 1 of bf16's 2 GPUs at X% of its throughput per GPU"."""
     out = []

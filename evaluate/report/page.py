@@ -138,15 +138,16 @@ def blocks(name, ledger_path, tables_, unsupported, env, settings, claims, forma
     out += outliers_section(tables_["outliers"], tables_["outliers_published"], tables_["builds"],
                             tables_.get("builds_measured", pd.DataFrame()))
     out += routing_section(tables_["routing"], tables_["performance"], keys, settings)
-    needed = tables_.get("gpus_needed", pd.DataFrame())
-    if len(needed):
+    needed, waiting = tables_.get("gpus_needed", pd.DataFrame()), gpus.unpaired(tables_["performance"])
+    if len(needed) or waiting:
         out += [("h2", "GPUs needed"),
                 ("p", "A quantized scheme on fewer GPUs than bf16 of the same model, same cells and engine settings "
                       "apart from the layout: its throughput per GPU as a share of bf16's (ratio of medians, 95% "
                       "bootstrap interval), and the KV cache each side had. " + " ".join(
-                          s + "." for s in gpus.sentences(needed))),
-                ("details", "Every cell: throughput per GPU, KV capacity, GPUs saved", "gpus-needed",
-                 [("table", gpus.display(needed), "gpus-needed")])]
+                          s + "." for s in gpus.sentences(needed) + waiting))]
+        if len(needed):
+            out += [("details", "Every cell: throughput per GPU, KV capacity, GPUs saved", "gpus-needed",
+                     [("table", gpus.display(needed), "gpus-needed")])]
     out += [("h2", "The guide's other claims"),
             ("p", "Active experts, expert count, FFN width, pruning, batch size, speculative decoding, fused kernels and "
                   "single-GPU fit (issue 12): a variant of a model against the same model differing only there "

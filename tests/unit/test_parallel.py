@@ -294,6 +294,11 @@ def test_gpus_needed_pairs_a_scheme_on_fewer_gpus_with_bf16_on_more():
     assert (r.kv_cache_tokens, r.bf16_kv_cache_tokens) == (150_000, 400_000)
     assert gpus.sentences(t) == ["glm-4.5-air: fp8 on 1 GPU (1 GPU) saves 1 of bf16's 2 GPUs (TP=2) at this share of "
                                  "bf16's throughput per GPU: b16: 150% [147, 153]"]
+    # a model with no bf16 anywhere on its device (issue 14's 235B before four GPUs were lent) is said to wait
+    assert gpus.unpaired(perf) == []
+    alone = perf[perf.scheme != "bf16"].assign(model="qwen3-235b-a22b")
+    assert gpus.unpaired(alone) == ["qwen3-235b-a22b (shape-only, NVIDIA H200): fp8 on 1 GPU, fp8 on 2 GPUs measured; "
+                                    "no bf16 of this model yet, so no pair"]
 
 
 def test_a_dry_plan_names_the_cells_whose_kv_does_not_fit():
