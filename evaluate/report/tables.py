@@ -144,6 +144,7 @@ def summary_display(gkey, schemes, perf, acc, mem, unsupported) -> pd.DataFrame:
 def perf_display(perf: pd.DataFrame) -> pd.DataFrame:
     p = baseline_first(perf, ["batch", "cell"])
     ms = lambda col, spec=",.2f": p[col].map(lambda x: fmt(x, spec, 1e3))
+    held = p.get("kv_sequences", pd.Series(np.nan, index=p.index))  # where the KV cache held fewer than the batch
     return pd.DataFrame({
         "Scheme": p.scheme, "Cell": p.cell, "n": p.n.map(lambda n: fmt(n, ".0f")),
         "Engines": p.engine_starts.map(lambda n: fmt(n, ".0f")).replace(MISSING, "1"),
@@ -163,9 +164,10 @@ def perf_display(perf: pd.DataFrame) -> pd.DataFrame:
         "% of ceiling (balanced)": [fmt(a, ".1f", suffix="%") + (f" ({b:.1f}%)" if pd.notna(b) and b != a else "")
                                     for a, b in zip(p.pct_of_ceiling, p.pct_of_balanced)],
         "ITL / floor": p.itl_x_floor.map(lambda x: fmt(x, ",.1f", suffix="×")),
-        "Decode bound": [(b if isinstance(b, str) else MISSING) + (f"; KV cache holds {k:.0f} of {n:.0f} at once"
-                                                                   if pd.notna(k) else "")
-                         for b, k, n in zip(p.decode_bound, p.get("kv_sequences", pd.Series(np.nan, index=p.index)), p.batch)], "Flag": p.flag.fillna("")}).pipe(as_baseline)
+        "Decode bound": [(b if isinstance(b, str) else MISSING)
+                         + (f"; KV cache holds {k:.0f} of {n:.0f} at once" if pd.notna(k) else "")
+                         for b, k, n in zip(p.decode_bound, held, p.batch)],
+        "Flag": p.flag.fillna("")}).pipe(as_baseline)
 
 
 def accuracy_display(acc: pd.DataFrame) -> pd.DataFrame:
