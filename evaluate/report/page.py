@@ -62,8 +62,9 @@ def device_body(device, groups, all_groups, tables_, claims, formats, folder) ->
         rec = rec[[headline.group_key(r) in rest for _, r in rec.iterrows()]] if len(rec) else rec
         if len(rec):
             inner.append(("table", tables.recommendation_display(rec), f"{stem}-deploy-other"))
+        ids = sorted({g[GROUP.index("settings")] for g in rest})
         out.append(("details", "The grid, sentences and picks for the groups measured at other engine settings: "
-                    + ", ".join(sorted({g[GROUP.index("settings")] for g in rest})), f"{stem}-other-settings", inner))
+                    + (", ".join(ids) if len(ids) <= 4 else f"{len(ids)} settings groups"), f"{stem}-other-settings", inner))
     return out
 
 
@@ -271,8 +272,9 @@ def routing_section(probes: pd.DataFrame, perf: pd.DataFrame, keys: pd.DataFrame
     used = {}
     for sid in sorted(keys.settings.unique()):
         used.setdefault(routing_load.routing_used(settings.get(sid, {})), []).append(sid)
-    text = "Routing behind the rows, per settings group: " + "; ".join(
-        f"{', '.join(ids)}: {how}" for how, ids in used.items()) + ". "
+    # ids listed while few: every new group would otherwise lengthen the first screen (each group's page names its routing)
+    text = "Routing behind the rows, per settings group (each group's page names its own): " + "; ".join(
+        f"{', '.join(ids) if len(ids) <= 4 else f'{len(ids)} groups'}: {how}" for how, ids in used.items()) + ". "
     if probes.empty:
         return [("h2", "Routed expert load"),
                 ("p", text + "Routing was not probed for this ledger's models: no `moeq routing` results beside the "

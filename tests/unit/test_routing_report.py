@@ -84,3 +84,16 @@ def test_no_routing_folder_says_routing_was_not_probed(tmp_path):
     blocks = page.routing_section(probes, perf, keys, settings)
     assert blocks[0] == ("h2", "Routed expert load") and len(blocks) == 2
     assert "Routing was not probed" in blocks[1][1]
+
+
+def test_the_routing_paragraph_counts_groups_once_they_are_many():
+    """The first screen's routing sentence lists a routing's settings ids while few, then counts them: each
+    new settings group lengthened the H200 report's README by its id (32 ids by session 25)."""
+    import pandas as pd
+    ids = [f"s{i}" for i in range(6)]
+    settings = {sid: DEFAULTS for sid in ids} | {"old": LEGACY}
+    keys = pd.DataFrame({"settings": ids + ["old"]})
+    empty = pd.DataFrame(columns=routing_load.COLUMNS)
+    (_, (_, text)) = page.routing_section(empty, pd.DataFrame({"flag": []}), keys, settings)
+    assert "6 groups: uniform_random (vLLM's simulation, balanced)" in text and "s0" not in text
+    assert "old: dummy weights' own routers" in text
