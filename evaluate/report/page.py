@@ -62,9 +62,8 @@ def device_body(device, groups, all_groups, tables_, claims, formats, folder) ->
         rec = rec[[headline.group_key(r) in rest for _, r in rec.iterrows()]] if len(rec) else rec
         if len(rec):
             inner.append(("table", tables.recommendation_display(rec), f"{stem}-deploy-other"))
-        ids = sorted({g[GROUP.index("settings")] for g in rest})
         out.append(("details", "The grid, sentences and picks for the groups measured at other engine settings: "
-                    + (", ".join(ids) if len(ids) <= 4 else f"{len(ids)} settings groups"), f"{stem}-other-settings", inner))
+                    + ids_or_count(sorted({g[GROUP.index("settings")] for g in rest})), f"{stem}-other-settings", inner))
     return out
 
 
@@ -266,15 +265,20 @@ def outliers_section(measured: pd.DataFrame, published: pd.DataFrame, builds: pd
     return [("h2", "How far the embedded models carry")] + body
 
 
+def ids_or_count(ids: list[str]) -> str:
+    """Settings ids listed while few, counted past four: each new group would otherwise lengthen the first screen
+    (every group's own page names its settings)."""
+    return ", ".join(ids) if len(ids) <= 4 else f"{len(ids)} settings groups"
+
+
 def routing_section(probes: pd.DataFrame, perf: pd.DataFrame, keys: pd.DataFrame, settings: dict) -> list[tuple]:
     """Which routing each settings group used, the expert load `moeq routing` measured for it, and the rows a
     degenerate dummy router flags (issue 9)."""
     used = {}
     for sid in sorted(keys.settings.unique()):
         used.setdefault(routing_load.routing_used(settings.get(sid, {})), []).append(sid)
-    # ids listed while few: every new group would otherwise lengthen the first screen (each group's page names its routing)
     text = "Routing behind the rows, per settings group (each group's page names its own): " + "; ".join(
-        f"{', '.join(ids) if len(ids) <= 4 else f'{len(ids)} groups'}: {how}" for how, ids in used.items()) + ". "
+        f"{ids_or_count(ids)}: {how}" for how, ids in used.items()) + ". "
     if probes.empty:
         return [("h2", "Routed expert load"),
                 ("p", text + "Routing was not probed for this ledger's models: no `moeq routing` results beside the "

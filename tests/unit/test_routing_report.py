@@ -95,5 +95,5 @@ def test_the_routing_paragraph_counts_groups_once_they_are_many():
     keys = pd.DataFrame({"settings": ids + ["old"]})
     empty = pd.DataFrame(columns=routing_load.COLUMNS)
     (_, (_, text)) = page.routing_section(empty, pd.DataFrame({"flag": []}), keys, settings)
-    assert "6 groups: uniform_random (vLLM's simulation, balanced)" in text and "s0" not in text
+    assert "6 settings groups: uniform_random (vLLM's simulation, balanced)" in text and "s0" not in text
     assert "old: dummy weights' own routers" in text
