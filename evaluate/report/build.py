@@ -299,6 +299,18 @@ def accuracy_table(results: pd.DataFrame, scores: dict, metric_order: list[str])
     return with_experts_a16(df, results)
 
 
+def bf16_by_build(acc: pd.DataFrame, measured: pd.DataFrame) -> pd.DataFrame:
+    """bf16's claim metric per task on each build of a model built more than once, at the engine settings the most
+    of its builds were scored under: how far retraining alone moves a score (no scheme pairs across builds)."""
+    cols = ["model", "settings", "provenance", "task", "metric", "value", "stderr"]
+    if measured.empty or acc.empty:
+        return pd.DataFrame(columns=cols)
+    a = acc[acc.primary & (acc.scheme == BASELINE) & acc.provenance.isin(measured.provenance)]
+    builds = a.groupby(["model", "settings"]).provenance.nunique()
+    common = builds[builds > 1].groupby(level="model").idxmax().tolist()  # (model, settings) with the most builds
+    return a[pd.MultiIndex.from_frame(a[["model", "settings"]]).isin(common)][cols].reset_index(drop=True)
+
+
 def with_experts_a16(df: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
     """Adds the MoE kernel vLLM ran and `experts_a16`: a scheme asking for quantized activations whose experts
     ran on 16-bit ones (its accuracy then measures weight rounding only)."""
@@ -523,6 +535,7 @@ def build_report(ledger_path: Path, name: str = "default", out_root: Path = Path
     tables = {"summary": headline.numbers(perf, acc, mem), "verdicts": verdict, "performance": perf, "accuracy": acc,
               "recovery": recovery_table(acc, scores), "outliers": read_outliers(ledger_path.parent / "outliers"),
               "builds": read_builds(ledger_path.parent / "builds"), "builds_measured": builds_measured,
+              "builds_bf16": bf16_by_build(acc, builds_measured),
               "routing": probes,
               "memory": mem, "findings": precision_findings(perf, formats, settings), "slower": slower.table(perf),
               "recommendations": headline.recommendations(verdict, perf, mem, keys, settings, groups), "keys": keys,

@@ -136,7 +136,7 @@ def blocks(name, ledger_path, tables_, unsupported, env, settings, claims, forma
                  [("table", slower.display(slow), "slower")])]
     out += anchors_section(tables_["anchors"], tables_["recovery"], tables_["anchor_notes"])
     out += outliers_section(tables_["outliers"], tables_["outliers_published"], tables_["builds"],
-                            tables_.get("builds_measured", pd.DataFrame()))
+                            tables_.get("builds_measured", pd.DataFrame()), tables_.get("builds_bf16", pd.DataFrame()))
     out += routing_section(tables_["routing"], tables_["performance"], keys, settings)
     needed, waiting = tables_.get("gpus_needed", pd.DataFrame()), gpus.unpaired(tables_["performance"])
     if len(needed) or waiting:
@@ -228,18 +228,24 @@ def builds_text(builds: pd.DataFrame) -> str:
     return "Trained by moeq (`builds/`, the builder's record): " + "; ".join(out) + ". " if out else ""
 
 
-def several_builds_text(measured: pd.DataFrame) -> str:
-    """The models measured on more than one build: each build's rows are a group of their own."""
+def several_builds_text(measured: pd.DataFrame, bf16: pd.DataFrame = pd.DataFrame()) -> str:
+    """The models measured on more than one build: each build's rows are a group of their own; bf16's scores
+    across them say how far retraining alone moves a score."""
     if measured.empty:
         return ""
     parts = [f"{m}: " + ", ".join(f"{r.provenance} ({r.rows} rows, {str(r.first)[:10]} to {str(r.last)[:10]})"
                                   for r in g.sort_values("first").itertuples()) for m, g in measured.groupby("model")]
+    spread = [f"{m} ({g.provenance.nunique()} builds, settings {s}): " + ", ".join(
+                  f"{task} {metric} {100 * t.value.min():.1f}-{100 * t.value.max():.1f}% (stderr up to "
+                  f"{100 * t.stderr.max():.1f} points)" for (task, metric), t in g.groupby(["task", "metric"]))
+              for (m, s), g in bf16.groupby(["model", "settings"])] if len(bf16) else []
     return ("Measured on more than one build (builds are not bitwise reproducible, so each is other weights; every "
-            f"build's rows are kept as a group of their own and nothing pairs across them): {'; '.join(parts)}. ")
+            f"build's rows are kept as a group of their own and nothing pairs across them): {'; '.join(parts)}. "
+            + (f"bf16 across builds, the spread retraining alone makes: {'; '.join(spread)}. " if spread else ""))
 
 
 def outliers_section(measured: pd.DataFrame, published: pd.DataFrame, builds: pd.DataFrame,
-                     several: pd.DataFrame = pd.DataFrame()) -> list[tuple]:
+                     several: pd.DataFrame = pd.DataFrame(), bf16: pd.DataFrame = pd.DataFrame()) -> list[tuple]:
     """What the embedded models are, and their activation outliers and weight kurtosis beside published values
     for real LLMs."""
     lines = []
@@ -248,7 +254,7 @@ def outliers_section(measured: pd.DataFrame, published: pd.DataFrame, builds: pd
         top, kurt = act.loc[act["max"].idxmax()], wts.loc[wts["max"].idxmax()]
         lines.append(f"{model}: largest activation max/median {top['max']:,.0f} (layer {top.layer}, the input of "
                      f"{top.tensor}), largest weight kurtosis {kurt['max']:.2f} ({kurt.tensor}; a Gaussian's is 3)")
-    body = [("p", builds_text(builds) + several_builds_text(several)
+    body = [("p", builds_text(builds) + several_builds_text(several, bf16)
                   + "Quantization error in real LLMs comes largely from activation outliers that grow with scale. "
                   "Measured by `moeq outliers` on held-out text (files beside the ledger, `outliers/`): "
                   + ("; ".join(lines) + "." if lines else "nothing yet for this ledger's models.")

@@ -253,3 +253,23 @@ def test_a_batch_the_kv_cache_cannot_hold_at_once_says_how_many_it_held():
     shown = perf_display(perf).set_index("Cell")["Decode bound"]
     assert shown["b64-i512-o128"] == "memory"
     assert shown["b128-i512-o128"] == "memory; KV cache holds 66 of 128 at once"
+
+
+def test_bf16_across_builds_is_read_at_the_settings_most_builds_share():
+    from moeq.evaluate.report.build import bf16_by_build
+    from moeq.evaluate.report.page import several_builds_text
+    old, new, third = (f"real · build {b}" for b in ("aaaa", "bbbb", "cccc"))
+    measured = pd.DataFrame({"model": "m", "build": ["a", "b", "c"], "provenance": [old, new, third],
+                             "rows": 4, "first": "2026-12-01", "last": "2026-12-01"})
+    row = lambda prov, settings, value, scheme="bf16", primary=True, task="mc": dict(
+        model="m", scheme=scheme, provenance=prov, settings=settings, task=task, metric="acc_norm", value=value,
+        stderr=0.004, primary=primary)
+    acc = pd.DataFrame([row(old, "s1", 0.877), row(new, "s1", 0.8846), row(third, "s1", 0.866),
+                        row(old, "topk4", 0.70), row(new, "topk4", 0.71),  # a variant's settings: fewer builds
+                        row(new, "s1", 0.80, scheme="fp8"),  # not bf16
+                        row(new, "s1", 0.10, primary=False, task="other")])  # not the claim metric
+    got = bf16_by_build(acc, measured)
+    assert sorted(got.value) == [0.866, 0.877, 0.8846] and set(got.settings) == {"s1"}
+    text = several_builds_text(measured, got)
+    assert "m (3 builds, settings s1): mc acc_norm 86.6-88.5% (stderr up to 0.4 points)" in text
+    assert bf16_by_build(acc, measured.iloc[:0]).empty and "retraining" not in several_builds_text(measured)
