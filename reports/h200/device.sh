@@ -9,7 +9,7 @@
 #          | harness=MODEL/SCHEME/BATCH | serve=MODEL/SCHEMES[/KEY=VALUE,...] | routing=MODEL/SCHEME,... | fused[=MODEL]
 #          | build=MODEL | wait=MODEL | outliers=MODEL | quantize=MODEL[/SCHEMES] | prune=MODEL/KEEPS
 #          | score=MODEL[/SCHEMES[/TASKS]] (MODEL may be a pruned one: moe-500m-keep50)
-#          | detach=NAME (the steps after it, in the background) | collect=NAMES | fetch=MODEL/K | stash=MODEL | restore=MODEL
+#          | detach=NAME (the steps after it, in the background) | collect=NAMES | follow=NAMES/SECONDS | fetch=MODEL/K | stash=MODEL | restore=MODEL
 #          | set=KEY=VALUE (for the steps after it, e.g. set=MOEQ_BATCH=none: accuracy only) | await=MODEL/SCHEMES
 #          | borrow=E=128,N=768:64,32 (vLLM's tuned MoE config of one shape, lent to other expert counts, for the steps after it)
 #          | plan=h200/plan-topk-mixtral.yaml (the sweep plan of the sweep= steps after it)
@@ -31,9 +31,9 @@ PLAN=$SRC/reports/h200/${PLANFILE:-plan.yaml} LEDGER=$W/ledger$TAG.sqlite CKPT=$
 # before schema 4 kept a task's scores as one JSON row)
 snapshot() { [ -f $LEDGER ] && python3 -c "import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))" $LEDGER $W/.snap$TAG 2>/dev/null &&
   gzip -c $W/.snap$TAG > "$1/$(basename $LEDGER).gz"; (cd $W && tar cf "$1/results$TAG.tar" *.json 2>/dev/null); }
-# a call that only follows or fetches (collect=, fetch=, stash=, restore=) returns what it fetched and nothing else:
+# a call that only follows or fetches (collect=, follow=, fetch=, stash=, restore=) returns what it fetched and nothing else:
 # session 8 had set OUT=/tmp/io BACK=$OUT for that, and bash expands BACK=$OUT after OUT=/tmp/io, so nothing came back
-FOLLOW_ONLY=1; for a in "$@"; do [[ $a =~ ^(collect|fetch|stash|restore)= ]] || FOLLOW_ONLY=; done
+FOLLOW_ONLY=1; for a in "$@"; do [[ $a =~ ^(collect|follow|fetch|stash|restore)= ]] || FOLLOW_ONLY=; done
 trap '[ -n "$FOLLOW_ONLY" ] || snapshot "$OUT"' EXIT
 [ -x $W/quant-python ] && export MOEQ_QUANT_PYTHON=$W/quant-python  # the quantize environment, once install wrote it
 END=$((SECONDS + ${BUDGET:-560}))  # every step stops in time for the trap to run inside the call's limit
@@ -253,6 +253,17 @@ step_outliers() {  # outliers=moe-500m (or tiny, or a checkpoint folder): activa
 # the calls meanwhile only follow it (`collect=NAME`: its log's tail, ledger, log and results into $OUT) or fetch:
 #   OUT=/tmp/io bash device.sh install && CUDA_VISIBLE_DEVICES=0 bash device.sh detach=g0 build=moe-500m quantize=...
 #   bash /tmp/h200/device.sh collect=g0,g1      # every following call, within the machine's 30 s
+# follow=s0/540 waits until every named stream has ended or 540 s have passed, then collects: one call per
+# 9 minutes instead of one per 2, so fewer gaps between calls where the machine can go back (session 26 lost a
+# detached build and its scores to one 30-s gap), and no call is spent after the chain has ended.
+step_follow() {
+  local names=${1%/*} t0=$SECONDS n pid running=1
+  while [ -n "$running" ] && [ $((SECONDS - t0)) -lt ${1##*/} ] && [ $(left) -gt 20 ]; do
+    sleep 5; running=
+    for n in ${names//,/ }; do pid=$(cat $W/bg-$n.pid 2>/dev/null); kill -0 ${pid:-0} 2>/dev/null && running=1; done
+  done
+  step_collect $names
+}
 step_collect() {  # bash /tmp/h200/device.sh collect=g0,g1: one bundle per stream into $OUT
   for name in ${1//,/ }; do  # one file per stream: bg-NAME.tgz (console, full log, ledger, results, what a build wrote)
     local pid; pid=$(cat $W/bg-$name.pid 2>/dev/null)

@@ -78,6 +78,27 @@ def test_steps_after_detach_run_in_the_background_and_collect_follows_them(tmp_p
     assert sqlite3.connect(tmp_path / "g9.sqlite").execute("SELECT cell FROM results").fetchall() == [("b1",)]
 
 
+def test_follow_waits_for_the_chain_to_end_then_collects_and_never_past_its_seconds(tmp_path):
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "w").mkdir()
+    r = device(tmp_path, "detach=f1", "set=X=1", "set=Y=2")  # a chain that ends at once
+    assert "detached f1" in r.stdout
+    t0 = time.monotonic()
+    (tmp_path / "back").mkdir()
+    r = device(tmp_path, "follow=f1/60", OUT=str(tmp_path / "back"))
+    assert "f1 ended" in r.stdout and time.monotonic() - t0 < 30  # it stopped waiting when the chain ended
+    assert sorted(p.name for p in (tmp_path / "back").iterdir()) == ["bg-f1.tgz"]
+    sleeper = subprocess.Popen(["sleep", "60"])  # a chain still running: follow returns after its seconds
+    try:
+        (tmp_path / "w/bg-f2").mkdir()
+        (tmp_path / "w/bg-f2.pid").write_text(str(sleeper.pid))
+        t0 = time.monotonic()
+        r = device(tmp_path, "follow=f2/6")
+        assert "f2 running" in r.stdout and 5 <= time.monotonic() - t0 < 30
+    finally:
+        sleeper.kill()
+
+
 def test_await_waits_for_checkpoints_another_stream_writes(tmp_path):
     """await= waits while a quantization runs and gives up once none does (a failed one writes nothing)."""
     (tmp_path / "repo").mkdir()
