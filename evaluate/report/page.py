@@ -309,7 +309,9 @@ def routing_section(probes: pd.DataFrame, perf: pd.DataFrame, keys: pd.DataFrame
 def findings_summary(found: pd.DataFrame) -> str:
     """How many cells, and the ones whose cause a kernel variant measured, in one paragraph."""
     own = found.kind.eq("kernel variant")
+    from moeq.evaluate.report.build import SAME_PRECISION_GAP as GAP  # build imports this module (via render)
     forced = found[own]
+    close = int((100 * (forced.ratio - 1)).abs().le(GAP).sum())
     found = found[~own]
     measured = found[found.variants != ""]
     lines = [f"{r.model} {r.cell} ({r.settings}): {r.scheme_a} {r.throughput_a:,.0f} vs {r.scheme_b} "
@@ -319,8 +321,8 @@ def findings_summary(found: pd.DataFrame) -> str:
             + ("Measured with a kernel variant: " + " · ".join(lines) + "." if lines
                else "No kernel variant measured yet: each cell names the kernels only.")
             + (f" A scheme forced onto another kernel (`moe_backend`) against vLLM's choice: {len(forced)} cells, "
-               f"{forced.ratio.min():.2f}-{forced.ratio.max():.2f}× ({', '.join(sorted(forced.scheme_a.unique()))})."
-               if len(forced) else ""))
+               f"{forced.ratio.min():.2f}-{forced.ratio.max():.2f}× ({', '.join(sorted(forced.scheme_a.unique()))}"
+               f"; {close} within {GAP}%)." if len(forced) else ""))
 
 
 METHODS_MD = (
