@@ -355,8 +355,8 @@ FINDING_COLUMNS = GROUP + ["cell", "scheme_a", "scheme_b", "throughput_a", "thro
 def precision_findings(perf: pd.DataFrame, formats: dict, settings: dict) -> pd.DataFrame:
     """Cells where two schemes of the same precision (weight and activation type and bits) differ by more
     than SAME_PRECISION_GAP, each beside the kernels vLLM chose and any measured kernel variant (the
-    same model, device and cell with other settings that differ only in moe_backend); then the cells where a
-    scheme forced onto another kernel differs from vLLM's choice by as much (kernel_variants)."""
+    same model, device and cell with other settings that differ only in moe_backend); then every cell a scheme
+    was timed forced onto another kernel, against vLLM's choice, whatever the gap (kernel_variants)."""
     p = perf.dropna(subset=["throughput"])
     precision = lambda s: json.dumps(formats.get(s), sort_keys=True) if formats.get(s) else None
     rows = []

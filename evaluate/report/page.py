@@ -125,7 +125,7 @@ def blocks(name, ledger_path, tables_, unsupported, env, settings, claims, forma
                       "in throughput by more than 10%, with the MoE kernel vLLM chose for each and whether its Triton "
                       "config was tuned for the device; `variants` are the same cells measured with another "
                       "`moe_backend`, which separates the kernel from the format; a row whose A is a scheme with a "
-                      "`moe_backend` is that scheme forced onto another kernel against vLLM's own choice."),
+                      "`moe_backend` is that scheme forced onto another kernel against vLLM's own choice, listed whatever the gap."),
                 ("p", findings_summary(found)),
                 ("details", "Every such cell, with both kernels and any kernel variant", "findings",
                  [("table", tables.findings_display(found), "findings")])]
@@ -308,8 +308,8 @@ def routing_section(probes: pd.DataFrame, perf: pd.DataFrame, keys: pd.DataFrame
 
 def findings_summary(found: pd.DataFrame) -> str:
     """How many cells, and the ones whose cause a kernel variant measured, in one paragraph."""
-    own = found.kind.eq("kernel variant")
     from moeq.evaluate.report.build import SAME_PRECISION_GAP as GAP  # build imports this module (via render)
+    own = found.kind.eq("kernel variant")
     forced = found[own]
     close = int((100 * (forced.ratio - 1)).abs().le(GAP).sum())
     found = found[~own]
