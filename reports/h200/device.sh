@@ -7,7 +7,7 @@
 #   bash reports/h200/device.sh STEP[=ARG] ...
 #   steps: chunk | install | sweep=MODELS[/SCHEMES] | variant=MODEL/SCHEME/KEY=VALUE | bench=MODEL/SCHEME/BATCH,...
 #          | harness=MODEL/SCHEME/BATCH | serve=MODEL/SCHEMES[/KEY=VALUE,...] | routing=MODEL/SCHEME,... | fused[=MODEL]
-#          | build=MODEL | wait=MODEL | outliers=MODEL | quantize=MODEL[/SCHEMES] | prune=MODEL/KEEPS
+#          | freeze (the carried moeq into $W/pkg) | build=MODEL | wait=MODEL | outliers=MODEL | quantize=MODEL[/SCHEMES] | prune=MODEL/KEEPS
 #          | score=MODEL[/SCHEMES[/TASKS]] (MODEL may be a pruned one: moe-500m-keep50)
 #          | detach=NAME (the steps after it, in the background) | collect=NAMES | follow=NAMES/SECONDS | fetch=MODEL/K | stash=MODEL | restore=MODEL
 #          | set=KEY=VALUE (for the steps after it, e.g. set=MOEQ_BATCH=none: accuracy only) | await=MODEL/SCHEMES
@@ -36,6 +36,9 @@ snapshot() { [ -f $LEDGER ] && python3 -c "import sqlite3, sys; sqlite3.connect(
 FOLLOW_ONLY=1; for a in "$@"; do [[ $a =~ ^(collect|follow|fetch|stash|restore)= ]] || FOLLOW_ONLY=; done
 trap '[ -n "$FOLLOW_ONLY" ] || snapshot "$OUT"' EXIT
 [ -x $W/quant-python ] && export MOEQ_QUANT_PYTHON=$W/quant-python  # the quantize environment, once install wrote it
+# the commit of the frozen moeq ($W/pkg) goes into every env record: session 27's calls after the install did not
+# export MOEQ_GIT_COMMIT, and their rows say git_commit null
+[ -n "${MOEQ_GIT_COMMIT:-}" ] || [ ! -s $W/pkg/GIT_COMMIT ] || export MOEQ_GIT_COMMIT=$(cat $W/pkg/GIT_COMMIT)
 END=$((SECONDS + ${BUDGET:-560}))  # every step stops in time for the trap to run inside the call's limit
 left() { echo $((END - SECONDS > 5 ? END - SECONDS : 5)); }
 # moeq's own lines and vLLM's kernel choice on the console; everything in $OUT/device.log
@@ -76,8 +79,8 @@ step_install() {
   # laid out as pyproject.toml installs it: core/ is the package moeq, the rest its subpackages
   # (kept when a build detached before this install runs from it: the build needs no vLLM, so it may start first)
   local pid busy=; for pid in $(cat $W/build-*.pid 2>/dev/null); do kill -0 $pid 2>/dev/null && busy=1; done
-  [ -n "$busy" ] && echo "keeping $W/pkg: a build runs from it" ||
-    { rm -rf $W/pkg && mkdir -p $W/pkg && cp -r $SRC/core $W/pkg/moeq && (cd $SRC && cp -r quantize evaluate recipes $W/pkg/moeq/); }
+  [ -n "$busy" ] && { echo "keeping $W/pkg: a build runs from it"; freeze; } ||
+    { rm -rf $W/pkg && freeze; }
   # carried paths are gone from the next call's copy of the repository: keep them under /tmp
   mkdir -p $CKPT && cp -r checkpoints/.shape-only $CKPT/ && cp -r .h200/tokenizer $W/tokenizer
   mkdir -p $W/plans && (cd $SRC/reports && tar cf - h200*/plan*.yaml) | tar xf - -C $W/plans
@@ -181,7 +184,11 @@ step_routing() {  # routing=qwen3moe/bf16,...: expert load of each shape's dummy
 # so it outlives a call's 10-minute limit; `wait=` in the next call (within the machine's 30 s warm time)
 # follows it. Its corpus is this image's Python 3.12 standard library and installed packages, pinned by the
 # manifest it writes (core/corpora/moe-500m.tsv.gz: bring it back from $OUT and commit it).
-freeze() { [ -d $W/pkg/moeq ] || { mkdir -p $W/pkg && cp -r $SRC/core $W/pkg/moeq && (cd $SRC && cp -r quantize evaluate recipes $W/pkg/moeq/); }; }
+freeze() {  # the carried moeq, laid out as pyproject.toml installs it, and the commit it was archived from
+  [ -d $W/pkg/moeq ] || { mkdir -p $W/pkg && cp -r $SRC/core $W/pkg/moeq && (cd $SRC && cp -r quantize evaluate recipes $W/pkg/moeq/); }
+  [ -z "${MOEQ_GIT_COMMIT:-}" ] || echo "$MOEQ_GIT_COMMIT" > $W/pkg/GIT_COMMIT
+}
+step_freeze() { freeze && echo "moeq frozen in $W/pkg at ${MOEQ_GIT_COMMIT:-an unknown commit}"; }
 step_build() {  # build=moe-500m
   freeze
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -99,6 +99,20 @@ def test_follow_waits_for_the_chain_to_end_then_collects_and_never_past_its_seco
         sleeper.kill()
 
 
+def test_later_calls_record_the_commit_the_frozen_moeq_came_from(tmp_path):
+    """Session 27's calls after the install did not export MOEQ_GIT_COMMIT, and their env records lost the commit."""
+    src = tmp_path / "repo/src"
+    for part in ("core", "quantize", "evaluate", "recipes"):
+        (src / part).mkdir(parents=True)
+    (tmp_path / "w").mkdir()
+    r = device(tmp_path, "freeze", SRC="src", MOEQ_GIT_COMMIT="b42863a4")
+    assert (tmp_path / "w/pkg/GIT_COMMIT").read_text().strip() == "b42863a4" and (tmp_path / "w/pkg/moeq").is_dir()
+    env = {k: v for k, v in os.environ.items() if k != "MOEQ_GIT_COMMIT"}
+    r = subprocess.run(["bash", str(SCRIPT), "freeze"], cwd=tmp_path / "repo", capture_output=True, text=True,
+                       env=env | {"MOEQ_DEVICE_DIR": str(tmp_path / "w"), "OUT": str(tmp_path / "io")})
+    assert "at b42863a4" in r.stdout, r.stdout + r.stderr  # a call that exports nothing runs under the frozen commit
+
+
 def test_await_waits_for_checkpoints_another_stream_writes(tmp_path):
     """await= waits while a quantization runs and gives up once none does (a failed one writes nothing)."""
     (tmp_path / "repo").mkdir()
