@@ -11,7 +11,8 @@
 #          | score=MODEL[/SCHEMES[/TASKS]] (MODEL may be a pruned one: moe-500m-keep50)
 #          | detach=NAME (the steps after it, in the background) | collect=NAMES | follow=NAMES/SECONDS | fetch=MODEL/K | stash=MODEL | restore=MODEL
 #          | set=KEY=VALUE (for the steps after it, e.g. set=MOEQ_BATCH=none: accuracy only) | await=MODEL/SCHEMES
-#          | borrow=E=128,N=768:64,32 (vLLM's tuned MoE config of one shape, lent to other expert counts, for the steps after it)
+#          | borrow=E=128,N=768:64,32 (vLLM's tuned MoE config of one shape, lent to other expert counts, for the steps after it;
+#            borrow=E=8,N=14336:dtype=int8_w8a16 lends the shape's bf16 file to a dtype)
 #          | plan=h200/plan-topk-mixtral.yaml (the sweep plan of the sweep= steps after it)
 # Everything finished is copied to $OUT at exit, also after a timeout: the ledger gets one transaction
 # per cell, so a cut-off step loses only its cell in flight, and the next call resumes from the ledger.
@@ -309,12 +310,15 @@ step_restore() {  # restore=moe-500m: every stashed piece (and this call's), che
 }
 step_borrow() {  # borrow=E=128,N=768:64,32: vLLM's tuned fused-MoE config of one shape lent to other expert counts
   # (a pruned shape has no tuned file, so its engine runs Triton's default tiles while its reference runs tuned ones:
-  # sweeps after this step run on the lent file, a settings group of their own, the file's digest in the record)
-  local from=${1%%:*} dev; dev=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | tr ' ' _)
-  local src=/tmp/site/vllm/model_executor/layers/fused_moe/configs/$from,device_name=$dev.json
+  # sweeps after this step run on the lent file, a settings group of their own, the file's digest in the record);
+  # borrow=E=8,N=14336:dtype=int8_w8a16 lends the shape's bf16 file to a dtype vLLM ships no file for (session 27:
+  # Triton's int8_w8a16 ran default tiles against humming; this asks how much of that gap the tiles are)
+  local from=${1%%:*} to=${1#*:} dev; dev=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | tr ' ' _)
+  local src=${MOEQ_MOE_CONFIGS:-/tmp/site/vllm/model_executor/layers/fused_moe/configs}/$from,device_name=$dev.json
   [ -f "$src" ] || { echo "borrow=$1: vLLM ships no $src"; exit 2; }
-  local dir=$W/moe-configs/${1//[=:,]/_} to=${1#*:}; mkdir -p $dir  # a folder per step: a settings record names only its files
-  for e in ${to//,/ }; do cp "$src" "$dir/E=${e},${from#*,},device_name=$dev.json"; done
+  local dir=$W/moe-configs/${1//[=:,]/_}; mkdir -p $dir  # a folder per step: a settings record names only its files
+  if [[ $to == dtype=* ]]; then cp "$src" "$dir/$from,device_name=$dev,$to.json"
+  else for e in ${to//,/ }; do cp "$src" "$dir/E=${e},${from#*,},device_name=$dev.json"; done; fi
   export VLLM_TUNED_CONFIG_FOLDER=$dir; ls $dir
 }
 # set=MOEQ_BATCH=none: an environment variable for the steps after it; set=NAME= unsets NAME (vLLM reads an empty

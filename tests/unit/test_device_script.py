@@ -113,6 +113,23 @@ def test_later_calls_record_the_commit_the_frozen_moeq_came_from(tmp_path):
     assert "at b42863a4" in r.stdout, r.stdout + r.stderr  # a call that exports nothing runs under the frozen commit
 
 
+def test_borrow_lends_a_tuned_config_to_other_expert_counts_or_to_a_dtype(tmp_path):
+    configs, bin_ = tmp_path / "configs", tmp_path / "bin"
+    configs.mkdir()
+    bin_.mkdir()
+    (configs / "E=8,N=14336,device_name=NVIDIA_H200.json").write_text('{"1": {"BLOCK_SIZE_M": 16}}')
+    (bin_ / "nvidia-smi").write_text("#!/bin/sh\necho NVIDIA H200\n")
+    (bin_ / "nvidia-smi").chmod(0o755)
+    (tmp_path / "repo").mkdir()
+    env = {"MOEQ_MOE_CONFIGS": str(configs), "PATH": f"{bin_}:{os.environ['PATH']}"}
+    r = device(tmp_path, "borrow=E=8,N=14336:dtype=int8_w8a16", **env)
+    assert "E=8,N=14336,device_name=NVIDIA_H200,dtype=int8_w8a16.json" in r.stdout, r.stdout + r.stderr
+    r = device(tmp_path, "borrow=E=8,N=14336:4,2", **env)
+    assert "E=2,N=14336,device_name=NVIDIA_H200.json" in r.stdout and "E=4,N=14336" in r.stdout
+    r = device(tmp_path, "borrow=E=8,N=4096:dtype=int8_w8a16", **env)
+    assert r.returncode == 2 and "vLLM ships no" in r.stdout
+
+
 def test_await_waits_for_checkpoints_another_stream_writes(tmp_path):
     """await= waits while a quantization runs and gives up once none does (a failed one writes nothing)."""
     (tmp_path / "repo").mkdir()
