@@ -40,7 +40,7 @@ EXPERIMENT_ARGS = ("moe_backend", "compilation_config")
 def headline_groups(keys: pd.DataFrame, settings: dict | None = None, fits: list[dict] = ()) -> list[tuple]:
     """The groups the first screen speaks of: those measured at recorded settings, not as a variant
     (VARIANT_ARGS, `fits`: those are in "The guide's other claims") nor as an engine experiment (EXPERIMENT_ARGS,
-    a kernel environment variable) and holding a scheme besides bf16, else
+    a kernel environment variable, Triton tiles supplied by device.sh borrow=) and holding a scheme besides bf16, else
     those not measured as a variant, else every group at recorded settings; a ledger holding only legacy
     rows (settings never recorded) speaks of those."""
     groups = [tuple(g) for g in keys[GROUP].drop_duplicates().itertuples(index=False)]
@@ -49,7 +49,8 @@ def headline_groups(keys: pd.DataFrame, settings: dict | None = None, fits: list
     record = lambda g: (settings or {}).get(g[sid]) or {}
     variant = lambda a: bool(set(a) & set(VARIANT_ARGS + EXPERIMENT_ARGS)) or any(all(a.get(k) == v for k, v in f.items())
                                                                                for f in fits)
-    plain = [g for g in current if not variant(record(g).get("llm") or {}) and not record(g).get("kernel_env")]
+    experiment = lambda r: r.get("kernel_env") or r.get("moe_configs")  # a kernel variable; Triton tiles supplied
+    plain = [g for g in current if not variant(record(g).get("llm") or {}) and not experiment(record(g))]
     return sorted(with_schemes(keys, plain) or plain or current or groups)
 
 

@@ -309,7 +309,9 @@ def test_the_first_screen_leaves_variants_to_the_other_claims():
                    "graphs": {"llm": {"compilation_config": {"max_cudagraph_capture_size": 1024}}},
                    "int8-acts": {"llm": {"moe_backend": "humming"},
                                  "kernel_env": {"VLLM_HUMMING_INPUT_QUANT_CONFIG": '{"dtype": "int8"}'}},
-                   "deep-gemm-off": {"llm": {}, "kernel_env": {"VLLM_USE_DEEP_GEMM": "0"}}}
+                   "deep-gemm-off": {"llm": {}, "kernel_env": {"VLLM_USE_DEEP_GEMM": "0"}},
+                   # session 27: bf16's tuned tiles lent to int8_w8a16 (borrow=), one scheme without its bf16
+                   "lent-tiles": {"llm": {}, "moe_configs": {"E=8,N=14336,device_name=NVIDIA_H200,dtype=int8_w8a16.json": "082fe3b0c857"}}}
     more = pd.concat([keys, pd.DataFrame([g("mixtral", sid, s) for sid in experiments for s in ("bf16", "fp8")])])
     assert [x[-1] for x in headline.headline_groups(more, {**settings, **experiments}, fits)] == ["default"]
 
