@@ -80,8 +80,7 @@ step_install() {
   # laid out as pyproject.toml installs it: core/ is the package moeq, the rest its subpackages
   # (kept when a build detached before this install runs from it: the build needs no vLLM, so it may start first)
   local pid busy=; for pid in $(cat $W/build-*.pid 2>/dev/null); do kill -0 $pid 2>/dev/null && busy=1; done
-  [ -n "$busy" ] && { echo "keeping $W/pkg: a build runs from it"; freeze; } ||
-    { rm -rf $W/pkg && freeze; }
+  if [ -n "$busy" ]; then echo "keeping $W/pkg: a build runs from it"; else rm -rf $W/pkg; fi; freeze
   # carried paths are gone from the next call's copy of the repository: keep them under /tmp
   mkdir -p $CKPT && cp -r checkpoints/.shape-only $CKPT/ && cp -r .h200/tokenizer $W/tokenizer
   mkdir -p $W/plans && (cd $SRC/reports && tar cf - h200*/plan*.yaml) | tar xf - -C $W/plans
