@@ -335,12 +335,14 @@ def bench_target(target, settings, load: Load, ledger_path: Path, port: int, for
     env_id = ledger.env_id(env_record(device[1]))
     try:
         with stack:
-            def judged(rate, repeats=None):  # beyond the first saturated rate only the queue grows: the walk stops
-                m = cell(load.cell(rate=rate), rate, None, f"rate {rate:g} req/s" + " (knee)" * bool(repeats),
-                         repeats=repeats)
+            def judged(rate, repeats=None, why=""):  # past the first saturated rate only the queue grows: walk stops
+                m = cell(load.cell(rate=rate), rate, None, f"rate {rate:g} req/s{why}", repeats=repeats)
                 return bool(m.get("saturated")), bool(m.get("slo_met"))
-            knee = (lambda rate: judged(rate, load.knee_repeats)) if load.knee_repeats > 1 else None
-            points = serve_load.walk_ladder(load.ladder(), judged, knee)
+            k = load.knee_repeats
+            knee = (lambda rate: judged(rate, k, " (knee)")) if k > 1 else None
+            # the next odd count above the knee's: a median of its own, not the mean of two
+            settle = (lambda rate: judged(rate, k + 2 - k % 2, " (settling: the ladder came back inside the SLO)"))
+            points = serve_load.walk_ladder(load.ladder(), judged, knee, settle if knee else None)
             for c in load.concurrency:
                 cell(load.cell(concurrency=c), None, c, f"concurrency {c}")
         if server is not None:  # again at the end: the log may name more after the start (a default config's warning)

@@ -35,7 +35,8 @@ def add_args(p):
     p.add_argument("--repeats", default=env_default("REPEATS", "1"), help="runs per rate (2+: intervals in the report)")
     p.add_argument("--knee-repeats", default=env_default("KNEE_REPEATS", "1"),
                    help="runs at the two rates around the SLO crossing, after the ladder (2+: an interval on the "
-                        "capacity at a fraction of --repeats' time)")
+                        "capacity at a fraction of --repeats' time; a ladder back inside the SLO after leaving it "
+                        "then has its disputed rates run to the next odd count)")
     p.add_argument("--slo", default=env_default("SLO", "ttft:2000,itl:100"),
                    help="p99 bounds in ms, KEY:MS among ttft, itl, tpot, e2el (default ttft:2000,itl:100)")
     p.add_argument("--port", default=env_default("PORT", "8000"), help="first port tried on 127.0.0.1 (default 8000)")

@@ -328,6 +328,43 @@ def test_a_repeat_that_brings_the_top_rate_back_resumes_the_climb():
     assert list(serve_load.walk_ladder([1, 2], first, repeat)) == [1, 2] and climbed == [1, 2]
 
 
+def test_a_ladder_back_inside_after_leaving_is_settled_by_more_runs():
+    """CI on two cores, two runs each around the knee: 64 req/s kept up 0.82 (saturated), 128 req/s 1.21, 256 req/s
+    0.00, so the report placed no capacity. The disputed rates (the first outside, those inside above it) get a
+    third run; the knee is then repeated where it lies. A ladder that leaves once settles nothing."""
+    assert serve_load.back_inside([(32, False, True), (64, True, True), (128, False, True), (256, True, False)]) == [64, 128]
+    assert serve_load.back_inside([(32, False, True), (64, True, True), (128, True, False)]) == []
+    assert serve_load.back_inside([(4, False, False), (8, False, True)]) == [4, 8]  # missed a bound, then met it
+    ladder = [4, 8, 16, 32, 64, 128, 256]
+    first_runs = {64: (False, True), 128: (True, True), 256: (True, False)}
+    medians = {64: (True, True), 128: (False, True)}  # two runs each: 64 saturated, 128 back inside
+    settled_medians = {128: (True, True)}  # three runs: 128 saturated after all
+    calls = []
+
+    def first(rate):
+        calls.append(("first", rate))
+        return first_runs.get(rate, (False, True))
+
+    def repeat(rate):
+        calls.append(("knee", rate))
+        return medians.get(rate, (False, True))
+
+    def settle(rate):
+        calls.append(("settle", rate))
+        return settled_medians.get(rate, medians.get(rate, (False, True)))
+    points = serve_load.walk_ladder(ladder, first, repeat, settle)
+    # settled before the climb resumes: 128 saturated after all, so 256 is never sent
+    assert calls == [*[("first", r) for r in (4, 8, 16, 32, 64, 128)], ("knee", 64), ("knee", 128), ("knee", 32),
+                     ("settle", 64), ("settle", 128)], calls
+    assert serve_load.back_inside(list(points.values())) == [] and serve_load.knee(list(points.values())) == [32, 64]
+    # settled once only: a ladder still back inside after its settling runs is left to the report to call unplaced
+    calls[:] = []
+    settled_medians = {}
+    points = serve_load.walk_ladder(ladder, first, repeat, settle)
+    assert calls[-3:] == [("settle", 64), ("settle", 128), ("first", 256)], calls
+    assert serve_load.back_inside(list(points.values())) == [64, 128]
+
+
 def test_a_knee_rate_keeps_its_first_run_and_adds_the_rest():
     from moeq.evaluate import serve_bench
     sent = []
