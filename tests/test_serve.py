@@ -120,7 +120,7 @@ def test_ladder_to_saturation_and_concurrency_sweep_into_the_ledger(served):
         first, knee, settled)
     points = [(r, bool(m["saturated"]), bool(m["slo_met"])) for r, m in zip(rates, ladder)]
     final = serve_load.knee(points)
-    assert len(final) == 2 and set(final) <= set(knee), (final, knee)
+    assert len(final) == 2 and set(final) <= set(knee) | settled, (final, knee, settled)  # settled: 3 runs already
     assert set(serve_load.back_inside(points)) <= settled, (points, settled)
     # the server's MoE kernel, read from its own log, beside (not over) what moeq eval's engines record
     with sqlite3.connect(ledger) as db:
