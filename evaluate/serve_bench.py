@@ -341,8 +341,8 @@ def bench_target(target, settings, load: Load, ledger_path: Path, port: int, for
             k = load.knee_repeats
             knee = (lambda rate: judged(rate, k, " (knee)")) if k > 1 else None
             # the next odd count above the knee's: a median of its own, not the mean of two
-            settle = (lambda rate: judged(rate, k + 2 - k % 2, " (settling: the ladder came back inside the SLO)"))
-            points = serve_load.walk_ladder(load.ladder(), judged, knee, settle if knee else None)
+            settle = lambda rate: judged(rate, k + 2 - k % 2, " (settling: the ladder came back inside the SLO)")
+            points = serve_load.walk_ladder(load.ladder(), judged, knee, settle)
             for c in load.concurrency:
                 cell(load.cell(concurrency=c), None, c, f"concurrency {c}")
         if server is not None:  # again at the end: the log may name more after the start (a default config's warning)

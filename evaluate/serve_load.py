@@ -250,7 +250,7 @@ def back_inside(points: list[tuple[float, bool | None, bool]]) -> list[float]:
     (report.serving.capacity): its medians are noise at this many runs (CI on two cores, two runs each: 64 req/s
     kept up 0.82, 128 req/s 1.21, 256 req/s 0.00)."""
     points = sorted(points, key=lambda p: p[0])
-    out = next((i for i, (_, sat, met) in enumerate(points) if sat or not met), None)
+    out = first_outside(points)
     back = [r for r, sat, met in points[out + 1:] if met and not sat] if out is not None else []
     return [points[out][0], *back] if back else []
 
@@ -260,7 +260,7 @@ def walk_ladder(ladder: list[float], first, repeat=None, settle=None) -> dict[fl
     saturates (first(rate) -> (saturated, slo_met)), then, with repeat (a knee's runs, as repeat_knee), the knee
     repeated; a repeat that brings the top rate back from saturated resumes the climb, since only that rate's
     first run had stopped it (CI, two cores: 32 req/s saturated in its first run, kept up 0.91 over two). With
-    settle (more runs than a knee's, an odd count: a true median), a ladder back inside after leaving has each
+    repeat and settle (more runs than a knee's, an odd count: a true median), a ladder back inside after leaving has each
     disputed rate (back_inside) settled once, and the knee repeated where it then lies."""
     points, i, repeated, settled = {}, 0, [], []
     while True:
@@ -271,11 +271,11 @@ def walk_ladder(ladder: list[float], first, repeat=None, settle=None) -> dict[fl
                 break
         if repeat is not None:
             repeat_knee(points, repeat, repeated)
-        while settle is not None and (todo := sorted(set(back_inside(list(points.values()))) - set(settled))):
-            for rate in todo:
-                settled.append(rate)
-                points[rate] = (rate, *settle(rate))
-            repeat_knee(points, repeat, repeated)
+            while settle is not None and (todo := sorted(set(back_inside(list(points.values()))) - set(settled))):
+                for rate in todo:
+                    settled.append(rate)
+                    points[rate] = (rate, *settle(rate))
+                repeat_knee(points, repeat, repeated)
         if i == len(ladder) or points[ladder[i - 1]][1]:
             return points
 
@@ -292,8 +292,13 @@ def knee(points: list[tuple[float, bool | None, bool]]) -> list[float]:
     between which the capacity is interpolated: repeats there move its interval most. None when the ladder never
     left the SLO or was outside from its first rate (a bound, not a crossing)."""
     points = sorted(points, key=lambda p: p[0])
-    out = next((i for i, (_, sat, met) in enumerate(points) if sat or not met), None)
+    out = first_outside(points)
     return [points[out - 1][0], points[out][0]] if out else []
+
+
+def first_outside(points: list[tuple[float, bool | None, bool]]) -> int | None:
+    """The index of the first (rate, saturated, slo_met) in rate order that is saturated or misses the SLO."""
+    return next((i for i, (_, sat, met) in enumerate(points) if sat or not met), None)
 
 
 def ladder_outcome(points: list[tuple[float, bool | None, bool]]) -> dict:

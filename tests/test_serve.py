@@ -135,12 +135,10 @@ def test_report_has_a_serving_page(served, tmp_path):
     readme, page = (tmp_path / "r" / "README.md").read_text(), (tmp_path / "r" / "serving.md").read_text()
     assert "## Serving under load" in readme and "(serving.md)" in readme
     # a capacity, unless the ladder stayed back inside the SLO after its settling runs (noise on two cores)
-    with sqlite3.connect(ledger) as db:
-        flags = db.execute("SELECT cell, metric, value FROM results WHERE kind = 'serve' AND cell LIKE '%-r%' "
-                           "AND metric IN ('saturated', 'slo_met')").fetchall()
     by_rate = {}
-    for cell, metric, value in flags:
-        by_rate.setdefault(float(cell.rsplit("-r", 1)[1]), {})[metric] = bool(value)
+    for r in serve_rows(ledger):
+        if "-r" in r["cell"] and r["metric"] in ("saturated", "slo_met"):
+            by_rate.setdefault(float(r["cell"].rsplit("-r", 1)[1]), {})[r["metric"]] = bool(r["value"])
     unsettled = serve_load.back_inside([(r, m["saturated"], m["slo_met"]) for r, m in by_rate.items()])
     placed = "not placed: the ladder went back inside the SLO after leaving it" if unsettled else "[0-9.]+"
     assert re.search(r"\| bf16 \| 128 ± 50% / 16 \| TTFT p99 ≤ 2 s, ITL p99 ≤ 1 s \| 4, 8.* \| " + placed +

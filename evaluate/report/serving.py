@@ -41,7 +41,7 @@ METRICS = ["request_throughput", "output_throughput", "throughput", "goodput", "
            "completed", "failed", "pause_max", "itl_over_slo", "jit_compiles", "jit_reruns", "slo_at_bound"]
 NO_ROOFLINE = "no verdict: speed on a device with no roofline (a CPU)"
 UNSTABLE = ("a ladder went back inside the SLO after leaving it, so its p99s are noise at this many runs per rate; "
-            "repeat each rate (--repeats) for a capacity")
+            "repeat each rate (--repeats), or let --knee-repeats 2+ settle the disputed rates, for a capacity")
 
 
 def offline(results: pd.DataFrame) -> pd.DataFrame:
