@@ -267,26 +267,33 @@ def item_scores(items: pd.DataFrame) -> dict:
     return {k: g.set_index("item").value for k, g in items.groupby(KEY + ["task", "metric"])}
 
 
-def paired_items(scores: dict, key: tuple, task: str, metric: str) -> tuple | None:
-    """A scheme's and its bf16's scores on the items both answered, or None where either has none."""
+def paired_items(scores: dict, key: tuple, task: str, metric: str, baseline_settings: str | None = None) -> tuple | None:
+    """A scheme's and its bf16's scores on the items both answered, or None where either has none. bf16 is
+    looked up under `baseline_settings` where given (a kernel variant's: kernel_baselines)."""
     mine = scores.get((*key, task, metric))
-    base = scores.get((*(BASELINE if k == "scheme" else v for k, v in zip(KEY, key)), task, metric))
+    swap = {"scheme": BASELINE, "settings": baseline_settings}
+    base = scores.get((*(swap.get(k) or v for k, v in zip(KEY, key)), task, metric))
     if mine is None or base is None:
         return None
     both = pd.concat([mine, base], axis=1, join="inner")
     return both.iloc[:, 0], both.iloc[:, 1]
 
 
-def accuracy_table(results: pd.DataFrame, scores: dict, metric_order: list[str]) -> pd.DataFrame:
+def accuracy_table(results: pd.DataFrame, scores: dict, metric_order: list[str], settings: dict | None = None) -> pd.DataFrame:
     """Per task and metric: value, stderr, relative change vs bf16 with a paired interval over items.
-    Shape-only rows are left out: random weights have no accuracy worth reporting."""
+    Shape-only rows are left out: random weights have no accuracy worth reporting. A kernel variant's rows
+    (kernel_baselines) are compared with bf16 at the settings they differ from only in the kernel choice."""
     a = results[(results.kind == "accuracy") & (~results.provenance.str.startswith("shape-only"))]
     df = a[KEY + ["cell", "metric", "value", "spread", "n", "env_id", "note"]]
-    df = df.rename(columns={"cell": "task", "spread": "stderr"})
-    df = with_baseline(df.reset_index(drop=True), ["task", "metric"], ["value"])
+    df = df.rename(columns={"cell": "task", "spread": "stderr"}).reset_index(drop=True)
+    bases = kernel_baselines(settings or {})
+    df["baseline_settings"] = df.settings.map(lambda sid: bases.get(sid, sid))
+    base = df.loc[df.scheme == BASELINE, GROUP + ["task", "metric", "value"]].rename(columns={"settings": "baseline_settings"})
+    on = [k if k != "settings" else "baseline_settings" for k in GROUP] + ["task", "metric"]
+    df = df.merge(base, on=on, how="left", suffixes=("", "_bf16"))
     est = []
     for r in df.itertuples():
-        pair = paired_items(scores, tuple(getattr(r, k) for k in KEY), r.task, r.metric)
+        pair = paired_items(scores, tuple(getattr(r, k) for k in KEY), r.task, r.metric, r.baseline_settings)
         if pair is not None:
             est.append((*verdicts.paired_ratio_of_means(*pair), len(pair[0])))
         else:
@@ -326,7 +333,7 @@ def recovery_table(acc: pd.DataFrame, scores: dict) -> pd.DataFrame:
     primary = acc[acc.primary & (acc.scheme != BASELINE) & (acc.paired_items > 0)]
     rows = []
     for key, g in primary.groupby(KEY):
-        pairs = [paired_items(scores, key, r.task, r.metric) for r in g.itertuples()]
+        pairs = [paired_items(scores, key, r.task, r.metric, r.baseline_settings) for r in g.itertuples()]
         point, lo, hi = verdicts.paired_mean_recovery(pairs)
         rows.append({**dict(zip(KEY, key)), "tasks": ", ".join(sorted(g.task)), "n_tasks": len(pairs),
                      "recovery_pct": point, "recovery_lo": lo, "recovery_hi": hi})
@@ -427,6 +434,19 @@ def _without_backend(settings: dict, sid: str) -> dict | None:
     return None if record is None else {k: v for k, v in record.get("non_default", {}).items() if k not in KERNEL_CHOICE}
 
 
+def kernel_baselines(settings: dict) -> dict:
+    """A kernel variant's settings id -> the one settings id without a kernel choice that it otherwise equals
+    (vLLM's own kernel choice). bf16 there is the variant's baseline: bf16 has no quantized experts for the
+    choice to act on (the humming W8A8 rows of row 5c: scored beside bf16 and Triton, not with bf16 on humming)."""
+    plain = {}
+    for sid in settings:
+        if not _kernel_choice(settings, sid):
+            plain.setdefault(json.dumps(_without_backend(settings, sid), sort_keys=True), []).append(sid)
+    matches = {sid: plain.get(json.dumps(_without_backend(settings, sid), sort_keys=True), [])
+               for sid in settings if _kernel_choice(settings, sid)}
+    return {sid: m[0] for sid, m in matches.items() if len(m) == 1}
+
+
 def _variant(v, settings: dict) -> str | None:
     choice = _kernel_choice(settings, v.settings)
     return choice and f"{v.scheme} with {choice}: {v.throughput:,.0f} tok/s ({v.moe_kernel}, {v.moe_config})"
@@ -520,7 +540,7 @@ def build_report(ledger_path: Path, name: str = "default", out_root: Path = Path
     probes = routing_load.read_probes(ledger_path.parent / "routing")  # `moeq routing --out routing/NAME.json`
     perf = perf_table(results, mem, settings, probes).join(host_labels(env), on="env_id")
     scores = item_scores(items)
-    acc = accuracy_table(results, scores, claims["accuracy_metrics"])
+    acc = accuracy_table(results, scores, claims["accuracy_metrics"], settings)
     status = results[(results.kind == "status") & (results.status == "unsupported")]
     unsupported = {(*(getattr(r, k) for k in GROUP), r.scheme): r.note for r in status.itertuples()}
     keys = serving.offline(results)[KEY + ["env_id"]].drop_duplicates()  # which schemes each group has, its env records

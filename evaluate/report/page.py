@@ -5,6 +5,7 @@ folded below; render.py writes the list as Markdown and as HTML, so the two neve
 Blocks: ("h1"|"h2"|"h3", text), ("p", text), ("table", DataFrame, id), ("img", file, caption),
 ("details", title, id, [blocks]): folded in HTML, its own Markdown page in README.md's folder.
 """
+import re
 from datetime import datetime, timezone
 
 import pandas as pd
@@ -44,11 +45,15 @@ def device_body(device, groups, all_groups, tables_, claims, formats, folder) ->
     """Grid, plots, and the claims of the groups the first screen left out, for one device."""
     v, perf, acc, mem = (tables_[k] for k in ("verdicts", "performance", "accuracy", "memory"))
     stem = slug(device)
+    keys = tables_["keys"]
+    with_bf16 = {tuple(g) for g in keys[keys.scheme == verdicts.BASELINE][GROUP].itertuples(index=False)}
+    shown = [g for g in groups or all_groups if g in with_bf16]  # a group without bf16 has no Δ to show here
     out = [("h2", f"{device}: models × schemes"),
            ("p", "Throughput change vs bf16 of the same group [95% interval], accuracy change per task (relative, "
                  "paired interval), weights (change vs bf16) and KV capacity; each with its claim's verdict. "
-                 f"\"{tables.SHAPE_ONLY_ACCURACY}\": random weights, accuracy not measured."),
-           ("table", tables.grid_display(v, perf, acc, mem, groups or all_groups), f"{stem}-grid")]
+                 f"\"{tables.SHAPE_ONLY_ACCURACY}\": random weights, accuracy not measured."
+                 + (" Groups without bf16: their own pages, and \"GPUs needed\"." if len(shown) < len(groups or all_groups) else "")),
+           ("table", tables.grid_display(v, perf, acc, mem, shown or groups or all_groups), f"{stem}-grid")]
     made = [plots.speedup(folder, stem, all_groups, perf, verdicts.scheme_claims(claims["claims"]), formats),
             plots.memory(folder, stem, all_groups, mem), plots.accuracy(folder, stem, all_groups, acc, verdicts.scheme_claims(claims["claims"]), formats),
             plots.frontier(folder, stem, all_groups, perf)]
@@ -88,6 +93,11 @@ def group_details(g, tables_, unsupported, settings) -> tuple:
         inner += [("h3", "Performance"), ("table", tables.perf_display(gp), f"{slug(*g)}-performance")]
     if len(ga):
         inner += [("h3", "Accuracy"), ("table", tables.accuracy_display(ga), f"{slug(*g)}-accuracy")]
+        elsewhere = sorted(set(ga.baseline_settings) - {gkey["settings"]})
+        if elsewhere:  # a kernel variant (build.kernel_baselines): bf16 is not run on the forced kernel
+            inner.append(("p", f"Δ and recovery are against bf16 at settings {', '.join(elsewhere)}, which differ from "
+                               "this group's only in the MoE kernel choice (vLLM's own there); bf16 has no quantized "
+                               "experts for that choice to act on."))
     gr = in_group(tables_["recovery"], gkey)
     if len(gr):
         inner += [("p", "Recovery as quantized-model cards report it: each task's score over bf16's on the same "
@@ -217,7 +227,8 @@ def builds_text(builds: pd.DataFrame) -> str:
         held = "; ".join(f"{grp} {bpb('bpb_' + grp)} (unigram {bpb('unigram_bpb_' + grp)}"
                          + (f", tiny {bpb('tiny_bpb_' + grp)}" if known("tiny_bpb_" + grp) else "") + ")"
                          for grp in ("stdlib", "packages") if known("bpb_" + grp))
-        name = model if len(g) == 1 else f"{model} ({len(g)} builds: " + ", ".join(f"`{f}`" for f in g.file) + ")"
+        stems = ", ".join(f"`{f.removesuffix('.build.json')}`" for f in g.file)  # each figure below a range over them
+        name = model if len(g) == 1 else f"{model} ({len(g)} builds: {stems})"
         m = lambda x: f"{x:,.1f}M"
         out.append(f"{name}: {span('params', m, 1e-6)} parameters ({span('active_params', m, 1e-6)} active), trained on "
                    f"{span('train_tokens_seen', m, 1e-6)} tokens ({span('epochs', '{:.2f}'.format)} epochs of "
@@ -233,7 +244,8 @@ def several_builds_text(measured: pd.DataFrame, bf16: pd.DataFrame = pd.DataFram
     across them say how far retraining alone moves a score."""
     if measured.empty:
         return ""
-    parts = [f"{m}: " + ", ".join(f"{r.provenance} ({r.rows} rows, {str(r.first)[:10]} to {str(r.last)[:10]})"
+    days = lambda r: str(r.first)[:10] + ("" if str(r.first)[:10] == str(r.last)[:10] else f" to {str(r.last)[:10]}")
+    parts = [f"{m}: " + ", ".join(f"{r.provenance} ({r.rows} rows, {days(r)})"
                                   for r in g.sort_values("first").itertuples()) for m, g in measured.groupby("model")]
     spread = [f"{m} ({g.provenance.nunique()} builds, settings {s}): " + ", ".join(
                   f"{task} {metric} {100 * t.value.min():.1f}-{100 * t.value.max():.1f}% (stderr up to "
@@ -314,8 +326,9 @@ def findings_summary(found: pd.DataFrame) -> str:
     close = int((100 * (forced.ratio - 1)).abs().le(GAP).sum())
     found = found[~own]
     measured = found[found.variants != ""]
+    kernel = re.compile(r" tok/s \(.*?\)(?=; |$)")  # the variant's kernel and tiles: findings.md has them
     lines = [f"{r.model} {r.cell} ({r.settings}): {r.scheme_a} {r.throughput_a:,.0f} vs {r.scheme_b} "
-             f"{r.throughput_b:,.0f} tok/s; {r.variants}" for r in measured.drop_duplicates(["model", "cell", "variants"])
+             f"{r.throughput_b:,.0f} tok/s; {kernel.sub(' tok/s', r.variants)}" for r in measured.drop_duplicates(["model", "cell", "variants"])
              .itertuples()]
     return (f"{len(found)} cells in {found.groupby(['model', 'settings']).ngroups} groups. "
             + ("Measured with a kernel variant: " + " · ".join(lines) + "." if lines

@@ -99,6 +99,33 @@ def test_a_kernel_variant_attaches_only_to_rows_of_its_own_settings():
     assert "1 cells, 0.94-0.94× (fp8 (moe_backend=triton); 1 within 10%)" in findings_summary(found)
 
 
+def test_a_kernel_variants_accuracy_pairs_with_bf16_at_the_settings_it_differs_from_only_in_the_kernel():
+    """Row 5c: W8A8-INT8 scored on humming with INT8 activations beside bf16 and Triton on one build; bf16 was not
+    run on humming (no quantized experts to act on), so the variant's Δ is against bf16 at vLLM's own choice."""
+    from moeq.evaluate.report.build import accuracy_table, item_scores, kernel_baselines, recovery_table
+    int8 = {"VLLM_HUMMING_INPUT_QUANT_CONFIG": '{"dtype":"int8"}', "moe_backend": "humming"}
+    settings = {"plain": {"non_default": {"log": 0}}, "humming": {"non_default": {"log": 0} | int8},
+                "graphs": {"non_default": {"log": 0, "graphs": 1}}, "orphan": {"non_default": {"log": 1} | int8}}
+    assert kernel_baselines(settings) == {"humming": "plain"}  # orphan: no plain twin, so no baseline
+    key = dict(model="m", provenance="real", backend="vllm", device="H200", kind="accuracy", cell="mc",
+               metric="acc", n=200, spread=0.03, env_id=1, note=None)
+    bf16, int8_items = [1, 0] * 100, [1, 0] * 90 + [0, 0] * 10  # 10 of bf16's 100 correct items lost
+    rows = [("bf16", "plain", bf16), ("w8a8-int8", "humming", int8_items), ("w8a8-int8", "orphan", int8_items)]
+    results = pd.DataFrame([key | {"scheme": s, "settings": sid, "value": np.mean(v)} for s, sid, v in rows])
+    items = pd.DataFrame([{k: key[k] for k in ("model", "provenance", "backend", "device")} | {
+        "scheme": s, "settings": sid, "task": "mc", "metric": "acc", "item": i, "value": x}
+        for s, sid, v in rows for i, x in enumerate(v)])
+    scores = item_scores(items)
+    acc = accuracy_table(results, scores, ["acc"], settings).set_index("settings")
+    assert acc.baseline_settings["humming"] == "plain" and acc.value_bf16["humming"] == 0.5
+    assert acc.delta_pct["humming"] == pytest.approx(-10.0) and acc.paired_items["humming"] == 200
+    assert np.isnan(acc.value_bf16["orphan"]) and acc.paired_items["orphan"] == 0
+    rec = recovery_table(acc.reset_index(), scores).set_index("settings")
+    assert list(rec.index) == ["humming"] and rec.recovery_pct["humming"] == pytest.approx(90.0)
+    # without the settings records no row is a variant: each pairs only within its own settings, as before
+    assert accuracy_table(results, scores, ["acc"]).set_index("settings").value_bf16.isna().tolist() == [False, True, True]
+
+
 def test_mean_recovery_averages_tasks_and_resamples_each_tasks_items():
     from moeq.evaluate.report.verdicts import paired_mean_recovery
     same = np.array([1, 0, 1, 1] * 50, float)
@@ -202,7 +229,7 @@ def test_a_model_built_twice_names_each_builders_record():
                            {"model": "tiny", "file": "tiny.build.json", "params": 3.9e6}])  # built on a CPU: no speed
     text = builds_text(builds)
     assert text.startswith("Trained by moeq") and "tiny" not in text
-    assert ("moe-500m (2 builds: `moe-500m.build.json`, `moe-500m-307add14.build.json`): 490.0M parameters (82.0M "
+    assert ("moe-500m (2 builds: `moe-500m`, `moe-500m-307add14`): 490.0M parameters (82.0M "
             "active)") in text
     assert "in 450-462 s on NVIDIA H200 (460,000 tok/s, MFU 22.4-23.0%)" in text and "; other: 490.0M" in text
 
