@@ -83,6 +83,9 @@ def test_a_kernel_variant_attaches_only_to_rows_of_its_own_settings():
     (k,) = found[forced].itertuples()
     assert (k.settings, k.scheme_a, k.scheme_b, k.kernel_a) == ("defaults", "fp8 (moe_backend=triton)", "fp8", "TRITON (tuned)")
     assert k.ratio == pytest.approx(1300 / 900) and k.variants.endswith("not side by side")  # no env record: apart
+    from moeq.evaluate.report.page import findings_summary  # README's paragraph: the variant's speed, not its tiles
+    summary = findings_summary(found)
+    assert "fp8 900 vs fp8-block 1,200 tok/s; fp8 with moe_backend=triton: 1,300 tok/s." in summary and "tuned" not in summary
     perf["env_id"] = 7  # one run timed both
     assert precision_findings(perf, {"fp8": fp8, "fp8-block": fp8}, settings).variants.iloc[-1] == "settings triton"
     # a kernel variable is a kernel choice too (session 25: humming with INT8 activations, set by environment)
