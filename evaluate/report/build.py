@@ -103,10 +103,12 @@ def label_builds(results: pd.DataFrame, items: pd.DataFrame) -> tuple[pd.DataFra
     return results, items, table
 
 
-def with_baseline(df: pd.DataFrame, on: list[str], cols: list[str]) -> pd.DataFrame:
-    """Each row beside the `cols` of the bf16 row of its group (suffix _bf16; NaN where there is none)."""
-    base = df.loc[df.scheme == BASELINE, GROUP + on + cols]
-    return df.merge(base, on=GROUP + on, how="left", suffixes=("", "_bf16"))
+def with_baseline(df: pd.DataFrame, on: list[str], cols: list[str], settings: str = "settings") -> pd.DataFrame:
+    """Each row beside the `cols` of the bf16 row of its group (suffix _bf16; NaN where there is none), bf16 taken
+    at the settings in column `settings` (a kernel variant's: baseline_settings)."""
+    base = df.loc[df.scheme == BASELINE, GROUP + on + cols].rename(columns={"settings": settings})
+    group = [settings if k == "settings" else k for k in GROUP]
+    return df.merge(base, on=group + on, how="left", suffixes=("", "_bf16"))
 
 
 def wide(rows: pd.DataFrame, index: list[str], metrics: list[str]) -> pd.DataFrame:
@@ -288,9 +290,7 @@ def accuracy_table(results: pd.DataFrame, scores: dict, metric_order: list[str],
     df = df.rename(columns={"cell": "task", "spread": "stderr"}).reset_index(drop=True)
     bases = kernel_baselines(settings or {})
     df["baseline_settings"] = df.settings.map(lambda sid: bases.get(sid, sid))
-    base = df.loc[df.scheme == BASELINE, GROUP + ["task", "metric", "value"]].rename(columns={"settings": "baseline_settings"})
-    on = [k if k != "settings" else "baseline_settings" for k in GROUP] + ["task", "metric"]
-    df = df.merge(base, on=on, how="left", suffixes=("", "_bf16"))
+    df = with_baseline(df, ["task", "metric"], ["value"], settings="baseline_settings")
     est = []
     for r in df.itertuples():
         pair = paired_items(scores, tuple(getattr(r, k) for k in KEY), r.task, r.metric, r.baseline_settings)
@@ -356,7 +356,7 @@ def anchors_table(path: Path = ANCHORS_FILE) -> tuple[pd.DataFrame, pd.DataFrame
 
 SAME_PRECISION_GAP = 10  # percent: two schemes of one precision further apart than this need a cause
 FINDING_COLUMNS = GROUP + ["cell", "scheme_a", "scheme_b", "throughput_a", "throughput_b", "ratio", "kernel_a",
-                           "kernel_b", "variants", "kind"]
+                           "kernel_b", "variants", "variant_speeds", "kind"]  # variant_speeds: variants without kernels
 
 
 def precision_findings(perf: pd.DataFrame, formats: dict, settings: dict) -> pd.DataFrame:
@@ -380,12 +380,13 @@ def precision_findings(perf: pd.DataFrame, formats: dict, settings: dict) -> pd.
                 variants = p[(p.model == gkey["model"]) & (p.device == gkey["device"]) & (p.cell == gkey["cell"])
                              & (p.provenance == gkey["provenance"]) & (p.settings != gkey["settings"])
                              & p.scheme.isin([a, b])]
-                found = (_variant(v, settings) for v in variants.itertuples()
-                         if _without_backend(settings, v.settings) == _without_backend(settings, gkey["settings"]))
+                found = [v for v in variants.itertuples()
+                         if _without_backend(settings, v.settings) == _without_backend(settings, gkey["settings"])]
+                said = lambda kernel: "; ".join(filter(None, (_variant(v, settings, kernel) for v in found)))
                 rows.append({**gkey, "scheme_a": a, "scheme_b": b, "throughput_a": by.throughput[a],
                              "throughput_b": by.throughput[b], "ratio": ratio,
                              "kernel_a": _kernel(by, a), "kernel_b": _kernel(by, b),
-                             "variants": "; ".join(v for v in found if v), "kind": "two schemes"})
+                             "variants": said(True), "variant_speeds": said(False), "kind": "two schemes"})
     return pd.DataFrame(rows + kernel_variants(p, settings), columns=FINDING_COLUMNS)
 
 
@@ -447,9 +448,9 @@ def kernel_baselines(settings: dict) -> dict:
     return {sid: m[0] for sid, m in matches.items() if len(m) == 1}
 
 
-def _variant(v, settings: dict) -> str | None:
+def _variant(v, settings: dict, kernel: bool = True) -> str | None:
     choice = _kernel_choice(settings, v.settings)
-    return choice and f"{v.scheme} with {choice}: {v.throughput:,.0f} tok/s ({v.moe_kernel}, {v.moe_config})"
+    return choice and f"{v.scheme} with {choice}: {v.throughput:,.0f} tok/s" + (f" ({v.moe_kernel}, {v.moe_config})" * kernel)
 
 
 def host_labels(env: pd.DataFrame) -> pd.DataFrame:

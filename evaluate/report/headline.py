@@ -60,6 +60,12 @@ def with_schemes(keys: pd.DataFrame, groups: list[tuple]) -> list[tuple]:
     return [g for g in groups if g in compared]
 
 
+def with_bf16(keys: pd.DataFrame, groups: list[tuple]) -> list[tuple]:
+    """The groups holding bf16: without it a group has no Δ (a scheme alone on fewer GPUs pairs in "GPUs needed")."""
+    based = {tuple(g) for g in keys[keys.scheme == BASELINE][GROUP].itertuples(index=False)}
+    return [g for g in groups if g in based]
+
+
 def modal_shape(perf: pd.DataFrame) -> tuple | None:
     """(input_len, output_len) most of a group's cells use: its batch sweep."""
     shapes = perf.dropna(subset=["batch"]).groupby(["input_len", "output_len"]).size()

@@ -5,7 +5,6 @@ folded below; render.py writes the list as Markdown and as HTML, so the two neve
 Blocks: ("h1"|"h2"|"h3", text), ("p", text), ("table", DataFrame, id), ("img", file, caption),
 ("details", title, id, [blocks]): folded in HTML, its own Markdown page in README.md's folder.
 """
-import re
 from datetime import datetime, timezone
 
 import pandas as pd
@@ -45,9 +44,7 @@ def device_body(device, groups, all_groups, tables_, claims, formats, folder) ->
     """Grid, plots, and the claims of the groups the first screen left out, for one device."""
     v, perf, acc, mem = (tables_[k] for k in ("verdicts", "performance", "accuracy", "memory"))
     stem = slug(device)
-    keys = tables_["keys"]
-    with_bf16 = {tuple(g) for g in keys[keys.scheme == verdicts.BASELINE][GROUP].itertuples(index=False)}
-    shown = [g for g in groups or all_groups if g in with_bf16]  # a group without bf16 has no Δ to show here
+    shown = headline.with_bf16(tables_["keys"], groups or all_groups)
     out = [("h2", f"{device}: models × schemes"),
            ("p", "Throughput change vs bf16 of the same group [95% interval], accuracy change per task (relative, "
                  "paired interval), weights (change vs bf16) and KV capacity; each with its claim's verdict. "
@@ -326,9 +323,8 @@ def findings_summary(found: pd.DataFrame) -> str:
     close = int((100 * (forced.ratio - 1)).abs().le(GAP).sum())
     found = found[~own]
     measured = found[found.variants != ""]
-    kernel = re.compile(r" tok/s \(.*?\)(?=; |$)")  # the variant's kernel and tiles: findings.md has them
     lines = [f"{r.model} {r.cell} ({r.settings}): {r.scheme_a} {r.throughput_a:,.0f} vs {r.scheme_b} "
-             f"{r.throughput_b:,.0f} tok/s; {kernel.sub(' tok/s', r.variants)}" for r in measured.drop_duplicates(["model", "cell", "variants"])
+             f"{r.throughput_b:,.0f} tok/s; {r.variant_speeds}" for r in measured.drop_duplicates(["model", "cell", "variants"])
              .itertuples()]
     return (f"{len(found)} cells in {found.groupby(['model', 'settings']).ngroups} groups. "
             + ("Measured with a kernel variant: " + " · ".join(lines) + "." if lines
