@@ -44,13 +44,14 @@ def device_body(device, groups, all_groups, tables_, claims, formats, folder) ->
     """Grid, plots, and the claims of the groups the first screen left out, for one device."""
     v, perf, acc, mem = (tables_[k] for k in ("verdicts", "performance", "accuracy", "memory"))
     stem = slug(device)
-    shown = headline.with_bf16(tables_["keys"], groups or all_groups)
+    listed = groups or all_groups
+    shown = headline.with_bf16(tables_["keys"], listed) or listed  # none with bf16: the grid still shows them
     out = [("h2", f"{device}: models × schemes"),
            ("p", "Throughput change vs bf16 of the same group [95% interval], accuracy change per task (relative, "
                  "paired interval), weights (change vs bf16) and KV capacity; each with its claim's verdict. "
                  f"\"{tables.SHAPE_ONLY_ACCURACY}\": random weights, accuracy not measured."
-                 + (" Groups without bf16: their own pages, and \"GPUs needed\"." if len(shown) < len(groups or all_groups) else "")),
-           ("table", tables.grid_display(v, perf, acc, mem, shown or groups or all_groups), f"{stem}-grid")]
+                 + (" Groups without bf16: their own pages, and \"GPUs needed\"." if len(shown) < len(listed) else "")),
+           ("table", tables.grid_display(v, perf, acc, mem, shown), f"{stem}-grid")]
     made = [plots.speedup(folder, stem, all_groups, perf, verdicts.scheme_claims(claims["claims"]), formats),
             plots.memory(folder, stem, all_groups, mem), plots.accuracy(folder, stem, all_groups, acc, verdicts.scheme_claims(claims["claims"]), formats),
             plots.frontier(folder, stem, all_groups, perf)]
